@@ -1,0 +1,3 @@
+from bitsearch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""The `bitsearch` command line: thin wrappers over trainer/, quantization/, tune/, mlflow_server/.
+
+Every result command takes --json and then prints one JSON object as the last line of stdout (the
+same content it writes to its output directory). Errors: one line on stderr, exit 2; --debug
+shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def stderr_console():
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
+
+
+def load_profile(profile: str | None, config: str | None) -> dict[str, Any]:
+    """Sections of a YAML profile: --config FILE, or --profile NAME (configs/NAME.yaml)."""
+    if profile and config:
+        raise UserError("give --profile or --config, not both")
+    if profile:
+        path = REPO_CONFIGS / f"{profile}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+            raise UserError(f"unknown profile {profile!r}; available: {', '.join(names) or 'none'}")
+    elif config:
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"config file {config} does not exist")
+    else:
+        return {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (train:, quantize:, ...)")
+    return d
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".bitsearch-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {p} is not writable: {e.strerror or e}") from None
+    return p
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[], None] | None = None) -> None:
+    """Human summary (unless --json quiets nothing: it still prints), then the JSON line last."""
+    if human:
+        human()
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def _explicit(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    """CLI flags that were actually given, renamed to config keys."""
+    return {key: getattr(args, dest) for dest, key in mapping.items() if getattr(args, dest, None) is not None}
+
+
+class RichProgress:
+    """trainer Callback: a progress bar over all steps, one line per epoch, on stderr."""
+
+    def __init__(self, label: str = "train"):
+        self.label = label
+        self.console = stderr_console()
+        self.progress = None
+
+    def on_train_start(self, state):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        cfg = state["config"]
+        total = (cfg.epochs - state["start_epoch"]) * state["steps_per_epoch"]
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                                 transient=True)
+        self.task = self.progress.add_task(self.label, total=total, info="")
+        self.progress.start()
+
+    def on_epoch_start(self, epoch, model):
+        pass
+
+    def on_batch_end(self, epoch, step, steps, loss):
+        if step % 10 == 0 or step + 1 == steps:
+            self.progress.update(self.task, advance=0, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
+        self.progress.advance(self.task)
+
+    def on_epoch_end(self, epoch, m, state):
+        parts = [f"epoch {m['epoch']:>3}", f"loss {m['train_loss']:.4f}", f"train {m['train_top1']:.2f}%"]
+        if "val_top1" in m:
+            parts.append(f"val {m['val_top1']:.2f}%")
+        if "test_top1" in m:
+            parts.append(f"test {m['test_top1']:.2f}%")
+        parts += [f"lr {m['lr']:.4g}", f"{m['images_per_s']:.0f} img/s"]
+        self.progress.console.print("  ".join(parts))
+
+    def on_train_end(self, result):
+        if self.progress:
+            self.progress.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+
+TRAIN_FLAGS = {"epochs": "epochs", "width": "width", "batch_size": "batch_size", "lr": "lr", "subset": "subset",
+               "val_size": "val_size", "seed": "seed", "device": "device", "weight_decay": "weight_decay",
+               "label_smoothing": "label_smoothing", "compile": "compile"}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the FP32 MobileNet-v2 baseline")
+    p.add_argument("--data", required=True, help="torchvision root, image-folder tree, or .tar/.tar.gz of one")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, curves, confusion matrix, summary)")
+    p.add_argument("--profile", help="preset from configs/: quick (CPU minutes) or seed (the reference recipe)")
+    p.add_argument("--config", help="YAML file with a train: section")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--width", type=float, help="width multiplier (1.0 = 2.24M params)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--subset", type=int, help="stratified subset of N training images")
+    p.add_argument("--val-size", dest="val_size", type=int, help="images held out of train for validation")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--tracking-uri", help="also log the run to this MLflow tracking URI")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from trainer import TrainConfig, count_params, load_checkpoint, load_dataset, model_meta, train
+    from trainer.model import MobileNetV2
+
+    out = writable_dir(args.out)
+    base = load_profile(args.profile, args.config).get("train", {})
+    if args.resume and (out / "checkpoint.pt").exists():
+        base = {**load_checkpoint(out / "checkpoint.pt")["config"], **base}
+    cfg = TrainConfig.from_dict({**base, **_explicit(args, TRAIN_FLAGS)})
+    con = stderr_console()
+    data = load_dataset(args.data, subset=cfg.subset, val_size=cfg.val_size, seed=cfg.seed,
+                        download=not args.no_download, progress=lambda s: con.print(s))
+    model = MobileNetV2(num_classes=data.num_classes, width=cfg.width, dropout=cfg.dropout)
+    params = count_params(model)
+    con.print(f"MobileNet-v2 width {cfg.width}: {params:,} params; data {data.summary()}")
+    callbacks: list = [RichProgress()]
+    if args.tracking_uri:
+        from mlflow_server.logging import TrainRunLogger
+        callbacks.append(TrainRunLogger(args.tracking_uri, run_name=f"baseline-{out.name}", data=data.summary()))
+    res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=args.resume,
+                meta={**model_meta(model), "data": data.summary()})
+    result = {"params": params, "epochs": cfg.epochs, "top1": round(res["top1"], 2),
+              "train_top1": None if res["train_top1"] is None else round(res["train_top1"], 2),
+              "val_top1": None if res["val_top1"] is None else round(res["val_top1"], 2),
+              "checkpoint": res["checkpoint"], "out_dir": str(out), "reports": res.get("reports", {}),
+              "config": cfg.to_dict()}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+
+    def human():
+        print(f"test top-1 {result['top1']:.2f}%  (train {result['train_top1']}%, {params:,} params, "
+              f"{cfg.epochs} epochs)")
+        print(f"checkpoint {res['checkpoint']}; curves, confusion matrix, summary in {out}")
+    emit(result, args.json, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bitsearch", description="Quantization search for MobileNet-v2 on CIFAR-10")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_train(sub)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list[Callable] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("bitsearch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if debug:
+            raise
+        if isinstance(e, SystemExit):
+            raise
+        known = _known_errors()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, known):
+            msg = f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
+        print(f"bitsearch: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _known_errors() -> tuple[type, ...]:
+    from trainer import CheckpointError, ConfigError, DataError
+    errs: list[type] = [UserError, DataError, ConfigError, CheckpointError]
+    try:
+        from quantization import QuantConfigError
+        errs.append(QuantConfigError)
+    except ImportError:
+        pass
+    return tuple(errs)

@@ -1,0 +1,239 @@
+"""The training loop: SGD + cosine, per-epoch metrics, atomic checkpoints, exact resume.
+
+``train(model, data, cfg, out_dir, callbacks)`` trains any nn.Module on a ``Dataset`` and reports
+through ``Callback`` objects (Ray Tune and MLflow attach from outside; nothing here imports them).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from trainer.config import TrainConfig
+from trainer.data import Dataset, GpuLoader, normalize
+
+CHECKPOINT_FORMAT = "bitsearch-train-v1"
+# config keys that may differ between a checkpoint and a resumed run (they do not change the result)
+RESUME_FREE_KEYS = {"device", "compile", "amp", "channels_last", "eval_every"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or does not match the run that wants to resume from it."""
+
+
+class Callback:
+    """Hooks the loop calls. Override what you need; every hook is optional."""
+
+    def on_train_start(self, state: dict[str, Any]) -> None: ...
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None: ...
+    def on_batch_end(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None: ...
+    def on_train_end(self, result: dict[str, Any]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+    if not no_decay_bn_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights/biases, conv/linear biases, scales
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lambda(total_steps: int, warmup_steps: int = 0):
+    """LR multiplier per optimiser step: linear warm-up, then cosine from 1 to 0 at ``total_steps``."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
+             device: torch.device | None = None, amp: bool = False) -> dict[str, Any]:
+    """Loss, top-1 (%) and predictions of ``model`` on uint8 images ``x`` (normalised here)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    preds = []
+    for i in range(0, len(y), batch_size):
+        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True))
+        yb = y[i:i + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out.float(), yb, reduction="sum")
+        preds.append(out.argmax(1))
+    model.train(was_training)
+    pred = torch.cat(preds).cpu()
+    n = max(1, len(y))
+    return {"loss": loss_sum.item() / n, "top1": 100.0 * (pred == y.cpu()).float().mean().item() if len(y) else 0.0,
+            "pred": pred}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (weights_only) or raise CheckpointError saying why."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {p} is corrupt or not a bitsearch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {p} is not a bitsearch training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ck
+
+
+def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None,
+          callbacks: Iterable[Callback] = (), resume: bool = False, meta: dict[str, Any] | None = None,
+          write_reports: bool = True) -> dict[str, Any]:
+    """Train ``model`` on ``data`` with ``cfg``; returns the final metrics and history.
+
+    With ``out_dir``: a checkpoint (model, optimiser, scheduler, RNG states, config, history) is written
+    atomically after every epoch to ``out_dir/checkpoint.pt``, so a killed run loses at most the
+    current epoch; ``resume=True`` continues from it and ends with the same weights as an
+    uninterrupted run. ``meta`` (JSON-able) is stored in the checkpoint (model description etc.).
+    """
+    callbacks = list(callbacks)
+    device = resolve_device(cfg.device)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias), lr=cfg.lr,
+                          momentum=cfg.momentum, nesterov=cfg.nesterov)
+    loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
+                       generator=gen, do_augment=cfg.augment)
+    steps = len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = load_checkpoint(ckpt_path)
+        saved = ck["config"]
+        diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
+        if diff:
+            raise CheckpointError("checkpoint was made with a different configuration: " + ", ".join(
+                f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        gen.set_state(ck["rng"]["data"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        history, start_epoch = list(ck["history"]), int(ck["epoch"])
+
+    run_model = torch.compile(model) if cfg.compile else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = cfg.amp and device.type == "cuda"
+    state = {"model": model, "optimizer": opt, "device": device, "config": cfg, "steps_per_epoch": steps,
+             "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history}
+    for cb in callbacks:
+        cb.on_train_start(state)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    test_eval = None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        for cb in callbacks:
+            cb.on_epoch_start(epoch, model)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for step, (xb, yb) in enumerate(loader):
+            if device.type == "cuda" and cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = run_model(xb)
+                loss = loss_fn(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+            for cb in callbacks:
+                cb.on_batch_end(epoch, step, steps, loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t0
+        m: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
+                               "train_top1": 100.0 * correct.item() / seen, "lr": opt.param_groups[0]["lr"],
+                               "epoch_s": train_s, "images_per_s": seen / train_s}
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            if data.val_y is not None:
+                v = evaluate(model, data.val_x, data.val_y, device=device, amp=amp)
+                m.update(val_loss=v["loss"], val_top1=v["top1"])
+            test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
+            m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
+        history.append(m)
+        if ckpt_path:
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "meta": meta or {}, "epoch": epoch + 1,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                "history": history, "classes": list(data.classes),
+            }, ckpt_path)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, m, state)
+
+    if test_eval is None:  # resumed a finished run: evaluate once for the reports
+        test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
+    final = history[-1] if history else {}
+    result: dict[str, Any] = {
+        "epochs": cfg.epochs, "top1": test_eval["top1"], "test_loss": test_eval["loss"],
+        "train_top1": final.get("train_top1"), "val_top1": final.get("val_top1"),
+        "history": history, "checkpoint": str(ckpt_path) if ckpt_path else None,
+        "out_dir": str(out) if out else None,
+    }
+    if out and write_reports:
+        from trainer.analysis import write_reports as _write
+        result["reports"] = _write(out, history, data.test_y, test_eval["pred"], data.classes)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result

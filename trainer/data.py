@@ -276,7 +276,7 @@ def _read_tar(p: Path):
         tf = tarfile.open(p)
         members = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read archive {p}: {e}") from None
+        raise DataError(f"cannot read archive {p}: it is corrupt or not a tar archive ({type(e).__name__})") from None
     with tf:
         # find the prefix holding train/ and test/
         dirs = {m.name.rstrip("/") for m in members if m.isdir()}

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny synthetic CIFAR-like data made here (never ../shared)."""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["BITSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(2)
+
+
+def make_tree(root: Path, classes=("cat", "dog", "ship"), n_train=12, n_test=4, seed=0, size=32) -> Path:
+    """Write train/<class>/*.png and test/<class>/*.png; each class has its own mean colour so a tiny
+    model can learn it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., ci % 3] = 180
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    return make_tree(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tar_of_tree(tmp_path) -> Path:
+    src = make_tree(tmp_path / "src" / "tiny-cifar")
+    out = tmp_path / "tiny.tar.gz"
+    with tarfile.open(out, "w:gz") as tf:
+        tf.add(src, arcname="tiny-cifar")
+    return out
+
+
+@pytest.fixture(scope="session")
+def learnable_data():
+    """A small in-memory dataset a narrow MobileNet-v2 learns in a couple of epochs (3 classes)."""
+    from trainer.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 3
+        x = torch.randint(0, 90, (n, 3, 32, 32), generator=g)
+        for c in range(3):
+            x[y == c, c] += 150
+        return x.clamp(0, 255).to(torch.uint8), y
+
+    tx, ty = make(192)
+    vx, vy = make(60)
+    return Dataset(tx, ty, vx, vy, ("r", "g", "b"), "synthetic")

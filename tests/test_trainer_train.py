@@ -1,0 +1,91 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from trainer import CheckpointError, ConfigError, TrainConfig, train
+from trainer.model import MobileNetV2
+
+TINY = dict(width=0.25, epochs=2, batch_size=16, lr=0.05, seed=3, device="cpu")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MobileNetV2(num_classes=3, width=0.25)
+
+
+def test_learns_and_writes_reports(learnable_data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 3})
+    res = train(_model(), learnable_data, cfg, out_dir=tmp_path)
+    assert res["top1"] > 60.0, res["history"]  # 3 easy classes; chance is 33%
+    h = res["history"]
+    assert [e["epoch"] for e in h] == [1, 2, 3] and h[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    for k in ("train_loss", "train_top1", "test_loss", "test_top1", "epoch_s", "images_per_s"):
+        assert k in h[-1]
+    for f in ("checkpoint.pt", "curves.png", "confusion.png", "summary.json", "summary.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["per_class_top1"]) == {"r", "g", "b"}
+    assert sum(map(sum, s["confusion_matrix"])) == 60
+
+
+def test_resume_reproduces_an_uninterrupted_run(learnable_data, tmp_path):
+    cfg = TrainConfig(**TINY)
+    full = _model()
+    train(full, learnable_data, cfg, out_dir=tmp_path / "full", write_reports=False)
+
+    # "killed" after epoch 1: the checkpoint of a 1-epoch-in run is what a crash leaves behind
+    part = tmp_path / "part"
+    train(_model(), learnable_data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
+    resumed = _model(seed=99)  # different init: everything must come from the checkpoint
+    res = train(resumed, learnable_data, cfg, out_dir=part, resume=True, write_reports=False)
+    assert [e["epoch"] for e in res["history"]] == [1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+class _StopAfter:
+    """Copies the checkpoint as it stood after epoch ``n`` (what a kill leaves behind)."""
+
+    def __init__(self, n, dest):
+        self.n, self.dest = n, dest
+
+    def on_train_start(self, s): ...
+    def on_epoch_start(self, e, m): ...
+    def on_batch_end(self, *a): ...
+    def on_train_end(self, r): ...
+
+    def on_epoch_end(self, epoch, m, state):
+        if epoch + 1 == self.n:
+            self.dest.mkdir()
+            shutil.copy(state["checkpoint"], self.dest / "checkpoint.pt")
+
+
+def test_resume_refuses_corrupt_or_mismatched_checkpoints(learnable_data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train(_model(), learnable_data, cfg, out_dir=tmp_path, write_reports=False)
+    with pytest.raises(CheckpointError, match="different configuration: lr=0.05"):
+        train(_model(), learnable_data, cfg.replace(lr=0.2), out_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train(MobileNetV2(num_classes=3, width=0.5), learnable_data, cfg.replace(width=0.25), out_dir=tmp_path,
+              resume=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(_model(), learnable_data, cfg, out_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(_model(), learnable_data, cfg, out_dir=tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs=0 is invalid"),
+    ("lr", -0.1, "lr=-0.1 is invalid"),
+    ("width", 0, "width=0.0 is invalid"),
+    ("batch_size", 0, "batch_size=0"),
+    ("device", "tpu", "auto, cpu or cuda"),
+    ("epochs", "ten", "expected int"),
+    ("colour", 1, "unknown training option"),
+])
+def test_bad_numbers_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({field: value})

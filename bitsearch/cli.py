@@ -195,6 +195,94 @@ def cmd_train(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# quantize
+
+QUANT_FLAGS = {"w_bits": "w_bits", "a_bits": "a_bits", "granularity": "w_granularity", "symmetric": "w_symmetric",
+               "method": "method", "calib_batches": "calib_batches", "observer": "a_observer"}
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a trained checkpoint (PTQ, QAT or LSQ) and measure it")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt from `bitsearch train`")
+    p.add_argument("--data", required=True)
+    p.add_argument("--w-bits", dest="w_bits", help="weight bits 2..8 (32 = FP32)")
+    p.add_argument("--a-bits", dest="a_bits", help="activation bits 2..8 (32 = FP32)")
+    p.add_argument("--granularity", choices=["per-channel", "per-tensor"], help="weight scales")
+    p.add_argument("--symmetric", action="store_const", const=True, help="symmetric weights (default)")
+    p.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, help="asymmetric weights")
+    p.add_argument("--observer", choices=["minmax", "ema", "percentile", "mse"], help="activation observer")
+    p.add_argument("--method", choices=["ptq", "qat", "lsq"])
+    p.add_argument("--epochs", type=int, default=None, help="QAT/LSQ fine-tuning epochs (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="QAT/LSQ learning rate (default 0.01)")
+    p.add_argument("--calib-batches", dest="calib_batches", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
+    p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, ...)")
+    p.add_argument("--export", help="write the bit-packed model file here")
+    p.add_argument("--out", help="output directory (default: next to the checkpoint, quant-W<w>A<a>-<method>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from quantization import QuantConfig
+    from trainer import load_dataset
+    from tune.pipeline import load_baseline, public, quantize_model, write_result
+
+    section = load_profile(None, args.config).get("quantize", {}) if args.config else {}
+    qat_epochs = args.epochs if args.epochs is not None else int(section.pop("epochs", 1))
+    qat_lr = args.lr if args.lr is not None else float(section.pop("lr", 0.01))
+    section.pop("epochs", None), section.pop("lr", None)
+    qcfg = QuantConfig.from_dict({**section, **_explicit(args, QUANT_FLAGS)})
+    if qat_epochs < 1 and qcfg.method != "ptq":
+        raise UserError(f"--epochs={qat_epochs} is invalid: QAT/LSQ need at least 1 epoch")
+    if not (qat_lr > 0):
+        raise UserError(f"--lr={qat_lr} is invalid: must be > 0")
+    fp32, ck = load_baseline(args.checkpoint)
+    tc = ck["config"]
+    out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-W{qcfg.w_bits}A{qcfg.a_bits}-{qcfg.method}")
+    con = stderr_console()
+    data = load_dataset(args.data, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
+                        download=not args.no_download, progress=lambda s: con.print(s))
+    if tuple(ck.get("classes", data.classes)) != data.classes:
+        raise UserError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
+    con.print(f"quantizing W{qcfg.w_bits}A{qcfg.a_bits} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
+              "training images; evaluating on the test set")
+    cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method != "ptq" else []
+    res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=args.batch_size,
+                         seed=tc.get("seed", 0), device=args.device, out_dir=out, callbacks=cbs,
+                         export=args.export, model_meta=ck["meta"])
+    write_result(out, res)
+    result = public(res)
+    result["out_dir"] = str(out)
+
+    def human():
+        from rich.console import Console
+        from rich.table import Table
+        c = Console(highlight=False)
+        c.print(f"W{result['w_bits']}A{result['a_bits']} {result['method']}: top-1 {result['top1']:.2f}% "
+                f"(FP32 {result['fp32_top1']:.2f}%, drop {result['drop']:+.2f})")
+        t = Table("layer", "params", "w_bits", "a_bits", "packed B", "meta B", "fp32 B", title="Size per layer")
+        for r in result["layers"]:
+            t.add_row(r["layer"], f"{r['params']:,}", str(r["w_bits"]), str(r["a_bits"]), f"{r['packed_bytes']:,}",
+                      f"{r['metadata_bytes']:,}", f"{r['fp32_bytes']:,}")
+        c.print(t)
+        c.print(f"size {result['orig_mb']:.3f} MB -> {result['comp_mb']:.3f} MB: ratio {result['ratio']:.2f}x, "
+                f"weights {result['weight_ratio']:.2f}x, metadata {100 * result['metadata_overhead']:.2f}% of it, "
+                f"{100 * result['quantized_fraction']:.1f}% of params quantized")
+        am = result["activation_memory"]
+        c.print(f"peak activation memory (batch 1): {am['batch1']['fp32_bytes']:,} B FP32 -> "
+                f"{am['batch1']['quant_bytes']:,} B ({am['batch1']['ratio']:.2f}x); batch 128: "
+                f"{am['batch128']['fp32_bytes']:,} -> {am['batch128']['quant_bytes']:,} B")
+        if result.get("export"):
+            c.print(f"packed model {result['export']}: {result['export_bytes']:,} B on disk "
+                    f"({result['export_header_bytes']:,} B header + {result['export_bytes'] - result['export_header_bytes']:,} B payload)")
+    emit(result, args.json, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train(sub)
+    add_quantize(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
@@ -237,7 +326,8 @@ def _known_errors() -> tuple[type, ...]:
     errs: list[type] = [UserError, DataError, ConfigError, CheckpointError]
     try:
         from quantization import QuantConfigError
-        errs.append(QuantConfigError)
+        from quantization.packing import PackedFileError
+        errs += [QuantConfigError, PackedFileError]
     except ImportError:
         pass
     return tuple(errs)

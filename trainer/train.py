@@ -71,7 +71,7 @@ def cosine_lambda(total_steps: int, warmup_steps: int = 0):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 100,
              device: torch.device | None = None, amp: bool = False) -> dict[str, Any]:
     """Loss, top-1 (%) and predictions of ``model`` on uint8 images ``x`` (normalised here)."""
     device = device or next(model.parameters()).device

@@ -1,0 +1,1 @@
+"""MLflow tracking server lifecycle and the logging helpers."""

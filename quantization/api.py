@@ -1,0 +1,135 @@
+"""One entry point: prepare(model, config) -> calibrate / fine-tune -> pack (convert).
+
+``prepare`` copies an FP32 model and swaps every quantizable conv (with its BN) and linear for a
+fake-quant module according to the config's per-layer plan. Quantizable layers are the convs of
+``ConvBNAct``-style units (a ``conv`` followed by a ``bn``) and ``nn.Linear`` layers; their names are
+the model's module names (``blocks.3.dw.conv``, ``classifier``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from quantization.config import QuantConfig
+from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear
+
+QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Module, nn.Module | None]]:
+    """name -> (parent, attribute, layer, bn or None) for every conv/linear that can be quantized."""
+    out = {}
+    for pname, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            name = f"{pname}.{attr}" if pname else attr
+            if isinstance(child, nn.Conv2d):
+                bn = getattr(parent, "bn", None) if attr == "conv" else None
+                out[name] = (parent, attr, child, bn if isinstance(bn, nn.BatchNorm2d) else None)
+            elif isinstance(child, nn.Linear):
+                out[name] = (parent, attr, child, None)
+    return out
+
+
+def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """A fake-quant copy of ``model`` (the original is untouched). Unknown layer patterns in ``cfg``
+    raise QuantConfigError. Weights are quantized at once; activations after ``calibrate``."""
+    q = copy.deepcopy(model)
+    layers = quantizable_layers(q)
+    others = [n for n, _ in q.named_modules() if n and n not in layers]
+    plan = cfg.plan(layers, others)
+    for name, (parent, attr, layer, bn) in layers.items():
+        p = plan[name]
+        if not p.quantized:
+            continue
+        if isinstance(layer, nn.Conv2d):
+            qm = QuantConvBn2d(layer, bn, p, cfg)
+            if bn is not None:
+                parent.bn = nn.Identity()
+        else:
+            qm = QuantLinear(layer, p, cfg)
+        setattr(parent, attr, qm)
+        if qm.wq is not None:
+            qm.wq.observing = False
+            if qm.wq.lsq:  # LSQ weight step starts from the observer's range
+                qm.wq.observe(qm.folded()[0].detach())
+    q.bitsearch_qconfig = cfg
+    q.bitsearch_plan = {n: p for n, p in plan.items()}
+    return q
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+
+
+def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    return [m.aq for m in quant_layers(model).values() if m.aq is not None]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: int | None = None) -> int:
+    """Post-training calibration: run normalised input batches through the model (eval mode) with the
+    activation observers on and activation fake-quant off; then fix the ranges and turn fake-quant on.
+    Returns the number of batches used."""
+    cfg = getattr(model, "bitsearch_qconfig", None)
+    n_max = num_batches or (cfg.calib_batches if cfg else 8)
+    aqs = act_quantizers(model)
+    was = model.training
+    model.eval()
+    for a in aqs:
+        a.observer.reset()
+        a.observing, a.enabled = True, False
+    n = 0
+    for xb in batches:
+        model(xb)
+        n += 1
+        if n >= n_max:
+            break
+    for a in aqs:
+        a.observing, a.enabled = False, True
+    model.train(was)
+    return n
+
+
+def set_bn_frozen(model: nn.Module, frozen: bool = True) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantConvBn2d):
+            m.bn_frozen = frozen
+
+
+def set_act_observing(model: nn.Module, observing: bool) -> None:
+    """QAT: let activation ranges keep adapting (True) or hold them fixed (False). LSQ learns its step
+    and never re-observes."""
+    for a in act_quantizers(model):
+        a.observing = observing and not a.lsq
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """End of training: stop observing, freeze BN, store final scales. Idempotent."""
+    set_bn_frozen(model, True)
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer):
+            if m.observing and m is not None:
+                m.observing = False
+            m.freeze()
+    return model
+
+
+class QATSchedule:
+    """trainer Callback for quantization-aware training: BN statistics update until
+    ``cfg.freeze_bn_epoch``, activation ranges until ``cfg.freeze_observer_epoch`` (then fixed)."""
+
+    def __init__(self, cfg: QuantConfig):
+        self.cfg = cfg
+
+    def on_train_start(self, state): ...
+    def on_batch_end(self, *a): ...
+    def on_epoch_end(self, *a): ...
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch)
+        set_act_observing(model, epoch < self.cfg.freeze_observer_epoch)
+
+    def on_train_end(self, result): ...

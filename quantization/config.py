@@ -1,0 +1,215 @@
+"""QuantConfig: what to quantize, how, and where the exceptions are. Frozen; to/from dict and YAML.
+
+Bit-widths are 2..8, or 32 for "keep this tensor in FP32". Layer patterns are shell globs over the
+model's layer names (``stem.conv``, ``blocks.3.*``, ``blocks.*.dw.conv``, ``classifier``; see
+trainer/model.py). Resolution for each quantizable layer, later rules winning:
+
+  1. the global ``w_bits`` / ``a_bits``;
+  2. ``keep_fp32`` patterns: weights and input activations stay FP32;
+  3. ``overrides`` in order: each sets ``w_bits`` and/or ``a_bits`` (and optionally the weight
+     granularity) for the layers its pattern matches (so an override can also quantize a layer
+     that ``keep_fp32`` named, e.g. an 8-bit first conv).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+import yaml
+
+from quantization.observers import OBSERVERS
+
+FP32 = 32
+METHODS = ("ptq", "qat", "lsq")
+GRANULARITIES = ("per_channel", "per_tensor")
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting is invalid; the message names it and what is allowed."""
+
+
+def _check_bits(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise QuantConfigError(f"{name}={v!r} is invalid: allowed 2..8, or 32 for FP32")
+    try:
+        f = float(v)
+    except ValueError:
+        raise QuantConfigError(f"{name}={v!r} is not a number: allowed 2..8, or 32 for FP32") from None
+    if not f.is_integer() or not (2 <= f <= 8 or f == FP32):
+        raise QuantConfigError(f"{name}={v!r} is out of range: allowed 2..8, or 32 for FP32")
+    return int(f)
+
+
+def _norm_gran(name: str, v: Any) -> str:
+    s = str(v).replace("-", "_")
+    if s not in GRANULARITIES:
+        raise QuantConfigError(f"{name}={v!r} is invalid: allowed per-channel, per-tensor")
+    return s
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    pattern: str
+    w_bits: int | None = None        # None: inherit
+    a_bits: int | None = None
+    w_granularity: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise QuantConfigError(f"override pattern {self.pattern!r} is invalid: a layer-name glob such as blocks.3.*")
+        if self.w_bits is not None:
+            object.__setattr__(self, "w_bits", _check_bits(f"overrides[{self.pattern}].w_bits", self.w_bits))
+        if self.a_bits is not None:
+            object.__setattr__(self, "a_bits", _check_bits(f"overrides[{self.pattern}].a_bits", self.a_bits))
+        if self.w_granularity is not None:
+            object.__setattr__(self, "w_granularity", _norm_gran(f"overrides[{self.pattern}].w_granularity",
+                                                                 self.w_granularity))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The resolved settings of one layer."""
+    w_bits: int
+    a_bits: int
+    w_granularity: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.w_bits != FP32 or self.a_bits != FP32
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+    w_granularity: str = "per_channel"
+    a_granularity: str = "per_tensor"
+    w_observer: str = "minmax"
+    a_observer: str = "minmax"
+    percentile: float = 99.99
+    method: str = "ptq"                      # ptq | qat | lsq
+    keep_fp32: tuple[str, ...] = ("stem.conv", "classifier")
+    overrides: tuple[LayerOverride, ...] = ()
+    calib_batches: int = 8
+    freeze_bn_epoch: int = 2                 # QAT: BN running statistics update until this epoch
+    freeze_observer_epoch: int = 0           # QAT: activation ranges (EMA) update until this epoch
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("w_bits", _check_bits("w_bits", self.w_bits))
+        set_("a_bits", _check_bits("a_bits", self.a_bits))
+        set_("w_granularity", _norm_gran("w_granularity", self.w_granularity))
+        a_gran = str(self.a_granularity).replace("-", "_")
+        if a_gran != "per_tensor":
+            raise QuantConfigError(f"a_granularity={self.a_granularity!r} is invalid: activations have no fixed "
+                                   "channel set to scale (one scale per tensor); allowed: per-tensor")
+        set_("a_granularity", a_gran)
+        for k in ("w_observer", "a_observer"):
+            if getattr(self, k) not in OBSERVERS:
+                raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: allowed {', '.join(OBSERVERS)}")
+        if self.method not in METHODS:
+            raise QuantConfigError(f"method={self.method!r} is invalid: allowed {', '.join(METHODS)}")
+        for k in ("w_symmetric", "a_symmetric"):
+            if not isinstance(getattr(self, k), bool):
+                raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: true or false")
+        for k, lo in (("calib_batches", 1), ("freeze_bn_epoch", 0), ("freeze_observer_epoch", 0)):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise QuantConfigError(f"{k}={v!r} is invalid: an integer >= {lo}")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 50 < p <= 100:
+            raise QuantConfigError(f"percentile={p!r} is invalid: allowed (50, 100]")
+        if isinstance(self.keep_fp32, str):
+            set_("keep_fp32", (self.keep_fp32,))
+        set_("keep_fp32", tuple(self.keep_fp32))
+        ovs = []
+        for o in self.overrides:
+            if isinstance(o, dict):
+                unknown = set(o) - {f.name for f in fields(LayerOverride)}
+                if unknown:
+                    raise QuantConfigError(f"override {o!r} has unknown key(s) {', '.join(sorted(unknown))}; "
+                                           "allowed: pattern, w_bits, a_bits, w_granularity")
+                if "pattern" not in o:
+                    raise QuantConfigError(f"override {o!r} has no pattern")
+                o = LayerOverride(**o)
+            ovs.append(o)
+        set_("overrides", tuple(ovs))
+
+    # ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep_fp32"] = list(self.keep_fp32)
+        d["overrides"] = [{k: v for k, v in dataclasses.asdict(o).items() if v is not None} for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise QuantConfigError(f"quantization config must be a mapping, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise QuantConfigError(f"unknown quantization option(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+        out = {}
+        for k, v in d.items():
+            default = getattr(cls, k) if k not in ("keep_fp32", "overrides") else None
+            if isinstance(default, bool):
+                if isinstance(v, str) and v.lower() in ("true", "false"):
+                    v = v.lower() == "true"
+            elif isinstance(default, int) and k not in ("w_bits", "a_bits"):
+                if isinstance(v, str):
+                    try:
+                        v = int(v)
+                    except ValueError:
+                        raise QuantConfigError(f"{k}={v!r} is not an integer") from None
+            elif isinstance(default, float) and isinstance(v, (str, int)) and not isinstance(v, bool):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise QuantConfigError(f"{k}={v!r} is not a number") from None
+            out[k] = v
+        return cls(**out)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "QuantConfig":
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise QuantConfigError(f"quantization YAML is invalid: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(d.get("quantize", d) if isinstance(d, dict) else d)
+
+    def replace(self, **kw) -> "QuantConfig":
+        return QuantConfig.from_dict({**self.to_dict(), **kw})
+
+    # ---------------------------------------------------------------------------------------------
+    def plan(self, layer_names: Iterable[str], other_names: Iterable[str] = ()) -> dict[str, LayerPlan]:
+        """Resolve every quantizable layer's settings. A pattern that matches no quantizable layer is an
+        error (it names what it matched instead, if anything)."""
+        names = list(layer_names)
+        for pat in [*self.keep_fp32, *(o.pattern for o in self.overrides)]:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                hit = [n for n in other_names if fnmatch.fnmatchcase(n, pat)]
+                why = (f"it matches only {hit[0]}, which has no weight channels to quantize (BN/activation/pool)"
+                       if hit else "it matches no layer")
+                raise QuantConfigError(f"layer pattern {pat!r} is invalid: {why}; quantizable layers look like "
+                                       f"{', '.join(names[:2])}, ..., {names[-1]}")
+        out = {}
+        for n in names:
+            w, a, g = self.w_bits, self.a_bits, self.w_granularity
+            if any(fnmatch.fnmatchcase(n, p) for p in self.keep_fp32):
+                w = a = FP32
+            for o in self.overrides:
+                if fnmatch.fnmatchcase(n, o.pattern):
+                    w = o.w_bits if o.w_bits is not None else w
+                    a = o.a_bits if o.a_bits is not None else a
+                    g = o.w_granularity or g
+            out[n] = LayerPlan(w, a, g)
+        return out

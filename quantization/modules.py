@@ -1,0 +1,204 @@
+"""Modules that hold quantization state and pick a code path; the math is in primitives.py.
+
+* ``FakeQuantizer``  scale/zero-point buffers (or a learned LSQ step), an observer, and two switches:
+  ``observing`` (update the range from what passes through) and ``enabled`` (fake-quantize or pass).
+* ``QuantConvBn2d``  conv + its BN, folded: the weight that gets quantized is ``w * gamma / sigma``.
+  While BN is live (QAT before ``freeze_bn``) it uses batch statistics the way PyTorch's QAT
+  ConvBn2d does (conv with the folded, quantized weight, then divided back and passed through BN);
+  otherwise it is exactly ``conv(aq(x), wq(w_fold)) + b_fold``. The input activation is quantized
+  by ``aq`` before the conv, so activation bit-widths really apply.
+* ``QuantLinear``    ``linear(aq(x), wq(w)) + b``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantization.observers import make_observer
+from quantization.primitives import EPS, choose_qparams, fake_quantize, lsq_fake_quantize, qrange
+
+RELU6_MAX = 6.0
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a tensor at ``bits``.
+
+    ``axis``: per-channel along this dimension (weights), None: per-tensor. ``signed=False`` for
+    non-negative inputs (after ReLU6: zero-point 0 and the top of the range clipped at ``max_clip``).
+    ``dynamic``: recompute the range from each tensor (weights, which change while training).
+    ``lsq``: the step size is a trainable parameter initialised from the observer.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, *, signed: bool = True, axis: int | None = None,
+                 channels: int = 1, observer: str = "minmax", percentile: float = 99.99, lsq: bool = False,
+                 dynamic: bool = False, max_clip: float | None = None):
+        super().__init__()
+        self.bits, self.symmetric, self.signed, self.axis = bits, symmetric, signed, axis
+        self.qmin, self.qmax = qrange(bits, signed, True) if symmetric else qrange(bits, False)
+        self.observer = make_observer(observer, axis, percentile)
+        shape = (channels,) if axis is not None else ()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.lsq, self.dynamic, self.max_clip = lsq, dynamic and not lsq, max_clip
+        if lsq:
+            self.step = nn.Parameter(torch.ones(shape))
+        self.observing = True
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.axis is not None else "per-tensor"
+        return (f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, "
+                f"{'signed' if self.signed else 'unsigned'}, {kind}, lsq={self.lsq}")
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        if self.dynamic:
+            self.observer.reset()
+        self.observer(x)
+        lo, hi = self.observer.range(self.bits, self.symmetric, self.signed)
+        if self.max_clip is not None:
+            hi = torch.clamp(hi, max=self.max_clip)
+        if not self.signed:
+            lo = torch.zeros_like(lo)
+        s, z = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
+        self.scale, self.zero_point = s.to(self.scale.device), z.to(self.scale.device)
+        if self.lsq:
+            self.step.copy_(s)
+
+    def effective_scale(self) -> torch.Tensor:
+        return self.step.detach().abs() + EPS if self.lsq else self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing or (self.dynamic and self.enabled):
+            self.observe(x)
+        if not self.enabled:
+            return x
+        if self.lsq and self.training and torch.is_grad_enabled():
+            return lsq_fake_quantize(x, self.step, self.zero_point, self.qmin, self.qmax, self.axis)
+        return fake_quantize(x, self.effective_scale(), self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def freeze(self) -> None:
+        """Store the final (effective) scale in the buffer: what convert/pack read."""
+        if self.lsq:
+            self.scale = self.effective_scale().detach().clone()
+
+
+def _act_quantizer(bits: int, cfg, relu6: bool) -> FakeQuantizer:
+    return FakeQuantizer(bits, cfg.a_symmetric, signed=not relu6, observer=cfg.a_observer, percentile=cfg.percentile,
+                         lsq=cfg.method == "lsq", max_clip=RELU6_MAX if relu6 else None)
+
+
+def _weight_quantizer(bits: int, cfg, granularity: str, channels: int) -> FakeQuantizer:
+    per_ch = granularity == "per_channel"
+    return FakeQuantizer(bits, cfg.w_symmetric, signed=True, axis=0 if per_ch else None,
+                         channels=channels if per_ch else 1, observer=cfg.w_observer, percentile=cfg.percentile,
+                         lsq=cfg.method == "lsq", dynamic=True)
+
+
+class _QuantLayer(nn.Module):
+    """Shared: the weight/activation quantizers and the eval-time cache of the quantized weight."""
+
+    def _setup(self, plan, cfg, channels: int, relu6: bool) -> None:
+        self.w_bits, self.a_bits = plan.w_bits, plan.a_bits
+        self.wq = _weight_quantizer(plan.w_bits, cfg, plan.w_granularity, channels) if plan.w_bits != 32 else None
+        self.aq = _act_quantizer(plan.a_bits, cfg, relu6) if plan.a_bits != 32 else None
+        if self.aq is not None:
+            self.aq.enabled = False  # until calibrated
+        self._cache: tuple | None = None
+
+    def _versions(self) -> tuple:
+        ts = [t for t in self._fold_inputs() if t is not None]
+        if self.wq is not None:
+            ts += [self.wq.scale] + ([self.wq.step] if self.wq.lsq else [])
+        return tuple((t.data_ptr(), t._version) for t in ts)
+
+    def quantized_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (fake-)quantized folded weight and folded bias used in inference. Cached while the
+        parameters do not change (eval), so evaluation does not re-quantize every batch."""
+        cacheable = not (self.training and torch.is_grad_enabled())
+        if cacheable and self._cache is not None and self._cache[0] == self._versions():
+            return self._cache[1], self._cache[2]
+        w, b = self.folded()
+        wq = self.wq(w) if self.wq is not None else w
+        if cacheable:
+            self._cache = (self._versions(), wq.detach(), None if b is None else b.detach())
+        return wq, b
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+
+class QuantConvBn2d(_QuantLayer):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        self.bn_frozen = False
+        self._setup(plan, cfg, conv.out_channels, getattr(conv, "input_relu6", False))
+
+    def _fold_inputs(self):
+        bn = self.bn
+        return [self.conv.weight, self.conv.bias] + ([] if bn is None else
+                                                     [bn.weight, bn.bias, bn.running_mean, bn.running_var])
+
+    def _bn_factor(self) -> torch.Tensor:
+        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)   # gamma / sigma, [C]
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """BN folded into the conv: w * gamma/sigma and beta + (b - mu) * gamma/sigma."""
+        if self.bn is None:
+            return self.conv.weight, self.conv.bias
+        sf = self._bn_factor()
+        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(self.bn.running_mean)
+        return self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * sf
+
+    def _conv(self, x, w, b):
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is not None:
+            x = self.aq(x)
+        if self.bn is not None and self.training and not self.bn_frozen:
+            # live BN (QAT): quantize the weight folded with the running sigma, undo the factor, then
+            # let BN normalise with batch statistics (and update its running statistics).
+            sf = self._bn_factor()
+            w = self.conv.weight * sf.reshape(-1, 1, 1, 1)
+            y = self._conv(x, self.wq(w) if self.wq is not None else w, None) / sf.reshape(1, -1, 1, 1)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias.reshape(1, -1, 1, 1)
+            return self.bn(y)
+        w, b = self.quantized_weight_bias()
+        return self._conv(x, w, b)
+
+    @torch.no_grad()
+    def fold_(self) -> None:
+        """Replace conv+BN by the folded conv (what a packed file stores)."""
+        w, b = self.folded()
+        self.conv.weight = nn.Parameter(w.detach().clone())
+        self.conv.bias = nn.Parameter(b.detach().clone())
+        self.bn = None
+        self._cache = None
+
+
+class QuantLinear(_QuantLayer):
+    def __init__(self, linear: nn.Linear, plan, cfg):
+        super().__init__()
+        self.linear = linear
+        self._setup(plan, cfg, linear.out_features, getattr(linear, "input_relu6", False))
+
+    def _fold_inputs(self):
+        return [self.linear.weight, self.linear.bias]
+
+    def folded(self):
+        return self.linear.weight, self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is not None:
+            x = self.aq(x)
+        w, b = self.quantized_weight_bias()
+        return F.linear(x, w, b)
+
+    def fold_(self) -> None:
+        self._cache = None

@@ -1,0 +1,148 @@
+"""Quantizer math as pure tensor functions. Everything else in quantization/ wraps these.
+
+Conventions
+-----------
+* Affine quantization: ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``,
+  ``x_hat = (q - zero_point) * scale``. Rounding is half-to-even (``torch.round``), like torch's own
+  fake-quant ops.
+* Symmetric + signed uses the *narrow* range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` so that zero is exact and
+  the grid is symmetric (2-bit symmetric = ternary {-1, 0, 1}). Symmetric + unsigned (non-negative
+  data, e.g. after ReLU6) uses ``[0, 2^b - 1]`` with zero_point 0. Asymmetric is unsigned
+  ``[0, 2^b - 1]`` with a zero_point.
+* ``axis`` selects per-channel parameters (scale has one entry per index along ``axis``);
+  ``axis=None`` is per-tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+EPS = 1e-8
+
+
+def qrange(bits: int, signed: bool, symmetric: bool = True) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit code.
+
+    >>> qrange(8, signed=True)
+    (-127, 127)
+    >>> qrange(8, signed=False)
+    (0, 255)
+    >>> qrange(2, signed=True)
+    (-1, 1)
+    >>> qrange(4, signed=True, symmetric=False)
+    (-8, 7)
+    """
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits} is out of range: allowed {MIN_BITS}..{MAX_BITS}")
+    if not signed:
+        return 0, 2 ** bits - 1
+    hi = 2 ** (bits - 1) - 1
+    return (-hi if symmetric else -hi - 1), hi
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel parameters ``t`` [C] to broadcast against ``x`` along ``axis``."""
+    if axis is None or t.ndim == 0:
+        return t
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def reduce_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor (axis None) or per-channel min and max."""
+    if axis is None:
+        return x.min(), x.max()
+    flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    return flat.min(1).values, flat.max(1).values
+
+
+def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool,
+                   signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point covering [min_val, max_val] (tensors: scalars or per-channel).
+
+    The range is widened to include 0 so that zero is represented exactly.
+
+    >>> s, z = choose_qparams(torch.tensor(-1.0), torch.tensor(1.0), 8, symmetric=True)
+    >>> round(s.item() * 127, 6), z.item()
+    (1.0, 0)
+    >>> s, z = choose_qparams(torch.tensor(-1.0), torch.tensor(3.0), 2, symmetric=False)
+    >>> round(s.item(), 6), z.item()
+    (1.333333, 1)
+    >>> s, z = choose_qparams(torch.tensor(0.0), torch.tensor(6.0), 4, symmetric=True, signed=False)
+    >>> round(s.item(), 6), z.item()
+    (0.4, 0)
+    """
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if symmetric:
+        qmin, qmax = qrange(bits, signed, True)
+        amax = torch.maximum(-min_val, max_val) if signed else max_val
+        scale = torch.clamp(amax / qmax, min=EPS)
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        qmin, qmax = qrange(bits, signed=False)
+        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=EPS)
+        zp = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             axis: int | None = None) -> torch.Tensor:
+    """Float -> integer codes (int32 tensor in [qmin, qmax]).
+
+    >>> quantize(torch.tensor([-1.0, 0.02, 0.5, 9.0]), torch.tensor(0.1), torch.tensor(0), -7, 7).tolist()
+    [-7, 0, 5, 7]
+    """
+    s, z = _bcast(scale, x, axis), _bcast(zero_point, x, axis)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """Integer codes -> float: ``(q - zero_point) * scale``.
+
+    >>> dequantize(torch.tensor([-7, 0, 5]), torch.tensor(0.5), torch.tensor(0)).tolist()
+    [-3.5, 0.0, 2.5]
+    """
+    s, z = _bcast(scale, q, axis), _bcast(zero_point, q, axis)
+    return (q.float() - z) * s
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  axis: int | None = None) -> torch.Tensor:
+    """quantize -> dequantize in float, differentiable with the straight-through estimator: the
+    gradient wrt ``x`` is 1 where ``x`` lies inside the representable range and 0 where it is clipped
+    (as in torch.fake_quantize_per_tensor_affine). ``scale`` is treated as a constant.
+
+    >>> fake_quantize(torch.tensor([0.26, -3.0]), torch.tensor(0.5), torch.tensor(0), -1, 1).tolist()
+    [0.5, -0.5]
+    """
+    s, z = _bcast(scale.detach(), x, axis), _bcast(zero_point, x, axis)
+    v = x / s
+    if not v.requires_grad:  # inference: in place, bit-identical to dequantize(quantize(x))
+        return v.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+    q = torch.clamp(round_ste(v) + z, qmin, qmax)
+    return (q - z) * s
+
+
+def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity forward; gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
+    return (t - t * g).detach() + t * g
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      axis: int | None = None) -> torch.Tensor:
+    """Learned step size quantization (Esser et al. 2020): like ``fake_quantize`` but ``scale`` is a
+    trainable parameter whose gradient is scaled by ``g = 1 / sqrt(N * qmax)`` (N = elements sharing
+    one scale), which keeps step-size updates commensurate with weight updates."""
+    n = x.numel() / max(1, scale.numel())
+    g = 1.0 / (max(1, qmax) * n) ** 0.5
+    s = _bcast(grad_scale(scale, g).abs() + EPS, x, axis)
+    z = _bcast(zero_point, x, axis)
+    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    return (q - z) * s

@@ -1,0 +1,50 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from bitsearch.cli import main
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tree
+    root = tmp_path_factory.mktemp("q")
+    tree = make_tree(root / "tiny", n_train=24, n_test=8)
+    out = root / "base"
+    assert main(["train", "--data", str(tree), "--out", str(out), "--epochs", "3", "--width", "0.25", "--batch-size",
+                 "16", "--lr", "0.05", "--device", "cpu", "--no-download"]) == 0
+    return tree, out / "checkpoint.pt"
+
+
+def test_quantize_w8a8_json_export_matches_size(baseline, tmp_path, capsys):
+    tree, ck = baseline
+    capsys.readouterr()
+    code = main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--w-bits", "8", "--a-bits", "8",
+                 "--export", str(tmp_path / "m.bsq"), "--out", str(tmp_path / "q"), "--device", "cpu", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    for k in ("w_bits", "a_bits", "top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio",
+              "act_ratio", "quantized_fraction", "export"):
+        assert k in r, k
+    assert abs(r["drop"]) <= 0.3 + 1e-9 or abs(r["top1"] - r["fp32_top1"]) <= 100 / 24  # one test image of 24
+    size = (tmp_path / "m.bsq").stat().st_size
+    assert size - r["export_header_bytes"] == round(r["comp_mb"] * 1e6)
+    assert "Size per layer" in out and json.loads((tmp_path / "q" / "quantize.json").read_text())["ratio"] == r["ratio"]
+
+
+def test_quantize_bad_input(baseline, tmp_path, capsys):
+    tree, ck = baseline
+    for args, msg in [(["--w-bits", "1"], "w_bits='1' is out of range"),
+                      (["--a-bits", "x"], "is not a number"),
+                      (["--method", "qat", "--epochs", "0"], "--epochs=0 is invalid")]:
+        code = main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--out", str(tmp_path / "q"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    code = main(["quantize", "--checkpoint", str(bad), "--data", str(tree), "--w-bits", "4"])
+    assert code == 2 and "corrupt" in capsys.readouterr().err

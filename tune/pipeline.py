@@ -1,0 +1,95 @@
+"""One quantization run on a trained checkpoint: prepare -> calibrate -> (QAT/LSQ fine-tune) ->
+evaluate -> size, activation memory, packed file. Used by `bitsearch quantize` and by every search
+trial (which adds a callback that reports each epoch to Ray Tune)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from quantization import QATSchedule, QuantConfig, calibrate, freeze, prepare
+from quantization.actmem import activation_memory
+from quantization.packing import convert, save_packed, size_report
+from trainer import Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device, train
+from trainer.data import normalize
+
+
+def load_baseline(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """FP32 model + checkpoint dict from a `bitsearch train` checkpoint."""
+    ck = load_checkpoint(path)
+    model = model_from_meta(ck["meta"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def calibration_batches(data: Dataset, batch_size: int, seed: int, device) -> Iterable[torch.Tensor]:
+    """Normalised, un-augmented training batches in a seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.train_y), generator=g)
+    for i in range(0, len(order), batch_size):
+        yield normalize(data.train_x[order[i:i + batch_size]].to(device))
+
+
+def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, qat_epochs: int = 0,
+                   qat_lr: float = 0.01, batch_size: int = 128, seed: int = 0, device: str = "auto",
+                   out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
+                   export: str | Path | None = None, fp32_top1: float | None = None,
+                   model_meta: dict | None = None, act_memory: bool = True) -> dict[str, Any]:
+    """Quantize ``fp32`` per ``qcfg`` and measure it. ``qat_epochs`` > 0 (methods qat/lsq) fine-tunes
+    through the trainer's loop (checkpointed in ``out_dir/qat``). Returns the quantize JSON keys."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    fp32 = fp32.to(dev).eval()
+    if fp32_top1 is None:
+        fp32_top1 = evaluate(fp32, data.test_x, data.test_y, device=dev)["top1"]
+    q = prepare(fp32, qcfg).to(dev)
+    n_cal = calibrate(q, calibration_batches(data, batch_size, seed, dev), qcfg.calib_batches)
+    history: list[dict] = []
+    if qcfg.method in ("qat", "lsq") and qat_epochs > 0:
+        tcfg = TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=batch_size, seed=seed, device=dev.type,
+                           no_decay_bn_bias=True, width=getattr(fp32, "width", 1.0),
+                           dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)))
+        res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
+                    callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False)
+        history = res["history"]
+    freeze(q)
+    q.eval()
+    test = evaluate(q, data.test_x, data.test_y, device=dev)
+    val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
+    entries = convert(q)
+    size = size_report(entries, fp32, q.bitsearch_plan)
+    am = activation_memory(q) if act_memory else None
+    result: dict[str, Any] = {
+        "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": qcfg.method, "granularity": qcfg.w_granularity,
+        "top1": test["top1"], "val_top1": None if val is None else val["top1"], "fp32_top1": fp32_top1,
+        "drop": fp32_top1 - test["top1"],
+        "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "ratio": size["ratio"],
+        "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
+        "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
+        "calib_batches": n_cal, "qat_epochs": qat_epochs if qcfg.method != "ptq" else 0, "qat_lr": qat_lr,
+        "history": history, "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
+        "seconds": time.perf_counter() - t0,
+    }
+    if export:
+        info = save_packed(export, entries, model_meta=model_meta or {}, config=qcfg,
+                           extra={"top1": test["top1"], "fp32_top1": fp32_top1})
+        result["export"] = info["path"]
+        result["export_bytes"] = info["file_bytes"]
+        result["export_header_bytes"] = info["header_bytes"]
+    result["_model"] = q
+    return result
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a quantize result."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def write_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
+    p = Path(out_dir) / "quantize.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(public(result), indent=2, default=str))
+    return p

@@ -283,6 +283,221 @@ def cmd_quantize(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# sweep / search / resume / report / compare / sync
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _common_search_args(p) -> None:
+    p.add_argument("--baseline", required=True, help="FP32 checkpoint.pt from `bitsearch train` (with --val-size)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="storage path; the experiment lives in OUT/NAME")
+    p.add_argument("--name", help="experiment name (default: sweep / search)")
+    p.add_argument("--config", help="YAML with a search: (or sweep:) section")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int)
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float)
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="fraction of a GPU, e.g. 0.25")
+    p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow server (default: OUT/mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+
+
+SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_trial": "cpus_per_trial",
+                "gpus_per_trial": "gpus_per_trial", "tracking_uri": "tracking_uri", "address": "address",
+                "batch_size": "batch_size", "device": "device", "num_samples": "num_samples",
+                "objectives": "objectives", "size_budget_mb": "size_budget_mb", "metric": "metric",
+                "qat_epochs": "qat_epochs", "qat_lr": "qat_lr"}
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser("sweep", help="grid sweep (default: W{8,4,2} x A{8,4,2}) on Ray Tune")
+    _common_search_args(p)
+    p.add_argument("--w-bits", dest="w_bits", help="comma list, e.g. 8,4,2")
+    p.add_argument("--a-bits", dest="a_bits", help="comma list")
+    p.add_argument("--method", choices=["ptq", "qat", "lsq"])
+    p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
+    p.add_argument("--qat-lr", dest="qat_lr", type=float)
+    p.set_defaults(func=cmd_search, mode="sweep")
+    p = sub.add_parser("search", help="Optuna search over bit-widths and learning rate on Ray Tune")
+    _common_search_args(p)
+    p.add_argument("--objectives", choices=["single", "multi"], help="single: accuracy under a size budget; "
+                   "multi: accuracy vs size (Pareto front)")
+    p.add_argument("--metric", help="single-objective metric (val_top1)")
+    p.add_argument("--num-samples", dest="num_samples", type=int)
+    p.add_argument("--size-budget-mb", dest="size_budget_mb", type=float)
+    p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
+    p.add_argument("--qat-lr", dest="qat_lr", type=float)
+    p.set_defaults(func=cmd_search, mode="search")
+    p = sub.add_parser("resume", help="continue an interrupted sweep/search")
+    p.add_argument("path", help="experiment directory (OUT/NAME)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("report", help="results table, Pareto front and plots of an experiment")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="chosen trials side by side")
+    p.add_argument("path", help="experiment directory")
+    p.add_argument("trials", nargs="+", help="trial ids (see `bitsearch report`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("sync", help="write the MLflow runs a dropped tracking server missed")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sync)
+
+
+def _search_result(summary: dict) -> dict:
+    return {"experiment": summary["experiment"], "trials": summary["trials"], "best": summary["best"],
+            "pareto": summary["pareto"], "mlflow_experiment_id": summary.get("mlflow_experiment_id"),
+            "files": summary["files"], "seconds": summary.get("seconds")}
+
+
+def _print_table(summary: dict) -> None:
+    import pandas as pd
+    from rich.console import Console
+    df = pd.DataFrame(summary["trials"])
+    cols = [c for c in ("trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Comp_MB", "Ratio",
+                        "status") if c in df]
+    Console(highlight=False).print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(df) else "(no trials)")
+    print(f"report: {summary['files'].get('markdown')}")
+
+
+def cmd_search(args) -> int:
+    from tune.search import SearchConfigError, run, settings_from
+    section = load_profile(None, args.config).get(args.mode if args.mode == "sweep" else "search", {}) if args.config else {}
+    if not isinstance(section, dict):
+        raise UserError(f"the {args.mode} section of {args.config} must be a mapping")
+    d = {**section, **_explicit(args, SEARCH_FLAGS)}
+    d.setdefault("name", args.mode)
+    d.update(mode=args.mode, baseline=str(Path(args.baseline).resolve()), data=str(Path(args.data).resolve()), out=args.out)
+    if args.mode == "sweep":
+        grid = dict(d.get("grid") or {"w_bits": [8, 4, 2], "a_bits": [8, 4, 2]})
+        if args.w_bits:
+            grid["w_bits"] = _int_list(args.w_bits)
+        if args.a_bits:
+            grid["a_bits"] = _int_list(args.a_bits)
+        if args.method:
+            grid["method"] = [args.method]
+        d["grid"] = grid
+    writable_dir(args.out)
+    try:
+        s = settings_from(d)
+        stderr_console().print(f"{args.mode}: experiment {s.path}")
+        summary = run(s)
+    except SearchConfigError as e:
+        raise UserError(str(e)) from None
+    result = _search_result(summary)
+    emit(result, args.json, lambda: _print_table(summary))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from tune.search import SearchConfigError, resume
+    try:
+        summary = resume(args.path)
+    except SearchConfigError as e:
+        raise UserError(str(e)) from None
+    emit(_search_result(summary), args.json, lambda: _print_table(summary))
+    return 0
+
+
+def _experiment_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "bitsearch.json").is_file():
+        raise UserError(f"{p} is not a bitsearch experiment directory (no bitsearch.json)")
+    return p
+
+
+def cmd_report(args) -> int:
+    from tune.results import write_report
+    summary = write_report(_experiment_dir(args.path))
+    emit(_search_result(summary), args.json, lambda: _print_table(summary))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tune.results import load_trials, table
+    df = table(load_trials(_experiment_dir(args.path)))
+    missing = [t for t in args.trials if t not in set(df["trial_id"])]
+    if missing:
+        raise UserError(f"unknown trial id(s) {', '.join(missing)}; known: {', '.join(df['trial_id'])}")
+    sel = df[df["trial_id"].isin(args.trials)].set_index("trial_id").T
+    emit({"trials": df[df["trial_id"].isin(args.trials)].to_dict("records")}, args.json,
+         lambda: print(sel.to_string()))
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from tune.results import sync
+    res = sync(_experiment_dir(args.path))
+    emit(res, args.json, lambda: print(f"wrote {res['written']} missing MLflow run(s)"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# server / ui
+
+def add_server(sub) -> None:
+    p = sub.add_parser("server", help="run an MLflow tracking server (SQLite + local artifacts by default)")
+    p.add_argument("--root", default="mlflow", help="folder for the SQLite file and artifacts")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", dest="backend", help="e.g. postgresql://user:pw@host/db")
+    p.add_argument("--artifacts-destination", dest="artifacts", help="e.g. s3://bucket/path")
+    p.add_argument("--basic-auth", dest="auth", action="store_true")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts")
+    p.set_defaults(func=cmd_server)
+    p = sub.add_parser("ui", help="open the MLflow UI on a search's embedded store")
+    p.add_argument("out", help="the --out directory of a search (holds mlflow.db)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+
+def _serve(proc, url) -> int:
+    import time
+    from mlflow_server.server import stop
+    print(f"MLflow UI: {url}  (Ctrl-C stops the server)", flush=True)
+    try:
+        while proc.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(proc)
+    return 0
+
+
+def cmd_server(args) -> int:
+    from mlflow_server.server import ServerError, start
+    try:
+        proc, url = start(args.root, args.host, args.port, args.backend, args.artifacts, args.auth,
+                          allowed_hosts=args.allowed_hosts)
+    except ServerError as e:
+        raise UserError(str(e)) from None
+    return _serve(proc, url)
+
+
+def cmd_ui(args) -> int:
+    from mlflow_server.server import ServerError, start
+    db = Path(args.out) / "mlflow.db"
+    if not db.is_file():
+        raise UserError(f"no embedded MLflow store at {db}: run a search with --out {args.out} first")
+    try:
+        proc, url = start(Path(args.out) / "mlflow-ui", port=args.port, backend=f"sqlite:///{db.resolve()}",
+                          artifacts=str((Path(args.out) / "mlartifacts").resolve()))
+    except ServerError as e:
+        raise UserError(str(e)) from None
+    return _serve(proc, url)
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train(sub)
     add_quantize(sub)
+    add_search(sub)
+    add_server(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
@@ -327,7 +544,8 @@ def _known_errors() -> tuple[type, ...]:
     try:
         from quantization import QuantConfigError
         from quantization.packing import PackedFileError
-        errs += [QuantConfigError, PackedFileError]
+        from mlflow_server.logging import TrackingError
+        errs += [QuantConfigError, PackedFileError, TrackingError]
     except ImportError:
         pass
     return tuple(errs)

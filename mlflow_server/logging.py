@@ -1,0 +1,173 @@
+"""Logging to MLflow: one parent run per search, one child run per trial, baseline runs.
+
+Trial runs are written from the driver (a Ray Tune callback), so workers need no MLflow access.
+Each child run carries the tag ``bitsearch.trial_id``: logging is idempotent, so `bitsearch sync`
+(or a resumed search) fills in what a dropped server missed without duplicating runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import requests
+
+TRIAL_TAG = "bitsearch.trial_id"
+SEARCH_TAG = "bitsearch.experiment_path"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """The embedded store: SQLite next to the search's results."""
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless an http(s) tracking server answers /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        ok = r.status_code == 200
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it with "
+                            "`bitsearch server` or pass another --tracking-uri") from None
+    if not ok:
+        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    c = _client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location)
+
+
+def _flat_params(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in cfg.items():
+        if k.startswith("_"):
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_params(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class SearchLogger:
+    """Parent run + idempotent child runs. Holds only strings, so it pickles with the Tune experiment."""
+
+    def __init__(self, uri: str, experiment_name: str, experiment_path: str, artifact_location: str | None = None):
+        self.uri, self.experiment_name, self.experiment_path = uri, experiment_name, experiment_path
+        self.experiment_id = ensure_experiment(uri, experiment_name, artifact_location)
+        self.parent_run_id = self._parent()
+
+    def _parent(self) -> str:
+        c = _client(self.uri)
+        runs = c.search_runs([self.experiment_id], f"tags.`{SEARCH_TAG}` = '{self.experiment_path}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        run = c.create_run(self.experiment_id, run_name=Path(self.experiment_path).name,
+                           tags={SEARCH_TAG: self.experiment_path, "bitsearch.kind": "search"})
+        return run.info.run_id
+
+    def log_search(self, settings: dict[str, Any]) -> None:
+        c = _client(self.uri)
+        for k, v in list(_flat_params(settings).items())[:200]:
+            c.log_param(self.parent_run_id, k, v[:6000])
+
+    def child_run(self, trial_id: str, trial_name: str) -> str:
+        c = _client(self.uri)
+        runs = c.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        return c.create_run(self.experiment_id, run_name=trial_name,
+                            tags={TRIAL_TAG: trial_id, "mlflow.parentRunId": self.parent_run_id,
+                                  "bitsearch.kind": "trial"}).info.run_id
+
+    def log_trial_params(self, run_id: str, config: dict[str, Any]) -> None:
+        c = _client(self.uri)
+        have = c.get_run(run_id).data.params
+        for k, v in _flat_params(config).items():
+            if k not in have:
+                c.log_param(run_id, k, v)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        c = _client(self.uri)
+        for k, v in _numeric(metrics).items():
+            c.log_metric(run_id, k, v, step=step)
+
+    def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None, status: str = "FINISHED") -> None:
+        c = _client(self.uri)
+        run = c.get_run(run_id)
+        if run.info.status == "FINISHED" and run.data.tags.get("bitsearch.complete") == "1":
+            return
+        self.log_metrics(run_id, final, step=int(final.get("training_iteration", 0)))
+        if artifacts_dir and Path(artifacts_dir).is_dir():
+            c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
+        c.set_tag(run_id, "bitsearch.complete", "1" if status == "FINISHED" else "0")
+        c.set_terminated(run_id, status)
+
+    def finish_search(self, artifacts: list[str], status: str = "FINISHED") -> None:
+        c = _client(self.uri)
+        for a in artifacts:
+            if Path(a).exists():
+                c.log_artifact(self.parent_run_id, a)
+        c.set_terminated(self.parent_run_id, status)
+
+
+class TrainRunLogger:
+    """trainer Callback: the baseline training as an MLflow run (params, per-epoch metrics, reports)."""
+
+    def __init__(self, uri: str, run_name: str, data: dict | None = None, experiment: str = "bitsearch-baselines"):
+        check_reachable(uri)
+        self.uri, self.run_name, self.data, self.experiment = uri, run_name, data or {}, experiment
+        self.run_id = None
+
+    def on_train_start(self, state):
+        c = _client(self.uri)
+        exp = ensure_experiment(self.uri, self.experiment)
+        self.run_id = c.create_run(exp, run_name=self.run_name, tags={"bitsearch.kind": "baseline"}).info.run_id
+        for k, v in _flat_params({**state["config"].to_dict(), "data": self.data}).items():
+            c.log_param(self.run_id, k, v[:6000])
+
+    def on_epoch_start(self, epoch, model): ...
+    def on_batch_end(self, *a): ...
+
+    def on_epoch_end(self, epoch, m, state):
+        try:
+            c = _client(self.uri)
+            for k, v in _numeric(m).items():
+                c.log_metric(self.run_id, k, v, step=int(m["epoch"]))
+        except Exception as e:  # the run goes on; the checkpoint is the source of truth
+            warnings.warn(f"MLflow logging failed: {e}")
+
+    def on_train_end(self, result):
+        c = _client(self.uri)
+        for k in ("top1", "train_top1"):
+            if result.get(k) is not None:
+                c.log_metric(self.run_id, f"final_{k}", float(result[k]))
+        for p in (result.get("reports") or {}).values():
+            c.log_artifact(self.run_id, p)
+        if result.get("checkpoint"):
+            c.log_artifact(self.run_id, result["checkpoint"])
+        c.set_terminated(self.run_id)

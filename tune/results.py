@@ -1,0 +1,166 @@
+"""Results of an experiment directory: table like the reference's, Pareto front, plots, MLflow sync.
+
+Reads Ray Tune's per-trial files (``<trial>/params.json`` and ``<trial>/result.json``, one JSON
+line per report) directly, so it needs neither a running Ray nor MLflow.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs", "Accuracy", "Val_Acc", "Drop",
+           "Orig_MB", "Comp_MB", "Ratio", "Weight_ratio", "Act_ratio", "status"]
+
+
+def load_trials(path: str | Path) -> list[dict[str, Any]]:
+    """One dict per trial: its config, every report, and the final one."""
+    out = []
+    for d in sorted(Path(path).iterdir()):
+        pf, rf = d / "params.json", d / "result.json"
+        if not d.is_dir() or not pf.is_file():
+            continue
+        params = json.loads(pf.read_text())
+        reports = [json.loads(line) for line in rf.read_text().splitlines() if line.strip()] if rf.is_file() else []
+        final = next((r for r in reversed(reports) if r.get("done")), None)
+        ck = sorted(d.glob("checkpoint_*"))
+        out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
+                    "config": {k: v for k, v in params.items() if k != "_s"}, "reports": reports, "final": final,
+                    "checkpoint": str(ck[-1]) if ck else None})
+    return out
+
+
+def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for t in trials:
+        c, f = t["config"], t["final"] or {}
+        blocks = {k: v for k, v in c.items() if k.startswith("w_bits_b")}
+        w = c.get("w_bits", "mixed" if blocks else None)
+        if blocks:
+            w = f"mixed {min(blocks.values())}-{max(blocks.values())}"
+        status = "done" if t["final"] else ("stopped" if t["reports"] else "no result")
+        if f.get("over_budget"):
+            status = "over budget"
+        rows.append({"trial_id": t["trial_id"], "W_bits": w, "A_bits": c.get("a_bits"), "method": c.get("method", "ptq"),
+                     "granularity": c.get("granularity", "per_channel"), "lr": c.get("qat_lr"),
+                     "qat_epochs": c.get("qat_epochs"), "Accuracy": f.get("test_top1"), "Val_Acc": f.get("val_top1"),
+                     "Drop": f.get("drop"), "Orig_MB": f.get("orig_mb"), "Comp_MB": f.get("comp_mb"),
+                     "Ratio": f.get("ratio"), "Weight_ratio": f.get("weight_ratio"), "Act_ratio": f.get("act_ratio"),
+                     "status": status, **{k: v for k, v in sorted(blocks.items())}})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    return df
+
+
+def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") -> pd.DataFrame:
+    """Trials not dominated in (higher accuracy, smaller size)."""
+    d = df[(df["status"] == "done") & df[acc].notna() & df[size].notna()]
+    keep = []
+    for i, r in d.iterrows():
+        dominated = ((d[acc] >= r[acc]) & (d[size] <= r[size]) & ((d[acc] > r[acc]) | (d[size] < r[size]))).any()
+        if not dominated:
+            keep.append(i)
+    return d.loc[keep].sort_values(size)
+
+
+def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    done = df[df["status"] == "done"]
+    if done.empty:
+        return files
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(done["Comp_MB"], done["Val_Acc"], c="tab:blue", label="trials")
+    ax.plot(front["Comp_MB"], front["Val_Acc"], "o-", c="tab:red", label="Pareto front")
+    ax.set(xlabel="compressed size (MB)", ylabel="validation top-1 (%)", title="Accuracy vs size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    files["pareto_png"] = str(out / "pareto.png")
+    fig.savefig(files["pareto_png"], dpi=110)
+    plt.close(fig)
+
+    cols = [c for c in ("A_bits", "lr", "qat_epochs", "Comp_MB", "Ratio", "Val_Acc", "Accuracy") if done[c].notna().any()]
+    wb = pd.to_numeric(done["W_bits"], errors="coerce")
+    num = pd.concat([wb.rename("W_bits"), done[cols].apply(pd.to_numeric, errors="coerce")], axis=1)
+    num = num.loc[:, num.notna().any()]
+    norm = (num - num.min()) / (num.max() - num.min()).replace(0, 1)
+    fig, ax = plt.subplots(figsize=(1.4 * len(num.columns) + 2, 4))
+    cmap = plt.get_cmap("viridis")
+    accn = norm["Val_Acc"].fillna(0) if "Val_Acc" in norm else pd.Series(0, index=norm.index)
+    for i in norm.index:
+        ax.plot(range(len(num.columns)), norm.loc[i].fillna(0.5), c=cmap(float(accn.loc[i])), alpha=0.8)
+    ax.set_xticks(range(len(num.columns)), num.columns)
+    ax.set_yticks([])
+    for j, c in enumerate(num.columns):
+        ax.text(j, -0.06, f"{num[c].min():.3g}", ha="center", va="top", fontsize=7)
+        ax.text(j, 1.04, f"{num[c].max():.3g}", ha="center", va="bottom", fontsize=7)
+    ax.set_title("Parallel coordinates (colour = validation accuracy)", pad=18)
+    fig.tight_layout()
+    files["parallel_png"] = str(out / "parallel.png")
+    fig.savefig(files["parallel_png"], dpi=110)
+    plt.close(fig)
+    try:
+        import plotly.express as px
+        p = px.parallel_coordinates(num.reset_index(drop=True), color="Val_Acc" if "Val_Acc" in num else None)
+        files["parallel_html"] = str(out / "parallel.html")
+        p.write_html(files["parallel_html"], include_plotlyjs="cdn")
+    except ImportError:
+        pass
+    return files
+
+
+def write_report(path: str | Path) -> dict[str, Any]:
+    """results.csv, results.md, pareto.png, parallel.png (+ .html), results.json in the experiment dir."""
+    path = Path(path)
+    trials = load_trials(path)
+    df = table(trials)
+    front = pareto_front(df) if not df.empty else df
+    files = {"csv": str(path / "results.csv"), "markdown": str(path / "results.md"), "json": str(path / "results.json")}
+    df.to_csv(files["csv"], index=False)
+    fmt = df.copy()
+    md = ["# Search results", "", f"Experiment: `{path}`", "",
+          "Accuracy = test top-1 (%), Val_Acc = validation top-1 (%, the search objective), sizes in MB (10^6 bytes).",
+          "", fmt.to_markdown(index=False, floatfmt=".3f") if not fmt.empty else "(no trials)", "",
+          "## Pareto front (validation accuracy vs compressed size)", "",
+          front.to_markdown(index=False, floatfmt=".3f") if not front.empty else "(none)", ""]
+    Path(files["markdown"]).write_text("\n".join(md))
+    files.update(_plots(df, front, path))
+    trials_out = [{**{k: (None if pd.isna(v) else v) for k, v in r.items()}} for r in df.to_dict("records")]
+    done = df[df["status"] == "done"]
+    best = done.sort_values("Val_Acc", ascending=False).head(1).to_dict("records")
+    summary = {"experiment": str(path), "trials": trials_out, "best": best[0] if best else None,
+               "pareto": front.to_dict("records"), "files": files}
+    Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def sync(path: str | Path) -> dict[str, int]:
+    """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
+    from mlflow_server.logging import SearchLogger, default_tracking_uri
+    from tune.search import SETTINGS_FILE, settings_from
+
+    path = Path(path).resolve()
+    s = settings_from(json.loads((path / SETTINGS_FILE).read_text()))
+    lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, str(path))
+    written = 0
+    for t in load_trials(path):
+        if not t["final"]:
+            continue
+        rid = lg.child_run(t["trial_id"], t["trial_id"])
+        from mlflow.tracking import MlflowClient
+        run = MlflowClient(lg.uri).get_run(rid)
+        if run.data.tags.get("bitsearch.complete") == "1":
+            continue
+        lg.log_trial_params(rid, t["config"])
+        for r in t["reports"]:
+            lg.log_metrics(rid, r, int(r.get("training_iteration", 0)))
+        lg.finish_trial(rid, t["final"], t["checkpoint"])
+        written += 1
+    return {"written": written}

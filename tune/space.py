@@ -1,0 +1,132 @@
+"""Search spaces: YAML bounds -> a define-by-run function for OptunaSearch; trial config -> QuantConfig.
+
+A space is a mapping of parameter -> spec::
+
+    w_bits: [2, 8]                 # integer range (inclusive)
+    a_bits: [4, 8]
+    qat_lr: {low: 1e-4, high: 0.1, log: true}
+    qat_epochs: [1, 3]
+    method: [ptq, qat, lsq]        # a list of strings = categorical
+    granularity: [per_channel, per_tensor]
+    block_w_bits: [2, 8]           # mixed precision: one weight bit-width per inverted-residual block
+
+A fixed value (``method: qat``) is a constant. Unknown keys, empty spaces and bits outside 2..8 are
+errors (SpaceError), raised before Ray starts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from quantization import QuantConfig
+
+NUM_BLOCKS = 17
+INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
+FLOAT_KEYS = {"qat_lr"}
+CAT_KEYS = {"method": ("ptq", "qat", "lsq"), "granularity": ("per_channel", "per_tensor")}
+KNOWN = INT_KEYS | FLOAT_KEYS | set(CAT_KEYS)
+
+
+class SpaceError(ValueError):
+    pass
+
+
+def _num_range(key: str, spec: Any) -> tuple[float, float, bool]:
+    if isinstance(spec, dict):
+        lo, hi, log = spec.get("low"), spec.get("high"), bool(spec.get("log", key in FLOAT_KEYS))
+    elif isinstance(spec, (list, tuple)) and len(spec) == 2:
+        (lo, hi), log = spec, key in FLOAT_KEYS
+    else:
+        lo = hi = spec
+        log = False
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise SpaceError(f"space.{key}={spec!r} is invalid: give [low, high] numbers") from None
+    if lo > hi:
+        raise SpaceError(f"space.{key}={spec!r} is empty: low > high")
+    return lo, hi, log
+
+
+def validate_space(space: dict[str, Any]) -> dict[str, Any]:
+    """Check bounds; return the normalised space."""
+    if not isinstance(space, dict) or not space:
+        raise SpaceError("the search space is empty: give at least one of " + ", ".join(sorted(KNOWN)))
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if key not in KNOWN:
+            raise SpaceError(f"unknown search parameter {key!r}; allowed: {', '.join(sorted(KNOWN))}")
+        if key in CAT_KEYS:
+            vals = [spec] if isinstance(spec, str) else list(spec or [])
+            if not vals:
+                raise SpaceError(f"space.{key} is empty: allowed values {', '.join(CAT_KEYS[key])}")
+            vals = [str(v).replace("-", "_") for v in vals]
+            bad = [v for v in vals if v not in CAT_KEYS[key]]
+            if bad:
+                raise SpaceError(f"space.{key} has {bad[0]!r}: allowed {', '.join(CAT_KEYS[key])}")
+            out[key] = vals
+            continue
+        lo, hi, log = _num_range(key, spec)
+        if key in INT_KEYS:
+            if not (lo.is_integer() and hi.is_integer()):
+                raise SpaceError(f"space.{key}={spec!r} is invalid: integers expected")
+            if key.endswith("bits") and not (2 <= lo and hi <= 8):
+                raise SpaceError(f"space.{key}={spec!r} is out of range: bits must lie in 2..8")
+            if key == "qat_epochs" and lo < 1:
+                raise SpaceError(f"space.qat_epochs={spec!r} is invalid: at least 1")
+            out[key] = (int(lo), int(hi))
+        else:
+            if lo <= 0:
+                raise SpaceError(f"space.{key}={spec!r} is invalid: must be > 0")
+            out[key] = {"low": lo, "high": hi, "log": log}
+    return out
+
+
+class DefineByRun:
+    """Picklable define-by-run space for OptunaSearch (the study is saved with the experiment)."""
+
+    def __init__(self, space: dict[str, Any]):
+        self.space = validate_space(space)
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        s = self.space
+        for key, spec in s.items():
+            if key == "block_w_bits":
+                for i in range(NUM_BLOCKS):
+                    trial.suggest_int(f"w_bits_b{i:02d}", spec[0], spec[1])
+            elif key in CAT_KEYS:
+                trial.suggest_categorical(key, spec)
+            elif key in INT_KEYS:
+                trial.suggest_int(key, spec[0], spec[1])
+            else:
+                trial.suggest_float(key, spec["low"], spec["high"], log=spec["log"])
+        return None
+
+
+def smallest_bits(space: dict[str, Any]) -> dict[str, Any]:
+    """The configuration of the smallest model the space allows (for the size-budget check)."""
+    s = validate_space(space)
+    out: dict[str, Any] = {}
+    if "w_bits" in s:
+        out["w_bits"] = s["w_bits"][0]
+    if "a_bits" in s:
+        out["a_bits"] = s["a_bits"][0]
+    if "block_w_bits" in s:
+        out.update({f"w_bits_b{i:02d}": s["block_w_bits"][0] for i in range(NUM_BLOCKS)})
+    if "granularity" in s and "per_tensor" in s["granularity"]:
+        out["granularity"] = "per_tensor"
+    return out
+
+
+def quant_config(trial_cfg: dict[str, Any], base: dict[str, Any]) -> QuantConfig:
+    """Map a trial's config (flat keys) onto a QuantConfig; ``base`` holds the fixed settings."""
+    d = dict(base)
+    for k in ("w_bits", "a_bits", "method"):
+        if k in trial_cfg:
+            d[k] = trial_cfg[k]
+    if "granularity" in trial_cfg:
+        d["w_granularity"] = trial_cfg["granularity"]
+    blocks = sorted(k for k in trial_cfg if k.startswith("w_bits_b"))
+    if blocks:
+        d["overrides"] = list(d.get("overrides", [])) + [
+            {"pattern": f"blocks.{int(k[len('w_bits_b'):])}.*", "w_bits": trial_cfg[k]} for k in blocks]
+    return QuantConfig.from_dict(d)

@@ -1,0 +1,130 @@
+"""The trial: a plain function of its config dict, run by Ray Tune on a worker.
+
+config = the searched keys (w_bits, a_bits, method, qat_lr, qat_epochs, granularity, w_bits_bNN)
+plus ``_s``, the fixed settings of the search (baseline path, data, budget, ...).
+
+It loads the FP32 baseline and the data once per worker process, prepares the quantized model,
+calibrates, fine-tunes (QAT/LSQ) while reporting every epoch to Ray Tune with a checkpoint, then
+reports the final metrics with a checkpoint holding the packed model. Restarted from a checkpoint
+(FailureConfig retry or `bitsearch resume`), it continues the fine-tuning where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from tune.space import quant_config
+
+FINAL_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio", "act_ratio",
+              "quantized_fraction", "metadata_overhead")
+
+
+@functools.lru_cache(maxsize=2)
+def _baseline(path: str):
+    from tune.pipeline import load_baseline
+    return load_baseline(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _data(path: str, subset: int, val_size: int, seed: int):
+    from trainer import load_dataset
+    return load_dataset(path, subset=subset, val_size=val_size, seed=seed, download=False)
+
+
+def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float:
+    """Single-objective score: validation top-1 if the model fits the budget, else a penalty below
+    any real accuracy that shrinks as the model approaches the budget."""
+    if budget_mb is None or comp_mb <= budget_mb:
+        return val_top1
+    return -100.0 * (comp_mb / budget_mb - 1.0)
+
+
+class _Reporter:
+    """trainer Callback: one tune.report per fine-tuning epoch, with the trainer checkpoint."""
+
+    def __init__(self, ckpt_dir: Path, comp_mb: float, budget: float | None):
+        self.ckpt_dir, self.comp_mb, self.budget = ckpt_dir, comp_mb, budget
+
+    def on_train_start(self, state): ...
+    def on_epoch_start(self, epoch, model): ...
+    def on_batch_end(self, *a): ...
+    def on_train_end(self, result): ...
+
+    def on_epoch_end(self, epoch, m, state):
+        val = m.get("val_top1", 0.0)
+        metrics = {"epoch": m["epoch"], "train_loss": m["train_loss"], "train_top1": m["train_top1"],
+                   "val_top1": val, "comp_mb": self.comp_mb, "objective": objective(val, self.comp_mb, self.budget),
+                   "done": False}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    import torch
+
+    from quantization import prepare
+    from quantization.packing import convert, size_report
+    from tune.pipeline import public, quantize_model, write_result
+
+    s = config["_s"]
+    torch.set_num_threads(max(1, int(s.get("cpus_per_trial", 1))))
+    fp32, ck = _baseline(s["baseline"])
+    data = _data(s["data"], s["subset"], s["val_size"], s["seed"])
+    qcfg = quant_config({k: v for k, v in config.items() if k != "_s"}, s["quant_base"])
+    method_trains = qcfg.method in ("qat", "lsq")
+    qat_epochs = int(config.get("qat_epochs", s.get("qat_epochs", 1))) if method_trains else 0
+    qat_lr = float(config.get("qat_lr", s.get("qat_lr", 0.01)))
+    budget = s.get("size_budget_mb")
+
+    work = Path(tune.get_context().get_trial_dir()) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    comp_mb = size_report(convert(prepare(fp32, qcfg)), fp32)["comp_mb"]  # size depends on the config only
+    if budget is not None and comp_mb > budget:
+        tune.report({"objective": objective(0.0, comp_mb, budget), "comp_mb": comp_mb, "val_top1": 0.0,
+                     "over_budget": True, "done": True})
+        return
+
+    resume = False
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            if (Path(d) / "checkpoint.pt").exists():
+                (work / "qat").mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(d) / "checkpoint.pt", work / "qat" / "checkpoint.pt")
+                resume = True
+    fail_marker = work / "failed-once"
+    callbacks: list = [_Reporter(work / "qat", comp_mb, budget)]
+    if s.get("fail_once_after_epoch") and not fail_marker.exists():
+        callbacks.append(_FailOnce(int(s["fail_once_after_epoch"]), fail_marker))
+    res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=s["batch_size"],
+                         seed=s["seed"], device=s.get("device", "auto"), out_dir=work, callbacks=callbacks,
+                         resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.get("fp32_top1"),
+                         model_meta=ck["meta"])
+    write_result(work / "final", res)
+    pub = public(res)
+    metrics = {k: pub[k] for k in FINAL_KEYS if pub.get(k) is not None}
+    metrics.update(test_top1=pub["top1"], objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
+                   resumed=resume, done=True, epoch=qat_epochs)
+    (work / "final" / "metrics.json").write_text(json.dumps(metrics))
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))
+
+
+class _FailOnce:
+    """Test hook (settings fail_once_after_epoch): crash once after that epoch's checkpoint."""
+
+    def __init__(self, epoch: int, marker: Path):
+        self.epoch, self.marker = epoch, marker
+
+    def on_train_start(self, state): ...
+    def on_epoch_start(self, epoch, model): ...
+    def on_batch_end(self, *a): ...
+    def on_train_end(self, result): ...
+
+    def on_epoch_end(self, epoch, m, state):
+        if epoch + 1 == self.epoch:
+            self.marker.write_text("x")
+            raise RuntimeError("injected failure (fail_once_after_epoch)")

@@ -370,7 +370,7 @@ def _print_table(summary: dict) -> None:
 
 
 def cmd_search(args) -> int:
-    from tune.search import SearchConfigError, run, settings_from
+    from tune.search import SearchConfigError, run, settings_from, validate
     section = load_profile(None, args.config).get(args.mode if args.mode == "sweep" else "search", {}) if args.config else {}
     if not isinstance(section, dict):
         raise UserError(f"the {args.mode} section of {args.config} must be a mapping")
@@ -388,7 +388,7 @@ def cmd_search(args) -> int:
         d["grid"] = grid
     writable_dir(args.out)
     try:
-        s = settings_from(d)
+        s = validate(settings_from(d))
         stderr_console().print(f"{args.mode}: experiment {s.path}")
         summary = run(s)
     except SearchConfigError as e:

@@ -1,0 +1,207 @@
+"""The search service end to end: real Ray (one local instance for the module), a real MLflow server
+started with `bitsearch server`, tiny synthetic data, a narrow model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from bitsearch.cli import main
+from conftest import make_tree
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "server", "--root", str(root), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    line = proc.stdout.readline()  # printed once /health answers
+    assert "MLflow UI: http://127.0.0.1:" in line, line
+    yield f"http://127.0.0.1:{port}"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    tree = make_tree(root / "tiny", n_train=20, n_test=6)
+    assert main(["train", "--data", str(tree), "--out", str(root / "base"), "--epochs", "2", "--width", "0.25",
+                 "--batch-size", "16", "--lr", "0.05", "--val-size", "9", "--device", "cpu", "--no-download"]) == 0
+    return tree, root / "base" / "checkpoint.pt"
+
+
+def _settings(baseline, out, **kw):
+    from tune.search import settings_from
+    tree, ck = baseline
+    d = dict(baseline=str(ck), data=str(tree), out=str(out), batch_size=16, device="cpu", max_concurrent=2,
+             num_samples=4, space={"w_bits": [2, 8], "a_bits": [4, 8], "method": ["ptq"]})
+    d.update(kw)
+    return settings_from(d)
+
+
+def _api(server, endpoint, **payload):
+    r = requests.post(f"{server}/api/2.0/mlflow/{endpoint}", json=payload, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _runs(server, exp_id):
+    return _api(server, "runs/search", experiment_ids=[exp_id], max_results=100).get("runs", [])
+
+
+def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, baseline, tmp_path):
+    from tune.search import run
+    s = _settings(baseline, tmp_path, name="s4", tracking_uri=server, experiment="srv-search",
+                  space={"w_bits": [2, 8], "a_bits": [4, 8], "method": ["ptq", "qat"], "qat_lr": [1e-3, 1e-1]},
+                  qat_epochs=1)
+    summary = run(s)
+    assert len(summary["trials"]) == 4 and all(t["status"] == "done" for t in summary["trials"])
+    exp = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "srv-search"},
+                       timeout=30).json()["experiment"]
+    runs = _runs(server, exp["experiment_id"])
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags) if t.get("bitsearch.kind") == "search"]
+    children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parents[0]["info"]["run_id"]]
+    assert len(parents) == 1 and len(children) == 4
+    for c in children:
+        params = {p["key"]: p["value"] for p in c["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in c["data"]["metrics"]}
+        assert {"w_bits", "a_bits", "method"} <= set(params)
+        assert {"val_top1", "comp_mb", "ratio", "objective"} <= set(metrics)
+        assert c["info"]["status"] == "FINISHED"
+        arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
+                            params={"run_id": c["info"]["run_id"], "path": "trial"}, timeout=30).json()
+        names = {Path(f["path"]).name for f in arts.get("files", [])}
+        assert "model.bsq" in names and "quantize.json" in names
+    parent_arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
+                               params={"run_id": parents[0]["info"]["run_id"]}, timeout=30).json()
+    assert "results.csv" in {Path(f["path"]).name for f in parent_arts.get("files", [])}
+    # the report
+    p = Path(summary["experiment"])
+    for f in ("results.csv", "results.md", "pareto.png", "parallel.png"):
+        assert (p / f).stat().st_size > 0
+    assert summary["best"] is not None and summary["pareto"]
+
+
+def test_grid_sweep_two_trials(ray_session, baseline, tmp_path):
+    from tune.search import run
+    s = _settings(baseline, tmp_path, name="sw", mode="sweep", grid={"w_bits": [8, 4], "a_bits": [8]})
+    summary = run(s)
+    got = sorted((t["W_bits"], t["A_bits"]) for t in summary["trials"])
+    assert got == [(4, 8), (8, 8)]
+    sizes = {t["W_bits"]: t["Comp_MB"] for t in summary["trials"]}
+    assert sizes[4] < sizes[8]
+
+
+def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
+    from tune.search import run
+    s = _settings(baseline, tmp_path, name="mo", objectives="multi", num_samples=3)
+    summary = run(s)
+    assert len(summary["trials"]) == 3 and len(summary["pareto"]) >= 1
+    front_sizes = [p["Comp_MB"] for p in summary["pareto"]]
+    assert min(t["Comp_MB"] for t in summary["trials"]) == min(front_sizes)  # the smallest model is never dominated
+
+
+def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp_path):
+    from tune.search import run
+    s = _settings(baseline, tmp_path, name="retry", num_samples=1, max_concurrent=1, fail_once_after_epoch=1,
+                  space={"w_bits": [4, 4], "method": ["qat"]}, qat_epochs=2)
+    summary = run(s)
+    t = summary["trials"][0]
+    assert t["status"] == "done"
+    res = [json.loads(x) for x in (Path(summary["experiment"]) / t["trial_id"] / "result.json").read_text().splitlines()]
+    final = res[-1]
+    assert final["done"] and final["resumed"] is True  # restarted from the epoch-1 checkpoint
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"space": {}}, "search space is empty"),
+    ({"space": {"w_bits": [1, 8]}}, "bits must lie in 2..8"),
+    ({"space": {"colour": [1, 2]}}, "unknown search parameter"),
+    ({"metric": "loss"}, "metric='loss' is unknown"),
+    ({"size_budget_mb": 0.001}, "below the smallest model"),
+    ({"mode": "sweep", "grid": {"w_bits": []}}, "grid.w_bits"),
+])
+def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
+    import tune.search as ts
+    monkeypatch.setattr(ts, "_init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    tree, ck = baseline
+    cfg = tmp_path / "c.yaml"
+    import yaml
+    section = "sweep" if kw.get("mode") == "sweep" else "search"
+    kw = {k: v for k, v in kw.items() if k != "mode"}
+    cfg.write_text(yaml.safe_dump({section: kw}))
+    code = main([section, "--baseline", str(ck), "--data", str(tree), "--out", str(tmp_path), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unreachable_tracking_server_is_a_clear_error(baseline, tmp_path, capsys):
+    tree, ck = baseline
+    code = main(["search", "--baseline", str(ck), "--data", str(tree), "--out", str(tmp_path),
+                 "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreachable" in err
+
+
+def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, server, baseline, tmp_path):
+    """Kill the search driver after its first trial finishes; resume; 4 trials, no duplicate runs."""
+    from tune.search import resume
+    tree, ck = baseline
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"search": {"space": {"w_bits": [2, 8], "a_bits": [4, 8], "method": ["qat"]},
+                                          "qat_epochs": 2, "num_samples": 4, "max_concurrent": 1,
+                                          "experiment": "srv-resume"}}))
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
+                             "--out", str(tmp_path), "--name", "kr", "--config", str(cfg), "--batch-size", "16",
+                             "--device", "cpu", "--tracking-uri", server], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    exp = tmp_path / "kr"
+    first = None
+    deadline = time.time() + 240
+    while time.time() < deadline and first is None:
+        for rf in exp.glob("*/result.json"):
+            lines = rf.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("done"):
+                first = rf
+        time.sleep(0.5)
+    assert first is not None, "no trial finished in time"
+    time.sleep(1.5)  # let the driver save its experiment state
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_reports = first.read_text()
+    summary = resume(exp)
+    assert len(summary["trials"]) == 4 and all(t["status"] == "done" for t in summary["trials"])
+    assert first.read_text() == first_reports  # the finished trial was not rerun
+    exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
+                          params={"experiment_name": "srv-resume"}, timeout=30).json()["experiment"]["experiment_id"]
+    runs = _runs(server, exp_id)
+    trial_ids = [t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "bitsearch.trial_id"]
+    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4

@@ -16,13 +16,14 @@ $(BIN)/bitsearch: pyproject.toml
 venv: $(BIN)/bitsearch
 
 demo: venv
-	$(BIN)/bitsearch train --profile quick --data $(DATA) --out $(OUT)/baseline
+	test -f $(OUT)/baseline/checkpoint.pt || $(BIN)/bitsearch train --profile quick --data $(DATA) --out $(OUT)/baseline
+	$(BIN)/bitsearch search --config configs/quick.yaml --baseline $(OUT)/baseline/checkpoint.pt --data $(DATA) --out $(OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python bench/pipeline.py --data $(DATA)
+	$(BIN)/python bench/throughput.py --data $(DATA) --out docs/bench/throughput-cpu.json
 
 clean:
 	rm -rf $(VENV) runs

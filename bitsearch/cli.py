@@ -159,8 +159,8 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from trainer import TrainConfig, count_params, load_checkpoint, load_dataset, model_meta, train
-    from trainer.model import MobileNetV2
+    from trainer import TrainConfig, load_checkpoint
+    from trainer.baseline import fit_baseline
 
     out = writable_dir(args.out)
     base = load_profile(args.profile, args.config).get("train", {})
@@ -168,28 +168,18 @@ def cmd_train(args) -> int:
         base = {**load_checkpoint(out / "checkpoint.pt")["config"], **base}
     cfg = TrainConfig.from_dict({**base, **_explicit(args, TRAIN_FLAGS)})
     con = stderr_console()
-    data = load_dataset(args.data, subset=cfg.subset, val_size=cfg.val_size, seed=cfg.seed,
-                        download=not args.no_download, progress=lambda s: con.print(s))
-    model = MobileNetV2(num_classes=data.num_classes, width=cfg.width, dropout=cfg.dropout)
-    params = count_params(model)
-    con.print(f"MobileNet-v2 width {cfg.width}: {params:,} params; data {data.summary()}")
     callbacks: list = [RichProgress()]
     if args.tracking_uri:
         from mlflow_server.logging import TrainRunLogger
-        callbacks.append(TrainRunLogger(args.tracking_uri, run_name=f"baseline-{out.name}", data=data.summary()))
-    res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=args.resume,
-                meta={**model_meta(model), "data": data.summary()})
-    result = {"params": params, "epochs": cfg.epochs, "top1": round(res["top1"], 2),
-              "train_top1": None if res["train_top1"] is None else round(res["train_top1"], 2),
-              "val_top1": None if res["val_top1"] is None else round(res["val_top1"], 2),
-              "checkpoint": res["checkpoint"], "out_dir": str(out), "reports": res.get("reports", {}),
-              "config": cfg.to_dict()}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+        callbacks.append(TrainRunLogger(args.tracking_uri, run_name=f"baseline-{out.name}"))
+    result = fit_baseline(args.data, out, cfg, download=not args.no_download, callbacks=callbacks, resume=args.resume,
+                          progress=lambda s: con.print(s))
+    result.pop("history")
 
     def human():
-        print(f"test top-1 {result['top1']:.2f}%  (train {result['train_top1']}%, {params:,} params, "
+        print(f"test top-1 {result['top1']:.2f}%  (train {result['train_top1']}%, {result['params']:,} params, "
               f"{cfg.epochs} epochs)")
-        print(f"checkpoint {res['checkpoint']}; curves, confusion matrix, summary in {out}")
+        print(f"checkpoint {result['checkpoint']}; curves, confusion matrix, summary in {out}")
     emit(result, args.json, human)
     return 0
 
@@ -498,6 +488,35 @@ def cmd_ui(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# study
+
+def add_study(sub) -> None:
+    p = sub.add_parser("study", help="the whole study: baseline, sweep, searches, REPORT.md (resumable)")
+    p.add_argument("--config", required=True, help="configs/quick.yaml (2-core CPU, minutes) or configs/seed.yaml (GPU)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--stages", default="baseline,sweep,search,mixed", help="comma list of stages to run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args) -> int:
+    from tune.search import SearchConfigError
+    from tune.study import StudyError, run_study
+    cfg = load_profile(None, args.config)
+    writable_dir(args.out)
+    con = stderr_console()
+    try:
+        res = run_study(cfg, str(Path(args.data).resolve()) if Path(args.data).exists() else args.data, args.out,
+                        stages=[s.strip() for s in args.stages.split(",") if s.strip()],
+                        log=lambda m: con.print(f"[bold]study[/bold] {m}"), callbacks=[RichProgress("baseline")])
+    except (SearchConfigError, StudyError) as e:
+        raise UserError(str(e)) from None
+    emit(res, args.json, lambda: print(f"report: {res['report']} (HTML: {res['report_html']})"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub)
     add_search(sub)
     add_server(sub)
+    add_study(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p

@@ -138,16 +138,16 @@ class SearchLogger:
 class TrainRunLogger:
     """trainer Callback: the baseline training as an MLflow run (params, per-epoch metrics, reports)."""
 
-    def __init__(self, uri: str, run_name: str, data: dict | None = None, experiment: str = "bitsearch-baselines"):
+    def __init__(self, uri: str, run_name: str, experiment: str = "bitsearch-baselines"):
         check_reachable(uri)
-        self.uri, self.run_name, self.data, self.experiment = uri, run_name, data or {}, experiment
+        self.uri, self.run_name, self.experiment = uri, run_name, experiment
         self.run_id = None
 
     def on_train_start(self, state):
         c = _client(self.uri)
         exp = ensure_experiment(self.uri, self.experiment)
         self.run_id = c.create_run(exp, run_name=self.run_name, tags={"bitsearch.kind": "baseline"}).info.run_id
-        for k, v in _flat_params({**state["config"].to_dict(), "data": self.data}).items():
+        for k, v in _flat_params({**state["config"].to_dict(), "data": state.get("data", {})}).items():
             c.log_param(self.run_id, k, v[:6000])
 
     def on_epoch_start(self, epoch, model): ...

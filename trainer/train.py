@@ -167,7 +167,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     amp = cfg.amp and device.type == "cuda"
     state = {"model": model, "optimizer": opt, "device": device, "config": cfg, "steps_per_epoch": steps,
-             "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history}
+             "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history,
+             "data": data.summary()}
     for cb in callbacks:
         cb.on_train_start(state)
     if out:

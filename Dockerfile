@@ -1,0 +1,13 @@
+# bitsearch application image: the CLI, Ray and the MLflow client/server.
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY bitsearch bitsearch
+COPY trainer trainer
+COPY quantization quantization
+COPY tune tune
+COPY mlflow_server mlflow_server
+COPY configs configs
+RUN pip install --no-cache-dir -e . psycopg2-binary==2.9.11 boto3==1.40.0
+ENTRYPOINT ["bitsearch"]

@@ -1,0 +1,120 @@
+"""Throughput benchmarks (not tests). Prints a JSON object and writes it to --out.
+
+1. Training images/s: the in-memory tensor pipeline (trainer.GpuLoader) vs a seed-style
+   torchvision DataLoader with PIL transforms (RandomCrop(32, 4) + flip + ToTensor + Normalize,
+   2 workers), same model, same steps.
+2. Training step time with fake-quant (W4A4 QAT) vs FP32.
+3. Eval images/s fake-quant vs FP32.
+
+    python bench/throughput.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _steps(model, batches, device, steps, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    it = iter(batches)
+    n, t0 = 0, None
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 0
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return n / dt, dt / steps
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench/throughput.json")
+    a = ap.parse_args()
+
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from quantization import QuantConfig, calibrate, prepare
+    from trainer import CIFAR10_MEAN, CIFAR10_STD, GpuLoader, MobileNetV2, load_dataset, resolve_device
+    from trainer.train import evaluate
+
+    dev = resolve_device(a.device)
+    data = load_dataset(a.data, download=False)
+    res = {"device": str(dev), "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "width": a.width, "batch_size": a.batch_size, "steps": a.steps, "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d")}
+
+    # 1. pipelines
+    torch.manual_seed(0)
+    model = MobileNetV2(width=a.width).to(dev)
+    tensor_loader = GpuLoader(data.train_x.to(dev), data.train_y.to(dev), a.batch_size, train=True)
+    res["tensor_pipeline_img_s"], _ = _steps(model, _forever(tensor_loader), dev, a.steps)
+
+    class PilSet(torch.utils.data.Dataset):
+        tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+        def __len__(self):
+            return len(data.train_y)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(data.train_x[i].permute(1, 2, 0).numpy())), int(data.train_y[i])
+
+    dl = torch.utils.data.DataLoader(PilSet(), batch_size=a.batch_size, shuffle=True, num_workers=2,
+                                     pin_memory=dev.type == "cuda", persistent_workers=True)
+    res["dataloader_img_s"], _ = _steps(model, _forever(dl), dev, a.steps)
+    res["pipeline_speedup"] = res["tensor_pipeline_img_s"] / res["dataloader_img_s"]
+
+    # 2. fake-quant training step vs FP32 (same data path)
+    torch.manual_seed(0)
+    fp = MobileNetV2(width=a.width).to(dev)
+    _, res["fp32_step_s"] = _steps(fp, _forever(tensor_loader), dev, a.steps)
+    q = prepare(fp, QuantConfig(w_bits=4, a_bits=4, method="qat")).to(dev)
+    calibrate(q, (x for x, _ in _forever(GpuLoader(data.train_x[:1024].to(dev), data.train_y[:1024].to(dev),
+                                                   a.batch_size, train=False))), 4)
+    _, res["fakequant_step_s"] = _steps(q, _forever(tensor_loader), dev, a.steps)
+    res["fakequant_step_overhead"] = res["fakequant_step_s"] / res["fp32_step_s"]
+
+    # 3. eval throughput
+    n = min(len(data.test_y), 2000 if dev.type == "cpu" else 10000)
+    for name, m in (("fp32", fp), ("fakequant", q)):
+        m.eval()
+        evaluate(m, data.test_x[:200], data.test_y[:200], device=dev)
+        t0 = time.perf_counter()
+        evaluate(m, data.test_x[:n], data.test_y[:n], device=dev)
+        res[f"{name}_eval_img_s"] = n / (time.perf_counter() - t0)
+    print(json.dumps(res))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

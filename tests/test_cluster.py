@@ -1,0 +1,63 @@
+"""A search against a 2-node local Ray cluster: `ray start --head` plus a second `ray start --address`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tree
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port = _port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
+                   check=True, capture_output=True, env=env)
+    try:
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True,
+                       env=env)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+
+
+def test_search_on_two_node_cluster(cluster, tmp_path):
+    import ray
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already attached to this process")
+    tree = make_tree(tmp_path / "tiny", n_train=20, n_test=6)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    base = subprocess.run([sys.executable, "-m", "bitsearch", "train", "--data", str(tree), "--out", str(tmp_path / "b"),
+                           "--epochs", "1", "--width", "0.25", "--batch-size", "16", "--val-size", "9", "--device", "cpu",
+                           "--no-download"], capture_output=True, text=True, env=env)
+    assert base.returncode == 0, base.stderr
+    r = subprocess.run([sys.executable, "-m", "bitsearch", "sweep", "--baseline", str(tmp_path / "b" / "checkpoint.pt"),
+                        "--data", str(tree), "--out", str(tmp_path / "runs"), "--w-bits", "8,4", "--a-bits", "8",
+                        "--max-concurrent", "2", "--batch-size", "16", "--device", "cpu", "--address", cluster, "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res["trials"]) == 2 and all(t["status"] == "done" for t in res["trials"])
+    # both nodes were part of the cluster the trials ran on
+    nodes = json.loads(subprocess.run([sys.executable, "-c",
+                                       "import ray, json; ray.init(address=%r, log_to_driver=False); "
+                                       "print(json.dumps(len([n for n in ray.nodes() if n['Alive']])))" % cluster],
+                                      capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+    assert nodes == 2

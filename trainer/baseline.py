@@ -1,0 +1,38 @@
+"""Train the FP32 baseline from a data path: load data, build the model, train, write result.json.
+Shared by `bitsearch train` and `bitsearch study`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from trainer.config import TrainConfig
+from trainer.data import load_dataset
+from trainer.model import MobileNetV2, count_params, model_meta
+from trainer.train import train
+
+
+def _r(v):
+    return None if v is None else round(v, 2)
+
+
+def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, download: bool = True,
+                 callbacks: Iterable = (), resume: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Returns the `train` JSON keys (params, epochs, top1, train_top1, val_top1, checkpoint, out_dir, ...)."""
+    out = Path(out)
+    data = load_dataset(data_path, subset=cfg.subset, val_size=cfg.val_size, seed=cfg.seed, download=download,
+                        progress=progress)
+    model = MobileNetV2(num_classes=data.num_classes, width=cfg.width, dropout=cfg.dropout)
+    params = count_params(model)
+    if progress:
+        progress(f"MobileNet-v2 width {cfg.width}: {params:,} params; {data.summary()['train']} train / "
+                 f"{data.summary()['val']} val / {data.summary()['test']} test images")
+    res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=resume,
+                meta={**model_meta(model), "data": data.summary()})
+    result = {"params": params, "epochs": cfg.epochs, "top1": _r(res["top1"]), "train_top1": _r(res["train_top1"]),
+              "val_top1": _r(res["val_top1"]), "checkpoint": res["checkpoint"], "out_dir": str(out),
+              "reports": res.get("reports", {}), "config": cfg.to_dict(), "data": data.summary(),
+              "history": res["history"]}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result

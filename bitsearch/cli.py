@@ -104,9 +104,6 @@ class RichProgress:
         self.task = self.progress.add_task(self.label, total=total, info="")
         self.progress.start()
 
-    def on_epoch_start(self, epoch, model):
-        pass
-
     def on_batch_end(self, epoch, step, steps, loss):
         if step % 10 == 0 or step + 1 == steps:
             self.progress.update(self.task, advance=0, info=f"epoch {epoch + 1} loss {loss.item():.3f}")

@@ -150,9 +150,6 @@ class TrainRunLogger:
         for k, v in _flat_params({**state["config"].to_dict(), "data": state.get("data", {})}).items():
             c.log_param(self.run_id, k, v[:6000])
 
-    def on_epoch_start(self, epoch, model): ...
-    def on_batch_end(self, *a): ...
-
     def on_epoch_end(self, epoch, m, state):
         try:
             c = _client(self.uri)

@@ -94,9 +94,16 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: in
 
 
 def set_bn_frozen(model: nn.Module, frozen: bool = True) -> None:
+    """Freeze (True) or release BN statistics everywhere: in quantized conv units (which then use the
+    exact folded form) and in layers kept FP32 (put in eval mode; the trainer's model.train() at each
+    epoch start is undone by QATSchedule)."""
     for m in model.modules():
         if isinstance(m, QuantConvBn2d):
             m.bn_frozen = frozen
+        if isinstance(m, nn.BatchNorm2d):
+            m.bitsearch_frozen = frozen
+            if frozen:
+                m.eval()
 
 
 def set_act_observing(model: nn.Module, observing: bool) -> None:
@@ -106,30 +113,53 @@ def set_act_observing(model: nn.Module, observing: bool) -> None:
         a.observing = observing and not a.lsq
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: int) -> int:
+    """Re-estimate the running statistics of every BN that is still live (not frozen) as a plain average
+    over ``num_batches`` batches of the model as it now is (quantized weights and activations). A short
+    QAT run leaves running statistics that lag behind the weights; this makes eval match training."""
+    live = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and not getattr(m, "bitsearch_frozen", False)]
+    if not live:
+        return 0
+    was = model.training
+    saved = [(bn.momentum, bn) for bn in live]
+    for bn in live:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    n = 0
+    for xb in batches:
+        model(xb)
+        n += 1
+        if n >= num_batches:
+            break
+    for mom, bn in saved:
+        bn.momentum = mom
+    model.train(was)
+    return n
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """End of training: stop observing, freeze BN, store final scales. Idempotent."""
     set_bn_frozen(model, True)
     for m in model.modules():
         if isinstance(m, FakeQuantizer):
-            if m.observing and m is not None:
-                m.observing = False
+            m.observing = False
             m.freeze()
     return model
 
 
 class QATSchedule:
     """trainer Callback for quantization-aware training: BN statistics update until
-    ``cfg.freeze_bn_epoch``, activation ranges until ``cfg.freeze_observer_epoch`` (then fixed)."""
+    ``cfg.freeze_bn_epoch`` (QAT; LSQ keeps them frozen), activation ranges until
+    ``cfg.freeze_observer_epoch`` (then fixed)."""
 
     def __init__(self, cfg: QuantConfig):
         self.cfg = cfg
 
-    def on_train_start(self, state): ...
-    def on_batch_end(self, *a): ...
-    def on_epoch_end(self, *a): ...
-
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch)
+        # LSQ learns weight steps for the BN-folded weight: moving BN statistics would rescale the folded
+        # weight under a fixed step, so LSQ keeps BN frozen from the start.
+        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch or self.cfg.method == "lsq")
         set_act_observing(model, epoch < self.cfg.freeze_observer_epoch)
 
-    def on_train_end(self, result): ...

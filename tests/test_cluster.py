@@ -26,7 +26,7 @@ def _port() -> int:
 @pytest.fixture
 def cluster(tmp_path):
     port = _port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # joining nodes must present the token
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
                    check=True, capture_output=True, env=env)
@@ -43,7 +43,7 @@ def test_search_on_two_node_cluster(cluster, tmp_path):
     if ray.is_initialized():
         pytest.skip("a Ray session is already attached to this process")
     tree = make_tree(tmp_path / "tiny", n_train=20, n_test=6)
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
     base = subprocess.run([sys.executable, "-m", "bitsearch", "train", "--data", str(tree), "--out", str(tmp_path / "b"),
                            "--epochs", "1", "--width", "0.25", "--batch-size", "16", "--val-size", "9", "--device", "cpu",
                            "--no-download"], capture_output=True, text=True, env=env)

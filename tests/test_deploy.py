@@ -30,4 +30,4 @@ def test_env_example_has_every_variable_and_no_real_secret():
     env = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
                if line and not line.startswith("#"))
     assert used <= set(env)
-    assert all("change-me" in env[k] for k in env if "PASSWORD" in k or "SECRET" in k)
+    assert all("change-me" in env[k] for k in env if "PASSWORD" in k or "SECRET" in k or "TOKEN" in k)

@@ -37,6 +37,7 @@ class TrainConfig:
     amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True    # on CUDA
     eval_every: int = 1           # evaluate test (and val) every N epochs; the last epoch always
+    eval_test: bool = True        # False: validation only (QAT inside a search: test is measured after)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:

@@ -19,7 +19,7 @@ from trainer.data import Dataset, GpuLoader, normalize
 
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
 # config keys that may differ between a checkpoint and a resumed run (they do not change the result)
-RESUME_FREE_KEYS = {"device", "compile", "amp", "channels_last", "eval_every"}
+RESUME_FREE_KEYS = {"device", "compile", "amp", "channels_last", "eval_every", "eval_test"}
 
 
 class CheckpointError(RuntimeError):
@@ -27,13 +27,20 @@ class CheckpointError(RuntimeError):
 
 
 class Callback:
-    """Hooks the loop calls. Override what you need; every hook is optional."""
+    """Hooks the loop calls. Every hook is optional: any object with some of these methods is a callback."""
 
     def on_train_start(self, state: dict[str, Any]) -> None: ...
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None: ...
     def on_batch_end(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> None: ...
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None: ...
     def on_train_end(self, result: dict[str, Any]) -> None: ...
+
+
+def _fire(callbacks: list, hook: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,16 +176,14 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     state = {"model": model, "optimizer": opt, "device": device, "config": cfg, "steps_per_epoch": steps,
              "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history,
              "data": data.summary()}
-    for cb in callbacks:
-        cb.on_train_start(state)
+    _fire(callbacks, "on_train_start", state)
     if out:
         out.mkdir(parents=True, exist_ok=True)
 
     test_eval = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        for cb in callbacks:
-            cb.on_epoch_start(epoch, model)
+        _fire(callbacks, "on_epoch_start", epoch, model)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -196,8 +201,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
             seen += len(yb)
-            for cb in callbacks:
-                cb.on_batch_end(epoch, step, steps, loss.detach())
+            _fire(callbacks, "on_batch_end", epoch, step, steps, loss.detach())
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
@@ -209,8 +213,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
             if data.val_y is not None:
                 v = evaluate(model, data.val_x, data.val_y, device=device, amp=amp)
                 m.update(val_loss=v["loss"], val_top1=v["top1"])
-            test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
-            m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
+            if cfg.eval_test:
+                test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
+                m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
         history.append(m)
         if ckpt_path:
             _atomic_save({
@@ -220,14 +225,14 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                 "history": history, "classes": list(data.classes),
             }, ckpt_path)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, m, state)
+        _fire(callbacks, "on_epoch_end", epoch, m, state)
 
-    if test_eval is None:  # resumed a finished run: evaluate once for the reports
+    if test_eval is None and (cfg.eval_test or (out and write_reports)):  # e.g. resumed a finished run
         test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
     final = history[-1] if history else {}
     result: dict[str, Any] = {
-        "epochs": cfg.epochs, "top1": test_eval["top1"], "test_loss": test_eval["loss"],
+        "epochs": cfg.epochs, "top1": test_eval["top1"] if test_eval else None,
+        "test_loss": test_eval["loss"] if test_eval else None,
         "train_top1": final.get("train_top1"), "val_top1": final.get("val_top1"),
         "history": history, "checkpoint": str(ckpt_path) if ckpt_path else None,
         "out_dir": str(out) if out else None,
@@ -235,6 +240,5 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     if out and write_reports:
         from trainer.analysis import write_reports as _write
         result["reports"] = _write(out, history, data.test_y, test_eval["pred"], data.classes)
-    for cb in callbacks:
-        cb.on_train_end(result)
+    _fire(callbacks, "on_train_end", result)
     return result

@@ -61,3 +61,27 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._safe(lambda: self._lg().finish_trial(self._run(trial), trial.last_result or {}, None, "FAILED"))
+
+
+class ProgressCallback(tune.Callback):
+    """One line on stderr per finished or failed trial (the searches run with Ray's own output off)."""
+
+    def __init__(self, total: int | None = None):
+        self.total, self.done = total, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        import sys
+        self.done += 1
+        r, c = trial.last_result or {}, trial.config
+        desc = " ".join(f"{k}={c[k]}" for k in ("w_bits", "a_bits", "method") if k in c)
+        if any(k.startswith("w_bits_b") for k in c):
+            bits = [c[k] for k in sorted(c) if k.startswith("w_bits_b")]
+            desc += f" block_w_bits={min(bits)}..{max(bits)}"
+        val, mb = r.get("val_top1"), r.get("comp_mb")
+        of = f"/{self.total}" if self.total else ""
+        print(f"trial {trial.trial_id} done ({self.done}{of}): {desc}  val {val if val is None else round(val, 2)}%  "
+              f"{mb if mb is None else round(mb, 4)} MB", file=sys.stderr, flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        import sys
+        print(f"trial {trial.trial_id} failed: see {trial.local_path}/error.txt", file=sys.stderr, flush=True)

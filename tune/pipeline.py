@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
-from quantization import QATSchedule, QuantConfig, calibrate, freeze, prepare
+from quantization import QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing
 from quantization.actmem import activation_memory
 from quantization.packing import convert, save_packed, size_report
 from trainer import Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device, train
@@ -48,13 +48,16 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
     q = prepare(fp32, qcfg).to(dev)
     n_cal = calibrate(q, calibration_batches(data, batch_size, seed, dev), qcfg.calib_batches)
     history: list[dict] = []
+    n_bn = 0
     if qcfg.method in ("qat", "lsq") and qat_epochs > 0:
         tcfg = TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=batch_size, seed=seed, device=dev.type,
-                           no_decay_bn_bias=True, width=getattr(fp32, "width", 1.0),
+                           no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
                            dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)))
         res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
                     callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False)
         history = res["history"]
+        set_act_observing(q, False)
+        n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev), max(qcfg.calib_batches, 16))
     freeze(q)
     q.eval()
     test = evaluate(q, data.test_x, data.test_y, device=dev)
@@ -69,7 +72,7 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
         "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "ratio": size["ratio"],
         "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
         "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
-        "calib_batches": n_cal, "qat_epochs": qat_epochs if qcfg.method != "ptq" else 0, "qat_lr": qat_lr,
+        "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if qcfg.method != "ptq" else 0, "qat_lr": qat_lr,
         "history": history, "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
         "seconds": time.perf_counter() - t0,
     }

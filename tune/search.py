@@ -121,7 +121,8 @@ def validate(s: SearchSettings) -> SearchSettings:
     if s.val_size <= 0:
         raise SearchConfigError(f"baseline {s.baseline} was trained without a validation split; the search objective "
                                 "needs one: train it with --val-size N")
-    s.fp32_top1 = None
+    hist = ck.get("history") or []
+    s.fp32_top1 = hist[-1].get("test_top1") if hist else None  # same test set: no need to re-evaluate per trial
     if s.size_budget_mb is not None:
         if s.mode != "search" or s.objectives != "single":
             raise SearchConfigError("size_budget_mb applies to single-objective searches only")
@@ -168,6 +169,8 @@ def build_tuner(s: SearchSettings):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from tune.mlflow_callback import ProgressCallback
+
     param_space: dict[str, Any] = {"_s": s.to_dict()}
     search_alg = scheduler = None
     metric = mode = None
@@ -199,8 +202,17 @@ def build_tuner(s: SearchSettings):
         name=s.name, storage_path=str(Path(s.out).resolve()),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[_mlflow_callback(s)], verbose=0)
+        callbacks=[_mlflow_callback(s), ProgressCallback(_n_trials(s))], verbose=0)
     return tune.Tuner(_trainable(s), param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _n_trials(s: SearchSettings) -> int:
+    if s.mode == "search":
+        return s.num_samples
+    n = 1
+    for vals in s.grid.values():
+        n *= len(vals)
+    return n
 
 
 def _max_epochs(s: SearchSettings) -> int:

@@ -1,0 +1,72 @@
+"""`bitsearch study` end to end on tiny data (then rerun: every stage skipped), and bench/gpu.sh in its
+tiny CPU setting."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tree
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+
+TINY_STUDY = {
+    "train": {"width": 0.25, "epochs": 2, "batch_size": 16, "lr": 0.05, "val_size": 9, "device": "cpu"},
+    "sweep": {"grid": {"w_bits": [8, 2], "a_bits": [8]}, "batch_size": 16, "device": "cpu", "max_concurrent": 2},
+    "search": {"num_samples": 2, "max_concurrent": 2, "batch_size": 16, "device": "cpu", "qat_epochs": 1,
+               "space": {"w_bits": [2, 8], "method": ["qat", "lsq"], "qat_lr": [0.001, 0.05]}},
+    "mixed": {"num_samples": 2, "max_concurrent": 2, "batch_size": 16, "device": "cpu",
+              "space": {"block_w_bits": [2, 8], "method": ["ptq"]}},
+}
+
+
+def test_study_runs_every_stage_then_skips_them(tmp_path):
+    if ray_attached():
+        pytest.skip("a Ray session is attached to this process")
+    tree = make_tree(tmp_path / "tiny", n_train=20, n_test=6)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY))
+    cmd = [sys.executable, "-m", "bitsearch", "study", "--config", str(cfg), "--data", str(tree), "--out",
+           str(tmp_path / "study"), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(res["experiments"]) == {"sweep", "search", "mixed"}
+    report = Path(res["report"]).read_text()
+    for heading in ("Environment", "Data provenance", "Baseline", "Compression method", "Results next to the reference",
+                    "Compression ratios", "Recommended configurations", "MLflow"):
+        assert heading in report, heading
+    assert "93.71" in report and "curves.png" in report and "pareto.png" in report
+    assert Path(res["report_html"]).read_text().startswith("<!doctype html>")
+    assert any(rec["choice"] == "smallest overall" for rec in res["recommended"])
+    mtime = (tmp_path / "study" / "baseline" / "checkpoint.pt").stat().st_mtime
+    t0 = time.time()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for stage in ("baseline", "sweep", "search", "mixed"):
+        assert f"{stage}: finished earlier, skipped" in r2.stderr
+    assert (tmp_path / "study" / "baseline" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def ray_attached() -> bool:
+    import ray
+    return ray.is_initialized()
+
+
+def test_gpu_bench_tiny_setting_runs_on_cpu(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "gb"), "--tiny"], capture_output=True,
+                       text=True, env=ENV, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    res = json.loads((tmp_path / "gb" / "gpu_bench.json").read_text())
+    assert res["tiny"] and res["throughput"]["tensor_pipeline_img_s"] > 0
+    assert set(res["trials_per_hour"]) == {"1", "2"} and res["baseline"]["epochs"] >= 1
+    assert len(res["sweep"]) == 4 and (tmp_path / "gb" / "gpu_bench.md").exists()
+    assert Path(res["baseline"]["checkpoint"]).exists()

@@ -217,10 +217,13 @@ def cmd_quantize(args) -> int:
     from trainer import load_dataset
     from tune.pipeline import load_baseline, public, quantize_model, write_result
 
-    section = load_profile(None, args.config).get("quantize", {}) if args.config else {}
-    qat_epochs = args.epochs if args.epochs is not None else int(section.pop("epochs", 1))
-    qat_lr = args.lr if args.lr is not None else float(section.pop("lr", 0.01))
-    section.pop("epochs", None), section.pop("lr", None)
+    section = dict(load_profile(None, args.config).get("quantize", {}))  # QuantConfig keys + epochs, lr
+    try:
+        yaml_epochs, yaml_lr = int(section.pop("epochs", 1)), float(section.pop("lr", 0.01))
+    except (TypeError, ValueError):
+        raise UserError(f"quantize.epochs / quantize.lr in {args.config} must be numbers") from None
+    qat_epochs = args.epochs if args.epochs is not None else yaml_epochs
+    qat_lr = args.lr if args.lr is not None else yaml_lr
     qcfg = QuantConfig.from_dict({**section, **_explicit(args, QUANT_FLAGS)})
     if qat_epochs < 1 and qcfg.method != "ptq":
         raise UserError(f"--epochs={qat_epochs} is invalid: QAT/LSQ need at least 1 epoch")
@@ -280,7 +283,8 @@ def _int_list(text: str) -> list:
 
 
 def _common_search_args(p) -> None:
-    p.add_argument("--baseline", required=True, help="FP32 checkpoint.pt from `bitsearch train` (with --val-size)")
+    p.add_argument("--baseline", required=True, help="FP32 checkpoint.pt from `bitsearch train` (with --val-size), "
+                   "or an MLflow artifact URI such as runs:/<run_id>/checkpoint.pt")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="storage path; the experiment lives in OUT/NAME")
     p.add_argument("--name", help="experiment name (default: sweep / search)")
@@ -363,7 +367,8 @@ def cmd_search(args) -> int:
         raise UserError(f"the {args.mode} section of {args.config} must be a mapping")
     d = {**section, **_explicit(args, SEARCH_FLAGS)}
     d.setdefault("name", args.mode)
-    d.update(mode=args.mode, baseline=str(Path(args.baseline).resolve()), data=str(Path(args.data).resolve()), out=args.out)
+    baseline = args.baseline if ("://" in args.baseline or args.baseline.startswith("runs:/")) else str(Path(args.baseline).resolve())
+    d.update(mode=args.mode, baseline=baseline, data=str(Path(args.data).resolve()), out=args.out)
     if args.mode == "sweep":
         grid = dict(d.get("grid") or {"w_bits": [8, 4, 2], "a_bits": [8, 4, 2]})
         if args.w_bits:
@@ -448,8 +453,13 @@ def add_server(sub) -> None:
 
 
 def _serve(proc, url) -> int:
+    import signal
     import time
     from mlflow_server.server import stop
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)  # `kill` stops the mlflow server too, not only this wrapper
     print(f"MLflow UI: {url}  (Ctrl-C stops the server)", flush=True)
     try:
         while proc.poll() is None:

@@ -119,12 +119,12 @@ class SearchLogger:
     def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None, status: str = "FINISHED") -> None:
         c = _client(self.uri)
         run = c.get_run(run_id)
-        if run.info.status == "FINISHED" and run.data.tags.get("bitsearch.complete") == "1":
+        if run.data.tags.get("bitsearch.complete") == "1":
             return
         self.log_metrics(run_id, final, step=int(final.get("training_iteration", 0)))
         if artifacts_dir and Path(artifacts_dir).is_dir():
             c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
-        c.set_tag(run_id, "bitsearch.complete", "1" if status == "FINISHED" else "0")
+        c.set_tag(run_id, "bitsearch.complete", "1" if status in ("FINISHED", "KILLED") else "0")
         c.set_terminated(run_id, status)
 
     def finish_search(self, artifacts: list[str], status: str = "FINISHED") -> None:

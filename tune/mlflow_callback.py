@@ -14,11 +14,11 @@ class MlflowTrialCallback(tune.Callback):
         self.uri, self.experiment, self.experiment_path, self.settings = uri, experiment, experiment_path, settings
         self._runs: dict[str, str] = {}
         self._logger: SearchLogger | None = None
-        self._warned = False
+        self._offline = False
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_logger"] = None
+        d["_logger"], d["_offline"] = None, False  # a resumed search tries the server again
         return d
 
     def _lg(self) -> SearchLogger:
@@ -27,13 +27,14 @@ class MlflowTrialCallback(tune.Callback):
         return self._logger
 
     def _safe(self, fn, *a):
+        if self._offline:
+            return None
         try:
             return fn(*a)
         except Exception as e:  # the search goes on; `bitsearch sync` writes what was missed
-            if not self._warned:
-                warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); trials continue, run "
-                              f"`bitsearch sync {self.experiment_path}` once the server is back")
-                self._warned = True
+            warnings.warn(f"MLflow logging failed ({type(e).__name__}: {str(e)[:200]}); trials continue without it: "
+                          f"run `bitsearch sync {self.experiment_path}` once the server is back")
+            self._offline = True  # no retry storms against a dead server for the rest of this run
             self._logger = None
             return None
 
@@ -79,7 +80,8 @@ class ProgressCallback(tune.Callback):
             desc += f" block_w_bits={min(bits)}..{max(bits)}"
         val, mb = r.get("val_top1"), r.get("comp_mb")
         of = f"/{self.total}" if self.total else ""
-        print(f"trial {trial.trial_id} done ({self.done}{of}): {desc}  val {val if val is None else round(val, 2)}%  "
+        how = "done" if r.get("final") else "stopped early"
+        print(f"trial {trial.trial_id} {how} ({self.done}{of}): {desc}  val {val if val is None else round(val, 2)}%  "
               f"{mb if mb is None else round(mb, 4)} MB", file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):

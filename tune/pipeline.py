@@ -17,9 +17,19 @@ from trainer import Dataset, TrainConfig, evaluate, load_checkpoint, model_from_
 from trainer.data import normalize
 
 
-def load_baseline(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """FP32 model + checkpoint dict from a `bitsearch train` checkpoint."""
-    ck = load_checkpoint(path)
+def fetch_baseline(path: str | Path, tracking_uri: str | None = None) -> str:
+    """A local path for the baseline checkpoint: a file path as is, or an MLflow artifact URI
+    (``runs:/<run_id>/checkpoint.pt``, ``mlflow-artifacts:/...``, ``s3://...``) downloaded once."""
+    p = str(path)
+    if "://" not in p and not p.startswith("runs:/"):
+        return p
+    import mlflow.artifacts
+    return mlflow.artifacts.download_artifacts(artifact_uri=p, tracking_uri=tracking_uri)
+
+
+def load_baseline(path: str | Path, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """FP32 model + checkpoint dict from a `bitsearch train` checkpoint (path or MLflow artifact URI)."""
+    ck = load_checkpoint(fetch_baseline(path, tracking_uri))
     model = model_from_meta(ck["meta"])
     model.load_state_dict(ck["model"])
     return model.eval(), ck

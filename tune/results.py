@@ -24,7 +24,7 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
             continue
         params = json.loads(pf.read_text())
         reports = [json.loads(line) for line in rf.read_text().splitlines() if line.strip()] if rf.is_file() else []
-        final = next((r for r in reversed(reports) if r.get("done")), None)
+        final = next((r for r in reversed(reports) if r.get("final")), None)  # "done" is Ray's own key
         ck = sorted(d.glob("checkpoint_*"))
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
                     "config": {k: v for k, v in params.items() if k != "_s"}, "reports": reports, "final": final,
@@ -143,24 +143,32 @@ def write_report(path: str | Path) -> dict[str, Any]:
 
 def sync(path: str | Path) -> dict[str, int]:
     """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
-    from mlflow_server.logging import SearchLogger, default_tracking_uri
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_server.logging import SearchLogger, check_reachable, default_tracking_uri
     from tune.search import SETTINGS_FILE, settings_from
 
     path = Path(path).resolve()
     s = settings_from(json.loads((path / SETTINGS_FILE).read_text()))
+    if s.tracking_uri:
+        check_reachable(s.tracking_uri)
     lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, str(path))
     written = 0
     for t in load_trials(path):
-        if not t["final"]:
+        if not t["reports"]:
             continue
         rid = lg.child_run(t["trial_id"], t["trial_id"])
-        from mlflow.tracking import MlflowClient
         run = MlflowClient(lg.uri).get_run(rid)
         if run.data.tags.get("bitsearch.complete") == "1":
             continue
         lg.log_trial_params(rid, t["config"])
         for r in t["reports"]:
             lg.log_metrics(rid, r, int(r.get("training_iteration", 0)))
-        lg.finish_trial(rid, t["final"], t["checkpoint"])
+        # a trial ASHA stopped early has no final report: its last report closes the run
+        lg.finish_trial(rid, t["final"] or t["reports"][-1], t["checkpoint"], "FINISHED" if t["final"] else "KILLED")
         written += 1
+    if MlflowClient(lg.uri).get_run(lg.parent_run_id).info.status != "FINISHED":  # the search ended while offline
+        summary = write_report(path)
+        lg.finish_search([summary["files"][k] for k in ("csv", "markdown", "json", "pareto_png", "parallel_png",
+                                                         "parallel_html") if k in summary["files"]])
     return {"written": written}

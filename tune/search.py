@@ -115,7 +115,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         qbase = quant_config({}, s.quant_base)
     except (SpaceError, QuantConfigError) as e:
         raise SearchConfigError(str(e)) from None
-    fp32, ck = load_baseline(s.baseline)
+    fp32, ck = load_baseline(s.baseline, s.tracking_uri)
     tc = ck["config"]
     s.subset, s.val_size = int(tc.get("subset", 0)), int(tc.get("val_size", 0))
     if s.val_size <= 0:
@@ -196,7 +196,8 @@ def build_tuner(s: SearchSettings):
                                     sampler=sampler)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                  metric=metric, mode=mode, max_concurrent_trials=s.max_concurrent,
+                                  metric=metric, mode=mode,
+                                  max_concurrent_trials=s.max_concurrent if search_alg is None else None,
                                   trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
         name=s.name, storage_path=str(Path(s.out).resolve()),
@@ -223,6 +224,9 @@ def _max_epochs(s: SearchSettings) -> int:
 def run(s: SearchSettings, num_cpus: int | None = None) -> dict[str, Any]:
     """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict."""
     from mlflow_server.logging import check_reachable
+    # a tracking server that goes away mid-search must not stall the driver in retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     validate(s)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
@@ -238,6 +242,8 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     """Continue an interrupted search: finished trials are kept, errored ones resumed from their last
     checkpoint, the Optuna study's history is restored with the searcher."""
     from ray import tune
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     path = Path(path).resolve()
     sf = path / SETTINGS_FILE
     if not sf.is_file():

@@ -89,7 +89,11 @@ class DefineByRun:
 
     def __call__(self, trial) -> dict[str, Any] | None:
         s = self.space
+        # conditional space: QAT hyper-parameters exist only for trials that fine-tune
+        method = trial.suggest_categorical("method", s["method"]) if "method" in s else "ptq"
         for key, spec in s.items():
+            if key == "method" or (key in ("qat_lr", "qat_epochs") and method == "ptq"):
+                continue
             if key == "block_w_bits":
                 for i in range(NUM_BLOCKS):
                     trial.suggest_int(f"w_bits_b{i:02d}", spec[0], spec[1])

@@ -84,7 +84,7 @@ def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: st
         s = validate(settings_from(d))
         log(f"{name}: running {s.num_samples if mode == 'search' else 'grid'} trial(s) in {exp}")
         summary = run(s)
-    if summary["trials"] and all(t["status"] in ("done", "over budget") for t in summary["trials"]):
+    if summary["trials"] and all(t["status"] in ("done", "stopped", "over budget") for t in summary["trials"]):
         (exp / DONE).write_text(json.dumps({"finished": time.time()}))
     return summary
 

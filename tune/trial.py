@@ -25,9 +25,9 @@ FINAL_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ra
 
 
 @functools.lru_cache(maxsize=2)
-def _baseline(path: str):
+def _baseline(path: str, tracking_uri: str | None):
     from tune.pipeline import load_baseline
-    return load_baseline(path)
+    return load_baseline(path, tracking_uri)
 
 
 @functools.lru_cache(maxsize=2)
@@ -54,7 +54,7 @@ class _Reporter:
         val = m.get("val_top1", 0.0)
         metrics = {"epoch": m["epoch"], "train_loss": m["train_loss"], "train_top1": m["train_top1"],
                    "val_top1": val, "comp_mb": self.comp_mb, "objective": objective(val, self.comp_mb, self.budget),
-                   "done": False}
+                   "final": False}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
 
 
@@ -67,7 +67,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     s = config["_s"]
     torch.set_num_threads(max(1, int(s.get("cpus_per_trial", 1))))
-    fp32, ck = _baseline(s["baseline"])
+    fp32, ck = _baseline(s["baseline"], s.get("tracking_uri"))
     data = _data(s["data"], s["subset"], s["val_size"], s["seed"])
     qcfg = quant_config({k: v for k, v in config.items() if k != "_s"}, s["quant_base"])
     method_trains = qcfg.method in ("qat", "lsq")
@@ -80,7 +80,7 @@ def run_trial(config: dict[str, Any]) -> None:
     comp_mb = size_report(convert(prepare(fp32, qcfg)), fp32)["comp_mb"]  # size depends on the config only
     if budget is not None and comp_mb > budget:
         tune.report({"objective": objective(0.0, comp_mb, budget), "comp_mb": comp_mb, "val_top1": 0.0,
-                     "over_budget": True, "done": True})
+                     "over_budget": True, "final": True})
         return
 
     resume = False
@@ -103,7 +103,7 @@ def run_trial(config: dict[str, Any]) -> None:
     pub = public(res)
     metrics = {k: pub[k] for k in FINAL_KEYS if pub.get(k) is not None}
     metrics.update(test_top1=pub["top1"], objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
-                   resumed=resume, done=True, epoch=qat_epochs)
+                   resumed=resume, final=True, epoch=qat_epochs)
     (work / "final" / "metrics.json").write_text(json.dumps(metrics))
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))
 

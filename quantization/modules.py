@@ -165,7 +165,7 @@ class QuantConvBn2d(_QuantLayer):
             # let BN normalise with batch statistics (and update its running statistics).
             sf = self._bn_factor()
             w = self.conv.weight * sf.reshape(-1, 1, 1, 1)
-            y = self._conv(x, self.wq(w) if self.wq is not None else w, None) / sf.reshape(1, -1, 1, 1)
+            y = self._conv(x, self.wq(w) if self.wq is not None else w, None) * (1.0 / sf).reshape(1, -1, 1, 1)
             if self.conv.bias is not None:
                 y = y + self.conv.bias.reshape(1, -1, 1, 1)
             return self.bn(y)

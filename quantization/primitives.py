@@ -123,11 +123,28 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     [0.5, -0.5]
     """
     s, z = _bcast(scale.detach(), x, axis), _bcast(zero_point, x, axis)
-    v = x / s
-    if not v.requires_grad:  # inference: in place, bit-identical to dequantize(quantize(x))
-        return v.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
-    q = torch.clamp(round_ste(v) + z, qmin, qmax)
-    return (q - z) * s
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantSTE.apply(x, s, z, qmin, qmax)
+    # inference: in place on one buffer, bit-identical to dequantize(quantize(x))
+    return (x / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fused fake-quant with the straight-through estimator: forward = quantize -> dequantize on one
+    buffer; backward = the incoming gradient where round(x / s) + z lies in [qmin, qmax], else 0.
+    Same values and gradient as composing round_ste and clamp, with two tensors instead of ten."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax):
+        v = (x / s).round_().add_(z)
+        inside = (v >= qmin) & (v <= qmax)
+        ctx.save_for_backward(inside)
+        return v.clamp_(qmin, qmax).sub_(z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
 
 
 def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:

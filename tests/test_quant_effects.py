@@ -38,7 +38,19 @@ def test_activation_bits_take_effect(trained, learnable_data):
 
 def test_qat_recovers_what_ptq_loses_at_2_bit_weights(trained, learnable_data):
     ptq = _q(trained, learnable_data, w_bits=2, a_bits=8)
-    qat = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=4, lr=0.05, freeze_bn_epoch=3)
+    qat = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=4, lr=0.01, freeze_bn_epoch=3)
     assert ptq["drop"] > 30                     # 2-bit PTQ collapses (chance is 33%)
     assert qat["top1"] >= ptq["top1"] + 30      # QAT brings it back
     assert len(qat["history"]) == 4
+
+
+def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
+    r = _q(trained, learnable_data, w_bits=4, a_bits=4, method="lsq", epochs=2, lr=0.01)
+    q = r["_model"]
+    steps = [m.step for m in q.modules() if getattr(m, "lsq", False)]
+    assert steps and all(s.requires_grad for s in steps)
+    init = _q(trained, learnable_data, w_bits=4, a_bits=4, method="lsq", epochs=0)["_model"]  # calibrated only
+    moved = [not torch.equal(a.detach(), b.detach()) for a, b in
+             zip(steps, [m.step for m in init.modules() if getattr(m, "lsq", False)])]
+    assert sum(moved) > len(moved) // 2
+    assert r["top1"] > 90

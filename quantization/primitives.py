@@ -136,10 +136,15 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
-        v = (x / s).round_().add_(z)
-        inside = (v >= qmin) & (v <= qmax)
-        ctx.save_for_backward(inside)
-        return v.clamp_(qmin, qmax).sub_(z).mul_(s)
+        v = (x / s).round_()
+        has_zp = bool(z.any()) if z.numel() > 1 else bool(z)
+        if has_zp:
+            v.add_(z)
+        q = v.clamp(qmin, qmax)
+        ctx.save_for_backward(q == v)  # inside the range: the gradient passes
+        if has_zp:
+            q.sub_(z)
+        return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):

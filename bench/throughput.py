@@ -3,7 +3,8 @@
 1. Training images/s: the in-memory tensor pipeline (trainer.GpuLoader) vs a seed-style
    torchvision DataLoader with PIL transforms (RandomCrop(32, 4) + flip + ToTensor + Normalize,
    2 workers), same model, same steps.
-2. Training step time with fake-quant (W4A4 QAT) vs FP32.
+2. Training step time with fake-quant (W4A4 QAT) vs FP32: with BN statistics live (the first
+   freeze_bn_epoch epochs) and frozen (the exact folded form, after that).
 3. Eval images/s fake-quant vs FP32.
 
     python bench/throughput.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 20
@@ -43,6 +44,23 @@ def _steps(model, batches, device, steps, opt=None):
     return n / dt, dt / steps
 
 
+class _Frozen(nn.Module):
+    """Keeps BN frozen although _steps calls .train() (as QATSchedule does each epoch)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def train(self, mode=True):
+        from quantization import set_bn_frozen
+        super().train(mode)
+        set_bn_frozen(self.m, True)
+        return self
+
+    def forward(self, x):
+        return self.m(x)
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -61,7 +79,7 @@ def main() -> None:
     import torchvision.transforms as T
     from PIL import Image
 
-    from quantization import QuantConfig, calibrate, prepare
+    from quantization import QuantConfig, calibrate, prepare, set_bn_frozen
     from trainer import CIFAR10_MEAN, CIFAR10_STD, GpuLoader, MobileNetV2, load_dataset, resolve_device
     from trainer.train import evaluate
 
@@ -102,6 +120,10 @@ def main() -> None:
                                                    a.batch_size, train=False))), 4)
     _, res["fakequant_step_s"] = _steps(q, _forever(tensor_loader), dev, a.steps)
     res["fakequant_step_overhead"] = res["fakequant_step_s"] / res["fp32_step_s"]
+    set_bn_frozen(q, True)  # after freeze_bn_epoch the exact folded form runs: no separate BN
+    _, res["fakequant_frozen_bn_step_s"] = _steps(_Frozen(q), _forever(tensor_loader), dev, a.steps,
+                                                  torch.optim.SGD(q.parameters(), lr=0.01, momentum=0.9))
+    res["fakequant_frozen_bn_step_overhead"] = res["fakequant_frozen_bn_step_s"] / res["fp32_step_s"]
 
     # 3. eval throughput
     n = min(len(data.test_y), 2000 if dev.type == "cpu" else 10000)

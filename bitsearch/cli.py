@@ -72,12 +72,23 @@ def writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> null, so the line is strict JSON."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[], None] | None = None) -> None:
     """Human summary (unless --json quiets nothing: it still prints), then the JSON line last."""
     if human:
         human()
     if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.write(json.dumps(_json_safe(result), default=str, allow_nan=False) + "\n")
         sys.stdout.flush()
 
 
@@ -325,23 +336,16 @@ def add_search(sub) -> None:
     p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
     p.add_argument("--qat-lr", dest="qat_lr", type=float)
     p.set_defaults(func=cmd_search, mode="search")
-    p = sub.add_parser("resume", help="continue an interrupted sweep/search")
-    p.add_argument("path", help="experiment directory (OUT/NAME)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("report", help="results table, Pareto front and plots of an experiment")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_report)
-    p = sub.add_parser("compare", help="chosen trials side by side")
-    p.add_argument("path", help="experiment directory")
-    p.add_argument("trials", nargs="+", help="trial ids (see `bitsearch report`)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("sync", help="write the MLflow runs a dropped tracking server missed")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sync)
+    for name, help_, func in (("resume", "continue an interrupted sweep/search", cmd_resume),
+                              ("report", "results table, Pareto front and plots of an experiment", cmd_report),
+                              ("compare", "chosen trials side by side", cmd_compare),
+                              ("sync", "write the MLflow runs a dropped tracking server missed", cmd_sync)):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("path", help="experiment directory (OUT/NAME)")
+        if name == "compare":
+            p.add_argument("trials", nargs="+", help="trial ids (see `bitsearch report`)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
 
 
 def _search_result(summary: dict) -> dict:

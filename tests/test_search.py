@@ -207,6 +207,12 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     summary = resume(exp)
     assert len(summary["trials"]) == 4 and all(t["status"] in ("done", "stopped") for t in summary["trials"])
     assert first.read_text() == first_reports  # the finished trial was not rerun
+    # the Optuna study came back with the experiment: 4 completed trials, the pre-kill one among them
+    import pickle
+    state = pickle.loads(sorted(exp.glob("searcher-state-*.pkl"))[-1].read_bytes())
+    study = state["_ot_study"]
+    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert first.parent.name in state["_ot_trials"]
     exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
                           params={"experiment_name": "srv-resume"}, timeout=30).json()["experiment"]["experiment_id"]
     runs = _runs(server, exp_id)

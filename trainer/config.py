@@ -36,7 +36,7 @@ class TrainConfig:
     compile: bool = False         # torch.compile the model (CUDA only makes it pay off)
     amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True    # on CUDA
-    eval_every: int = 1           # evaluate test (and val) every N epochs; the last epoch always
+    eval_every: int = 1           # evaluate the test set every N epochs (and at the last); val: every epoch
     eval_test: bool = True        # False: validation only (QAT inside a search: test is measured after)
 
     def __post_init__(self) -> None:

@@ -209,10 +209,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
                                "train_top1": 100.0 * correct.item() / seen, "lr": opt.param_groups[0]["lr"],
                                "epoch_s": train_s, "images_per_s": seen / train_s}
         last = epoch + 1 == cfg.epochs
+        if data.val_y is not None:  # the validation split is small: every epoch (curves, model selection)
+            v = evaluate(model, data.val_x, data.val_y, device=device, amp=amp)
+            m.update(val_loss=v["loss"], val_top1=v["top1"])
         if last or (epoch + 1) % cfg.eval_every == 0:
-            if data.val_y is not None:
-                v = evaluate(model, data.val_x, data.val_y, device=device, amp=amp)
-                m.update(val_loss=v["loss"], val_top1=v["top1"])
             if cfg.eval_test:
                 test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
                 m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])

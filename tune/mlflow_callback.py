@@ -7,6 +7,7 @@ from typing import Any
 from ray import tune
 
 from mlflow_server.logging import SearchLogger
+from tune.space import trial_params
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -45,7 +46,7 @@ class MlflowTrialCallback(tune.Callback):
         rid = self._runs.get(trial.trial_id)
         if rid is None:
             rid = self._lg().child_run(trial.trial_id, str(trial))
-            self._lg().log_trial_params(rid, {k: v for k, v in trial.config.items() if k != "_s"})
+            self._lg().log_trial_params(rid, trial_params(trial.config))
             self._runs[trial.trial_id] = rid
         return rid
 

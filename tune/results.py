@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from tune.space import trial_params
+
 COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs", "Accuracy", "Val_Acc", "Drop",
            "Orig_MB", "Comp_MB", "Ratio", "Weight_ratio", "Act_ratio", "status"]
 
@@ -27,7 +29,7 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
         final = next((r for r in reversed(reports) if r.get("final")), None)  # "done" is Ray's own key
         ck = sorted(d.glob("checkpoint_*"))
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
-                    "config": {k: v for k, v in params.items() if k != "_s"}, "reports": reports, "final": final,
+                    "config": trial_params(params), "reports": reports, "final": final,
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
 
@@ -53,6 +55,12 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
     return df
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-safe dicts: missing values dropped (per-block columns exist only for mixed trials)."""
+    return [{k: v for k, v in r.items() if not (isinstance(v, float) and pd.isna(v)) and v is not None}
+            for r in df.to_dict("records")]
 
 
 def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") -> pd.DataFrame:
@@ -97,6 +105,7 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     for i in norm.index:
         ax.plot(range(len(num.columns)), norm.loc[i].fillna(0.5), c=cmap(float(accn.loc[i])), alpha=0.8)
     ax.set_xticks(range(len(num.columns)), num.columns)
+    ax.tick_params(axis="x", pad=14)  # room for the per-axis minimum printed under each axis
     ax.set_yticks([])
     for j, c in enumerate(num.columns):
         ax.text(j, -0.06, f"{num[c].min():.3g}", ha="center", va="top", fontsize=7)
@@ -132,11 +141,10 @@ def write_report(path: str | Path) -> dict[str, Any]:
           front.to_markdown(index=False, floatfmt=".3f") if not front.empty else "(none)", ""]
     Path(files["markdown"]).write_text("\n".join(md))
     files.update(_plots(df, front, path))
-    trials_out = [{**{k: (None if pd.isna(v) else v) for k, v in r.items()}} for r in df.to_dict("records")]
     done = df[df["status"] == "done"]
-    best = done.sort_values("Val_Acc", ascending=False).head(1).to_dict("records")
-    summary = {"experiment": str(path), "trials": trials_out, "best": best[0] if best else None,
-               "pareto": front.to_dict("records"), "files": files}
+    best = records(done.sort_values("Val_Acc", ascending=False).head(1))
+    summary = {"experiment": str(path), "trials": records(df), "best": best[0] if best else None,
+               "pareto": records(front), "files": files}
     Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

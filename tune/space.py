@@ -134,3 +134,14 @@ def quant_config(trial_cfg: dict[str, Any], base: dict[str, Any]) -> QuantConfig
         d["overrides"] = list(d.get("overrides", [])) + [
             {"pattern": f"blocks.{int(k[len('w_bits_b'):])}.*", "w_bits": trial_cfg[k]} for k in blocks]
     return QuantConfig.from_dict(d)
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters for tables and MLflow: the sampled keys, plus the QAT settings that the
+    search fixed (rather than sampled) for trials that fine-tune."""
+    params = {k: v for k, v in config.items() if k != "_s"}
+    fixed = config.get("_s", {})
+    if params.get("method", "ptq") != "ptq":
+        params.setdefault("qat_lr", fixed.get("qat_lr"))
+        params.setdefault("qat_epochs", fixed.get("qat_epochs"))
+    return params

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from tune.results import records
+
 STAGES = ("baseline", "sweep", "search", "mixed")
 DONE = "bitsearch-finished.json"
 
@@ -158,7 +160,7 @@ def recommendations(df: pd.DataFrame) -> list[dict[str, Any]]:
                         ("smallest overall", df["Drop"].notna())):
         d = df[cond].sort_values(["Comp_MB", "Drop"])
         if not d.empty:
-            out.append({"choice": label, **d.iloc[0].to_dict()})
+            out.append({"choice": label, **records(d.head(1))[0]})
     return out
 
 

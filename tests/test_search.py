@@ -122,6 +122,9 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path):
     summary = run(s)
     got = sorted((t["W_bits"], t["A_bits"]) for t in summary["trials"])
     assert got == [(4, 8), (8, 8)]
+    for t in summary["trials"]:  # the quantize JSON keys of shared/DESIGN.md, per trial
+        assert {"w_bits", "a_bits", "top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio",
+                "act_ratio", "quantized_fraction"} <= set(t)
     sizes = {t["W_bits"]: t["Comp_MB"] for t in summary["trials"]}
     assert sizes[4] < sizes[8]
 

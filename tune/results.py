@@ -57,6 +57,20 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
+QUANTIZE_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio", "act_ratio",
+                 "quantized_fraction")
+
+
+def quantize_keys(t: dict[str, Any]) -> dict[str, Any]:
+    """A trial in the `bitsearch quantize` JSON vocabulary (w_bits, a_bits, top1, drop, comp_mb, ...)."""
+    c, f = t["config"], t["final"] or {}
+    out = {"w_bits": c.get("w_bits"), "a_bits": c.get("a_bits", 8), "method": c.get("method", "ptq"),
+           **{k: f.get("test_top1" if k == "top1" else k) for k in QUANTIZE_KEYS}}
+    if any(k.startswith("w_bits_b") for k in c):
+        out["block_w_bits"] = [c[k] for k in sorted(c) if k.startswith("w_bits_b")]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows as JSON-safe dicts: missing values dropped (per-block columns exist only for mixed trials)."""
     return [{k: v for k, v in r.items() if not (isinstance(v, float) and pd.isna(v)) and v is not None}
@@ -142,9 +156,12 @@ def write_report(path: str | Path) -> dict[str, Any]:
     Path(files["markdown"]).write_text("\n".join(md))
     files.update(_plots(df, front, path))
     done = df[df["status"] == "done"]
-    best = records(done.sort_values("Val_Acc", ascending=False).head(1))
-    summary = {"experiment": str(path), "trials": records(df), "best": best[0] if best else None,
-               "pareto": records(front), "files": files}
+    # each trial: the table's columns plus the `quantize` JSON keys (shared/DESIGN.md contract)
+    keys = {t["trial_id"]: quantize_keys(t) for t in trials}
+    with_keys = lambda d: [{**r, **keys.get(r["trial_id"], {})} for r in records(d)]  # noqa: E731
+    best = with_keys(done.sort_values("Val_Acc", ascending=False).head(1))
+    summary = {"experiment": str(path), "trials": with_keys(df), "best": best[0] if best else None,
+               "pareto": with_keys(front), "files": files}
     Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -297,7 +297,8 @@ def _common_search_args(p) -> None:
     p.add_argument("--baseline", required=True, help="FP32 checkpoint.pt from `bitsearch train` (with --val-size), "
                    "or an MLflow artifact URI such as runs:/<run_id>/checkpoint.pt")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="storage path; the experiment lives in OUT/NAME")
+    p.add_argument("--out", required=True, help="storage: a local/NFS path or s3://bucket/prefix; the experiment "
+                   "lives in OUT/NAME")
     p.add_argument("--name", help="experiment name (default: sweep / search)")
     p.add_argument("--config", help="YAML with a search: (or sweep:) section")
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int)
@@ -382,7 +383,9 @@ def cmd_search(args) -> int:
         if args.method:
             grid["method"] = [args.method]
         d["grid"] = grid
-    writable_dir(args.out)
+    from tune import storage
+    if not storage.is_remote(args.out):
+        writable_dir(args.out)
     try:
         s = validate(settings_from(d))
         stderr_console().print(f"{args.mode}: experiment {s.path}")
@@ -397,17 +400,19 @@ def cmd_search(args) -> int:
 def cmd_resume(args) -> int:
     from tune.search import SearchConfigError, resume
     try:
-        summary = resume(args.path)
+        summary = resume(_experiment_dir(args.path))
     except SearchConfigError as e:
         raise UserError(str(e)) from None
     emit(_search_result(summary), args.json, lambda: _print_table(summary))
     return 0
 
 
-def _experiment_dir(path: str) -> Path:
-    p = Path(path)
-    if not (p / "bitsearch.json").is_file():
-        raise UserError(f"{p} is not a bitsearch experiment directory (no bitsearch.json)")
+def _experiment_dir(path: str) -> str:
+    """An experiment: a local path or an S3-compatible URI holding bitsearch.json."""
+    from tune import storage
+    p = str(path).rstrip("/") if storage.is_remote(path) else str(Path(path).resolve())
+    if not storage.exists(storage.join(p, "bitsearch.json")):
+        raise UserError(f"{path} is not a bitsearch experiment directory (no bitsearch.json)")
     return p
 
 
@@ -420,7 +425,8 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from tune.results import load_trials, table
-    df = table(load_trials(_experiment_dir(args.path)))
+    from tune import storage
+    df = table(load_trials(storage.local_copy(_experiment_dir(args.path))))
     missing = [t for t in args.trials if t not in set(df["trial_id"])]
     if missing:
         raise UserError(f"unknown trial id(s) {', '.join(missing)}; known: {', '.join(df['trial_id'])}")

@@ -27,7 +27,38 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def s3():
+    """A local S3-compatible store (moto server); its credentials are in the environment before Ray
+    starts, so trial workers can write to it too."""
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while True:
+        try:
+            requests.get(env["AWS_ENDPOINT_URL"], timeout=1)
+            break
+        except requests.RequestException:
+            assert time.time() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    import boto3
+    boto3.client("s3").create_bucket(Bucket="bitsearch")
+    yield "s3://bitsearch"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3):
     import ray
     ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
@@ -261,7 +292,7 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline
     srv = start()
     s = _settings(baseline, tmp_path, name="drop", mode="sweep", grid={"w_bits": [8, 4, 2], "a_bits": [8]},
                   max_concurrent=1, tracking_uri=url, experiment="srv-drop")
-    exp = s.path
+    exp = Path(s.path)
     stop = threading.Event()
 
     def killer():
@@ -304,3 +335,26 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline
     finally:
         os.killpg(srv.pid, signal.SIGTERM)
         srv.wait(30)
+
+
+def test_experiment_on_s3_compatible_storage(ray_session, s3, server, baseline, capsys):
+    """--out s3://...: Ray's results, bitsearch.json and the report live in the bucket; report and resume
+    read them back from there."""
+    import boto3
+
+    from tune.search import resume, run
+    s = _settings(baseline, f"{s3}/runs", name="on-s3", mode="sweep", grid={"w_bits": [8, 4], "a_bits": [8]},
+                  tracking_uri=server, experiment="srv-s3")
+    summary = run(s)
+    assert summary["experiment"] == f"{s3}/runs/on-s3"
+    assert len(summary["trials"]) == 2 and all(t["status"] == "done" for t in summary["trials"])
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bitsearch", Prefix="runs/on-s3/")["Contents"]]
+    for name in ("bitsearch.json", "results.md", "results.csv", "pareto.png"):
+        assert f"runs/on-s3/{name}" in keys, name
+    assert sum(k.endswith("model.bsq") and "/checkpoint_" in k for k in keys) == 2  # each trial's final checkpoint
+    capsys.readouterr()
+    assert main(["report", f"{s3}/runs/on-s3", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(t["W_bits"] for t in rep["trials"]) == [4, 8]
+    again = resume(f"{s3}/runs/on-s3")  # a finished experiment: nothing reruns
+    assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in summary["trials"])

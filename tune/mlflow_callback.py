@@ -58,8 +58,13 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ck = trial.checkpoint
-        self._safe(lambda: self._lg().finish_trial(self._run(trial), trial.last_result or {},
-                                                   ck.path if ck is not None else None))
+
+        def finish():
+            if ck is None:
+                return self._lg().finish_trial(self._run(trial), trial.last_result or {}, None)
+            with ck.as_directory() as d:  # local for a local experiment, downloaded from S3 otherwise
+                self._lg().finish_trial(self._run(trial), trial.last_result or {}, d)
+        self._safe(finish)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._safe(lambda: self._lg().finish_trial(self._run(trial), trial.last_result or {}, None, "FAILED"))

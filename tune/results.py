@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from tune import storage
 from tune.space import trial_params
 
 COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs", "Accuracy", "Val_Acc", "Drop",
@@ -139,9 +140,10 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     return files
 
 
-def write_report(path: str | Path) -> dict[str, Any]:
-    """results.csv, results.md, pareto.png, parallel.png (+ .html), results.json in the experiment dir."""
-    path = Path(path)
+def write_report(experiment: str | Path) -> dict[str, Any]:
+    """results.csv, results.md, pareto.png, parallel.png (+ .html), results.json in the experiment dir
+    (for a remote experiment: written on a local mirror, then uploaded next to the trials)."""
+    path = storage.local_copy(str(experiment))
     trials = load_trials(path)
     df = table(trials)
     front = pareto_front(df) if not df.empty else df
@@ -160,9 +162,10 @@ def write_report(path: str | Path) -> dict[str, Any]:
     keys = {t["trial_id"]: quantize_keys(t) for t in trials}
     with_keys = lambda d: [{**r, **keys.get(r["trial_id"], {})} for r in records(d)]  # noqa: E731
     best = with_keys(done.sort_values("Val_Acc", ascending=False).head(1))
-    summary = {"experiment": str(path), "trials": with_keys(df), "best": best[0] if best else None,
+    summary = {"experiment": str(experiment), "trials": with_keys(df), "best": best[0] if best else None,
                "pareto": with_keys(front), "files": files}
     Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
+    storage.upload(list(files.values()), str(experiment))
     return summary
 
 
@@ -171,13 +174,13 @@ def sync(path: str | Path) -> dict[str, int]:
     from mlflow.tracking import MlflowClient
 
     from mlflow_server.logging import SearchLogger, check_reachable, default_tracking_uri
-    from tune.search import SETTINGS_FILE, settings_from
+    from tune.search import load_settings
 
-    path = Path(path).resolve()
-    s = settings_from(json.loads((path / SETTINGS_FILE).read_text()))
+    s = load_settings(str(path))
+    path = storage.local_copy(s.path)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
-    lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, str(path))
+    lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, s.path)
     written = 0
     for t in load_trials(path):
         if not t["reports"]:
@@ -193,7 +196,7 @@ def sync(path: str | Path) -> dict[str, int]:
         lg.finish_trial(rid, t["final"] or t["reports"][-1], t["checkpoint"], "FINISHED" if t["final"] else "KILLED")
         written += 1
     if MlflowClient(lg.uri).get_run(lg.parent_run_id).info.status != "FINISHED":  # the search ended while offline
-        summary = write_report(path)
+        summary = write_report(s.path)
         lg.finish_search([summary["files"][k] for k in ("csv", "markdown", "json", "pareto_png", "parallel_png",
                                                          "parallel_html") if k in summary["files"]])
     return {"written": written}

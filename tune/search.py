@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune import storage
 from tune.space import SpaceError, smallest_bits, validate_space, quant_config
 
 SETTINGS_FILE = "bitsearch.json"
@@ -63,8 +64,9 @@ class SearchSettings:
     fail_once_after_epoch: int = 0             # test hook
 
     @property
-    def path(self) -> Path:
-        return Path(self.out).resolve() / self.name
+    def path(self) -> str:
+        """The experiment: OUT/NAME, a local/NFS path or an S3-compatible URI."""
+        return storage.join(self.out, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +90,9 @@ def validate(s: SearchSettings) -> SearchSettings:
     from quantization.packing import convert, size_report
     from tune.pipeline import load_baseline
 
+    if storage.is_remote(s.out) and not s.tracking_uri:
+        raise SearchConfigError(f"--out {s.out} is remote storage: pass --tracking-uri (an MLflow server), the "
+                                "embedded SQLite store needs a local --out")
     if s.mode not in ("sweep", "search"):
         raise SearchConfigError(f"mode={s.mode!r} is invalid: sweep or search")
     if s.objectives not in ("single", "multi"):
@@ -162,7 +167,7 @@ def _mlflow_callback(s: SearchSettings):
     from mlflow_server.logging import default_tracking_uri
     from tune.mlflow_callback import MlflowTrialCallback
     uri = s.tracking_uri or default_tracking_uri(s.out)
-    return MlflowTrialCallback(uri, s.experiment, str(s.path), s.to_dict())
+    return MlflowTrialCallback(uri, s.experiment, s.path, s.to_dict())
 
 
 def build_tuner(s: SearchSettings):
@@ -200,7 +205,7 @@ def build_tuner(s: SearchSettings):
                                   max_concurrent_trials=s.max_concurrent if search_alg is None else None,
                                   trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
-        name=s.name, storage_path=str(Path(s.out).resolve()),
+        name=s.name, storage_path=s.out if storage.is_remote(s.out) else str(Path(s.out).resolve()),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[_mlflow_callback(s), ProgressCallback(_n_trials(s))], verbose=0)
@@ -230,8 +235,7 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict[str, Any]:
     validate(s)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
-    s.path.mkdir(parents=True, exist_ok=True)
-    (s.path / SETTINGS_FILE).write_text(json.dumps(s.to_dict(), indent=2))
+    storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     _init_ray(s.address, num_cpus)
     t0 = time.time()
     build_tuner(s).fit()
@@ -244,11 +248,8 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     from ray import tune
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    path = Path(path).resolve()
-    sf = path / SETTINGS_FILE
-    if not sf.is_file():
-        raise SearchConfigError(f"{path} is not a bitsearch experiment (no {SETTINGS_FILE})")
-    s = settings_from(json.loads(sf.read_text()))
+    path = str(path).rstrip("/") if storage.is_remote(path) else str(Path(path).resolve())
+    s = load_settings(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SearchConfigError(f"{path} holds no Ray Tune state to resume (the search never started?)")
     _init_ray(s.address, num_cpus)
@@ -256,6 +257,14 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
     tuner.fit()
     return finish(s, time.time() - t0)
+
+
+def load_settings(path: str) -> SearchSettings:
+    """The settings saved with an experiment (local path or URI)."""
+    sf = storage.join(path, SETTINGS_FILE)
+    if not storage.exists(sf):
+        raise SearchConfigError(f"{path} is not a bitsearch experiment (no {SETTINGS_FILE})")
+    return settings_from(json.loads(storage.read_text(sf)))
 
 
 def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:

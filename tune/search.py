@@ -90,6 +90,8 @@ def validate(s: SearchSettings) -> SearchSettings:
     from quantization.packing import convert, size_report
     from tune.pipeline import load_baseline
 
+    if not storage.is_remote(s.out):
+        s.out = str(Path(s.out).expanduser().resolve())  # resume/sync/report from any working directory
     if storage.is_remote(s.out) and not s.tracking_uri:
         raise SearchConfigError(f"--out {s.out} is remote storage: pass --tracking-uri (an MLflow server), the "
                                 "embedded SQLite store needs a local --out")

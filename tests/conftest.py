@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic CIFAR-like data made here (never ../shared)."""
+"""Shared fixtures: tiny synthetic CIFAR-like data that the tests make themselves."""
 from __future__ import annotations
 
 import os

@@ -119,7 +119,7 @@ def validate(s: SearchSettings) -> SearchSettings:
                                             "or granularity")
                 for v in vals:
                     quant_config({k: v}, s.quant_base)
-        qbase = quant_config({}, s.quant_base)
+        quant_config({}, s.quant_base)  # the fixed QuantConfig fields are valid on their own
     except (SpaceError, QuantConfigError) as e:
         raise SearchConfigError(str(e)) from None
     fp32, ck = load_baseline(s.baseline, s.tracking_uri)
@@ -138,7 +138,6 @@ def validate(s: SearchSettings) -> SearchSettings:
         if s.size_budget_mb < mb:
             raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "
                                     f"({mb:.4f} MB at {small.w_bits}-bit weights): raise the budget or widen the space")
-    del qbase
     return s
 
 
@@ -180,7 +179,6 @@ def build_tuner(s: SearchSettings):
 
     param_space: dict[str, Any] = {"_s": s.to_dict()}
     search_alg = scheduler = None
-    metric = mode = None
     num_samples = s.num_samples
     if s.mode == "sweep":
         for k, vals in s.grid.items():
@@ -192,18 +190,16 @@ def build_tuner(s: SearchSettings):
         from ray.tune.search.optuna import OptunaSearch
 
         from tune.space import DefineByRun
+        sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
         if s.objectives == "single":
-            sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
             searcher = OptunaSearch(space=DefineByRun(s.space), metric="objective", mode="max", sampler=sampler)
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max",
                                       max_t=max(2, _max_epochs(s) + 1), **s.asha)
         else:
-            sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
             searcher = OptunaSearch(space=DefineByRun(s.space), metric=["val_top1", "comp_mb"], mode=["max", "min"],
                                     sampler=sampler)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                  metric=metric, mode=mode,
                                   max_concurrent_trials=s.max_concurrent if search_alg is None else None,
                                   trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(

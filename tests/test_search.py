@@ -211,6 +211,25 @@ def test_unreachable_tracking_server_is_a_clear_error(baseline, tmp_path, capsys
     assert code == 2 and "unreachable" in err
 
 
+def _saved_terminated(exp: Path) -> list[str]:
+    """Trial folders that the driver's last saved experiment state (trials and Optuna study) records as finished."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except (OSError, ValueError):  # caught mid-write: try again
+        return []
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    done = [t["relative_logdir"] for t in trials if t["status"] == "TERMINATED"]
+    import pickle
+    searcher = sorted(exp.glob("searcher-state-*.pkl"))  # Ray saves the searcher after the trial states
+    try:
+        study = pickle.loads(searcher[-1].read_bytes())["_ot_study"] if searcher else None
+    except Exception:  # caught mid-write: try again
+        return []
+    finished = sum(t.state.name == "COMPLETE" for t in study.trials) if study else 0
+    return done if finished >= len(done) else []
+
+
 def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, server, baseline, tmp_path):
     """Kill the search driver after its first trial finishes; resume; 4 trials, no duplicate runs."""
     from tune.search import resume
@@ -227,14 +246,10 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     exp = tmp_path / "kr"
     first = None
     deadline = time.time() + 240
-    while time.time() < deadline and first is None:
-        for rf in exp.glob("*/result.json"):
-            lines = rf.read_text().splitlines()
-            if lines and json.loads(lines[-1]).get("final"):
-                first = rf
-        time.sleep(0.5)
+    while time.time() < deadline and first is None:  # kill once the saved state says a trial has finished
+        first = next((exp / d / "result.json" for d in _saved_terminated(exp)), None)
+        time.sleep(0.2)
     assert first is not None, "no trial finished in time"
-    time.sleep(1.5)  # let the driver save its experiment state
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first_reports = first.read_text()
@@ -274,11 +289,10 @@ def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, 
     assert summary["trials"][0]["status"] == "done"
 
 
-def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline, tmp_path):
-    """The tracking server dies after the first trial; the search goes on; once it is back,
-    `bitsearch sync` writes the missing run, and a second sync writes nothing."""
-    import threading
-
+def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline, tmp_path, monkeypatch):
+    """The tracking server dies right after the driver has logged the first trial; the search goes
+    on; once it is back, `bitsearch sync` writes the missing runs, and a second sync writes nothing."""
+    from tune.mlflow_callback import MlflowTrialCallback
     from tune.search import run
     root, port = tmp_path / "mlf", _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -290,27 +304,19 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline
         return p
 
     srv = start()
+    logged = MlflowTrialCallback.on_trial_complete
+
+    def log_then_kill(self, *a, **kw):  # runs on the driver's event loop, so no later trial is logged first
+        logged(self, *a, **kw)
+        if srv.poll() is None:
+            os.killpg(srv.pid, signal.SIGTERM)  # the server goes away mid-search
+            srv.wait(30)
+
+    monkeypatch.setattr(MlflowTrialCallback, "on_trial_complete", log_then_kill)
     s = _settings(baseline, tmp_path, name="drop", mode="sweep", grid={"w_bits": [8, 4, 2], "a_bits": [8]},
                   max_concurrent=1, tracking_uri=url, experiment="srv-drop")
     exp = Path(s.path)
-    stop = threading.Event()
-
-    def killer():
-        while not stop.is_set():
-            for rf in exp.glob("*/result.json"):
-                lines = rf.read_text().splitlines()
-                if lines and json.loads(lines[-1]).get("final"):
-                    time.sleep(2.0)  # let the driver log the first trial
-                    os.killpg(srv.pid, signal.SIGTERM)  # the server goes away mid-search
-                    srv.wait(30)
-                    return
-            time.sleep(0.2)
-
-    th = threading.Thread(target=killer)
-    th.start()
     summary = run(s)
-    stop.set()
-    th.join()
     assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
     srv = start()
     try:

@@ -129,7 +129,8 @@ def main() -> None:
     md = [f"# GPU benchmark ({res['date']}, {res.get('gpu', dev)}, tiny={tiny})", "",
           f"- tensor pipeline {img_s:.0f} img/s vs DataLoader {res['throughput']['dataloader_img_s']:.0f} img/s "
           f"({res['throughput']['pipeline_speedup']:.2f}x)",
-          f"- fake-quant step {res['throughput']['fakequant_step_overhead']:.2f}x FP32",
+          f"- fake-quant step {res['throughput']['fakequant_step_overhead']:.2f}x FP32 with BN statistics live, "
+          f"{res['throughput']['fakequant_frozen_bn_step_overhead']:.2f}x with BN frozen",
           f"- baseline {res['baseline']['epochs']} epochs in {res['baseline']['seconds']:.0f} s: test top-1 "
           f"{res['baseline']['top1']}%"]
     md += [f"- {k} concurrent trial(s) per GPU: {v['per_hour']:.0f} trials/hour" for k, v in res["trials_per_hour"].items()]

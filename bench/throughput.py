@@ -7,13 +7,15 @@
    freeze_bn_epoch epochs) and frozen (the exact folded form, after that).
 3. Eval images/s fake-quant vs FP32.
 
-    python bench/throughput.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 20
+    python bench/throughput.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 10 --rounds 3
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -71,7 +73,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 2 warm-up steps)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step-time comparison")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/throughput.json")
     a = ap.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
     data = load_dataset(a.data, download=False)
     res = {"device": str(dev), "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "width": a.width, "batch_size": a.batch_size, "steps": a.steps, "torch": torch.__version__,
+           "width": a.width, "batch_size": a.batch_size, "steps": a.steps, "rounds": a.rounds, "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}
 
     # 1. pipelines
@@ -111,19 +114,25 @@ def main() -> None:
     res["dataloader_img_s"], _ = _steps(model, _forever(dl), dev, a.steps)
     res["pipeline_speedup"] = res["tensor_pipeline_img_s"] / res["dataloader_img_s"]
 
-    # 2. fake-quant training step vs FP32 (same data path)
+    # 2. fake-quant training step vs FP32 (same data path), the three variants interleaved over
+    # --rounds rounds and the median taken, so a slow spell of a shared machine hits all of them
     torch.manual_seed(0)
     fp = MobileNetV2(width=a.width).to(dev)
-    _, res["fp32_step_s"] = _steps(fp, _forever(tensor_loader), dev, a.steps)
     q = prepare(fp, QuantConfig(w_bits=4, a_bits=4, method="qat")).to(dev)
     calibrate(q, (x for x, _ in _forever(GpuLoader(data.train_x[:1024].to(dev), data.train_y[:1024].to(dev),
                                                    a.batch_size, train=False))), 4)
-    _, res["fakequant_step_s"] = _steps(q, _forever(tensor_loader), dev, a.steps)
-    res["fakequant_step_overhead"] = res["fakequant_step_s"] / res["fp32_step_s"]
-    set_bn_frozen(q, True)  # after freeze_bn_epoch the exact folded form runs: no separate BN
-    _, res["fakequant_frozen_bn_step_s"] = _steps(_Frozen(q), _forever(tensor_loader), dev, a.steps,
-                                                  torch.optim.SGD(q.parameters(), lr=0.01, momentum=0.9))
-    res["fakequant_frozen_bn_step_overhead"] = res["fakequant_frozen_bn_step_s"] / res["fp32_step_s"]
+    q_frozen = copy.deepcopy(q)
+    set_bn_frozen(q_frozen, True)  # after freeze_bn_epoch the exact folded form runs: no separate BN
+    variants = {"fp32": fp, "fakequant": q, "fakequant_frozen_bn": _Frozen(q_frozen)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(a.rounds):
+        for k, m in variants.items():
+            times[k].append(_steps(m, _forever(tensor_loader), dev, a.steps)[1])
+    for k, ts in times.items():
+        res[f"{k}_step_s"] = statistics.median(ts)
+        res[f"{k}_step_s_rounds"] = ts
+        if k != "fp32":
+            res[f"{k}_step_overhead"] = statistics.median(t / f for t, f in zip(ts, times["fp32"]))
 
     # 3. eval throughput
     n = min(len(data.test_y), 2000 if dev.type == "cpu" else 10000)

@@ -149,7 +149,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        return torch.where(inside, grad, 0.0), None, None, None, None
 
 
 def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantization.observers import make_observer
-from quantization.primitives import EPS, choose_qparams, fake_quantize, lsq_fake_quantize, qrange
+from quantization.primitives import EPS, choose_qparams, fake_quantize, fake_quantize_relu6, lsq_fake_quantize, qrange
 
 RELU6_MAX = 6.0
 
@@ -45,11 +45,15 @@ class FakeQuantizer(nn.Module):
             self.step = nn.Parameter(torch.ones(shape))
         self.observing = True
         self.enabled = True
+        # set by prepare() when the ReLU6 that feeds this (unsigned, per-tensor) quantizer was removed
+        # from the model: the quantizer then applies it (fake_quantize_relu6: same values, one pass less)
+        self.fused_relu6 = False
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.axis is not None else "per-tensor"
         return (f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, "
-                f"{'signed' if self.signed else 'unsigned'}, {kind}, lsq={self.lsq}")
+                f"{'signed' if self.signed else 'unsigned'}, {kind}, lsq={self.lsq}"
+                + (", fused_relu6" if self.fused_relu6 else ""))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -70,6 +74,10 @@ class FakeQuantizer(nn.Module):
         return self.step.detach().abs() + EPS if self.lsq else self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_relu6 and self.enabled and not self.observing and not (self.lsq and self.training):
+            return fake_quantize_relu6(x, self.effective_scale(), self.qmax, RELU6_MAX)
+        if self.fused_relu6:  # observing, disabled or learning an LSQ step: the ReLU6 as such first
+            x = F.relu6(x)
         if self.observing or (self.dynamic and self.enabled):
             self.observe(x)
         if not self.enabled:

@@ -152,6 +152,40 @@ class _FakeQuantSTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None, None
 
 
+def fake_quantize_relu6(x: torch.Tensor, scale: torch.Tensor, qmax: int, top: float = 6.0) -> torch.Tensor:
+    """``fake_quantize(relu6(x))`` on the unsigned per-tensor grid ``[0, qmax]`` (zero-point 0) in one
+    step, so a quantized layer can absorb the ReLU6 in front of it. Clamping the codes to
+    ``[0, min(qmax, round(top / s))]`` does ReLU6's clipping: the values are identical to ReLU6 then
+    ``fake_quantize``; the gradient is ReLU6's (1 where 0 < x < top) times the straight-through mask.
+
+    >>> fake_quantize_relu6(torch.tensor([-1.0, 0.26, 2.9, 7.0]), torch.tensor(0.5), 15).tolist()
+    [0.0, 0.5, 3.0, 6.0]
+    """
+    s = scale.detach()
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantReLU6STE.apply(x, s, qmax, top)
+    return (x / s).round_().clamp_(min=0, max=_relu6_top_code(s, qmax, top)).mul_(s)
+
+
+def _relu6_top_code(s: torch.Tensor, qmax: int, top: float) -> torch.Tensor:
+    return torch.clamp(torch.round(top / s), max=qmax)  # the code ReLU6's top value rounds to
+
+
+class _FakeQuantReLU6STE(torch.autograd.Function):
+    """ReLU6 + fake-quant with one saved mask: 0 < x < min(top, s * (qmax + 0.5)), i.e. ReLU6 passes
+    the gradient and round(x / s) <= qmax (ties at qmax + 0.5 round to the even qmax + 1: clipped)."""
+
+    @staticmethod
+    def forward(ctx, x, s, qmax, top):
+        ctx.save_for_backward((x > 0) & (x < torch.clamp(s * (qmax + 0.5), max=top)))
+        return (x / s).round_().clamp_(min=0, max=_relu6_top_code(s, qmax, top)).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None
+
+
 def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
     """Identity forward; gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
     return (t - t * g).detach() + t * g

@@ -1,4 +1,5 @@
-"""QuantConvBn2d while BN statistics are live (the first QAT epochs) against the textbook form."""
+"""QuantConvBn2d while BN statistics are live (the first QAT epochs) against the textbook form, and the
+ReLU6 that prepare() fuses into the next activation quantizer against the model without the fusion."""
 import copy
 from types import SimpleNamespace
 
@@ -7,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantization import QuantConfig
+from quantization import QuantConfig, api, calibrate, prepare
 from quantization.modules import QuantConvBn2d
+from quantization.primitives import fake_quantize, fake_quantize_relu6
+from trainer.model import MobileNetV2
 
 
 def _layer(w_bits: int, groups: int = 1, bias: bool = False, momentum: float | None = 0.1):
@@ -67,3 +70,65 @@ def test_live_bn_gradients_match_the_textbook_form_through_the_ste():
     assert set(ref_grads) == {"conv.weight", "bn.weight", "bn.bias"}
     for n, p in layer.named_parameters():  # gamma included: it also learns through q(w * sf)
         torch.testing.assert_close(p.grad, ref_grads[n], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("s, bits", [(0.05, 4), (0.5, 4), (0.03, 8), (1.7, 2), (6 / 255, 8)],
+                         ids=["fine", "s*qmax>6", "8bit", "2bit", "clip-at-6"])
+def test_fake_quantize_relu6_equals_relu6_then_fake_quantize(s, bits):
+    torch.manual_seed(bits)
+    qmax, scale, zero = 2 ** bits - 1, torch.tensor(s), torch.tensor(0, dtype=torch.int32)
+    base = torch.cat([torch.linspace(-2, 9, 2001), torch.randn(4000) * 4 + 3,
+                      torch.tensor([0.0, 6.0, s * (qmax + 0.5), -s / 3])])
+    g = torch.randn_like(base)
+    x_ref, x = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ref = fake_quantize(F.relu6(x_ref), scale, zero, 0, qmax)
+    out = fake_quantize_relu6(x, scale, qmax)
+    assert torch.equal(out, ref)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    with torch.no_grad():  # the inference path too
+        assert torch.equal(fake_quantize_relu6(base, scale, qmax), fake_quantize(F.relu6(base), scale, zero, 0, qmax))
+
+
+def _fused_and_plain(width: float, cfg: QuantConfig, monkeypatch):
+    torch.manual_seed(0)
+    m = MobileNetV2(num_classes=10, width=width)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.6)
+    fused = prepare(m, cfg)
+    with monkeypatch.context() as mp:
+        mp.setattr(api, "_fuse_relu6", lambda *a: None)
+        plain = prepare(m, cfg)
+    x = torch.randn(8, 3, 32, 32)
+    calibrate(fused, [x], 1)
+    calibrate(plain, [x], 1)
+    return fused, plain, x
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5], ids=["block0-residual", "no-block0-residual"])
+@pytest.mark.parametrize("method", ["qat", "lsq"])
+def test_prepare_fuses_relu6_into_the_next_quantizer_without_changing_the_model(width, method, monkeypatch):
+    fused, plain, x = _fused_and_plain(width, QuantConfig(w_bits=4, a_bits=4, method=method), monkeypatch)
+    relu6 = lambda q: sum(isinstance(mod, nn.ReLU6) for mod in q.modules())  # noqa: E731
+    n_fused = sum(getattr(mod, "fused_relu6", False) for mod in fused.modules())
+    assert n_fused > 30 and relu6(fused) == relu6(plain) - n_fused
+    # at width 0.25 block 0 adds its input (the stem's ReLU6 output) back: that ReLU6 must stay
+    assert isinstance(fused.stem.act, nn.ReLU6) == fused.blocks[0].use_res
+    with torch.no_grad():
+        assert torch.equal(fused.eval()(x), plain.eval()(x))
+    fused.train(), plain.train()
+    torch.manual_seed(1)
+    out_f = fused(x)
+    torch.manual_seed(1)
+    out_p = plain(x)
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    out_f.square().sum().backward()
+    out_p.square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4, msg=n)

@@ -103,14 +103,19 @@ class MobileNetV2(nn.Module):
 
     def _mark_relu6_inputs(self) -> None:
         """Tag convs/linears whose input comes straight out of a ReLU6 (range [0, 6]); activation
-        quantizers use it: unsigned grid, zero-point 0, clip at most 6."""
+        quantizers use it: unsigned grid, zero-point 0, clip at most 6. ``relu6_source`` names the
+        ReLU6 module when this conv is its only reader."""
         for m in self.modules():
             if isinstance(m, ConvBNAct):
-                m.conv.input_relu6 = False
-        for blk in self.blocks:
+                m.conv.input_relu6, m.conv.relu6_source = False, None
+        for i, blk in enumerate(self.blocks):
             # dw reads the expansion's ReLU6 (or, with t == 1, the previous ReLU6 unit: the stem)
             blk.dw.conv.input_relu6 = hasattr(blk, "expand") or blk is self.blocks[0]
             blk.project.conv.input_relu6 = True
+            # the ReLU6 module whose output only this conv reads (quantization may fuse the two)
+            blk.dw.conv.relu6_source = (f"blocks.{i}.expand.act" if hasattr(blk, "expand") else
+                                        "stem.act" if i == 0 and not blk.use_res else None)  # else x is read twice
+            blk.project.conv.relu6_source = f"blocks.{i}.dw.act"
         self.classifier.input_relu6 = True  # average of ReLU6 outputs, dropout only rescales in training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def s3():
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # generous: a loaded CI machine starts Python servers slowly
     while True:
         try:
             requests.get(env["AWS_ENDPOINT_URL"], timeout=1)

@@ -366,16 +366,17 @@ def _print_table(summary: dict) -> None:
 
 
 def cmd_search(args) -> int:
-    from tune.search import SearchConfigError, run, settings_from, validate
+    from tune.pipeline import is_artifact_uri
+    from tune.search import DEFAULT_GRID, SearchConfigError, run, settings_from, validate
     section = load_profile(None, args.config).get(args.mode if args.mode == "sweep" else "search", {}) if args.config else {}
     if not isinstance(section, dict):
         raise UserError(f"the {args.mode} section of {args.config} must be a mapping")
     d = {**section, **_explicit(args, SEARCH_FLAGS)}
     d.setdefault("name", args.mode)
-    baseline = args.baseline if ("://" in args.baseline or args.baseline.startswith("runs:/")) else str(Path(args.baseline).resolve())
+    baseline = args.baseline if is_artifact_uri(args.baseline) else str(Path(args.baseline).resolve())
     d.update(mode=args.mode, baseline=baseline, data=str(Path(args.data).resolve()), out=args.out)
     if args.mode == "sweep":
-        grid = dict(d.get("grid") or {"w_bits": [8, 4, 2], "a_bits": [8, 4, 2]})
+        grid = dict(d.get("grid") or DEFAULT_GRID)
         if args.w_bits:
             grid["w_bits"] = _int_list(args.w_bits)
         if args.a_bits:
@@ -410,7 +411,7 @@ def cmd_resume(args) -> int:
 def _experiment_dir(path: str) -> str:
     """An experiment: a local path or an S3-compatible URI holding bitsearch.json."""
     from tune import storage
-    p = str(path).rstrip("/") if storage.is_remote(path) else str(Path(path).resolve())
+    p = storage.normalize(path)
     if not storage.exists(storage.join(p, "bitsearch.json")):
         raise UserError(f"{path} is not a bitsearch experiment directory (no bitsearch.json)")
     return p
@@ -430,9 +431,8 @@ def cmd_compare(args) -> int:
     missing = [t for t in args.trials if t not in set(df["trial_id"])]
     if missing:
         raise UserError(f"unknown trial id(s) {', '.join(missing)}; known: {', '.join(df['trial_id'])}")
-    sel = df[df["trial_id"].isin(args.trials)].set_index("trial_id").T
-    emit({"trials": df[df["trial_id"].isin(args.trials)].to_dict("records")}, args.json,
-         lambda: print(sel.to_string()))
+    sel = df[df["trial_id"].isin(args.trials)]
+    emit({"trials": sel.to_dict("records")}, args.json, lambda: print(sel.set_index("trial_id").T.to_string()))
     return 0
 
 

@@ -3,9 +3,9 @@
 * ``FakeQuantizer``  scale/zero-point buffers (or a learned LSQ step), an observer, and two switches:
   ``observing`` (update the range from what passes through) and ``enabled`` (fake-quantize or pass).
 * ``QuantConvBn2d``  conv + its BN, folded: the weight that gets quantized is ``w * gamma / sigma``.
-  While BN is live (QAT before ``freeze_bn``) it uses batch statistics the way PyTorch's QAT
-  ConvBn2d does (conv with the folded, quantized weight, then divided back and passed through BN);
-  otherwise it is exactly ``conv(aq(x), wq(w_fold)) + b_fold``. The input activation is quantized
+  While BN is live (QAT before ``freeze_bn_epoch``) the conv uses the folded, quantized weight and
+  BN normalises its output with batch statistics (see ``_live_bn_forward``); otherwise it is
+  exactly ``conv(aq(x), wq(w_fold)) + b_fold``. The input activation is quantized
   by ``aq`` before the conv, so activation bit-widths really apply.
 * ``QuantLinear``    ``linear(aq(x), wq(w)) + b``.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantization.primitives import choose_qparams, fake_quantize, qrange, reduce_minmax
+from quantization.primitives import channel_rows, choose_qparams, fake_quantize, qrange, reduce_minmax
 
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
 
@@ -67,8 +67,7 @@ class PercentileObserver(Observer):
         self.register_buffer("count", torch.tensor(0))
 
     def forward(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        flat = x.flatten()[None] if self.axis is None else x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        flat = channel_rows(x.detach().float(), self.axis)
         if flat.shape[1] > 1_000_000:  # torch.quantile's limit; a strided sample is plenty
             flat = flat[:, :: flat.shape[1] // 1_000_000 + 1]
         lo = torch.quantile(flat, 1 - self.q, dim=1)
@@ -99,8 +98,7 @@ class MSEObserver(Observer):
 
     def forward(self, x: torch.Tensor) -> None:
         super().forward(x)
-        x = x.detach().float()
-        flat = x.flatten()[None] if self.axis is None else x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        flat = channel_rows(x.detach().float(), self.axis)
         if flat.shape[1] > self.max_samples:
             idx = torch.randperm(flat.shape[1], device=flat.device)[: self.max_samples]
             flat = flat[:, idx]

@@ -85,8 +85,12 @@ class Entry:
     qmin: int = 0
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = int(np.prod(self.shape)) if self.shape else 1
+        n = self.numel
         return packed_nbytes(n, self.bits) if self.kind == "packed" else n * (1 if self.kind == "u8" else 4)
 
     def payload(self) -> bytes:
@@ -159,7 +163,7 @@ def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None =
     for e in entries:
         r = rows.setdefault(e.layer, {"layer": e.layer, "params": 0, "w_bits": 32, "a_bits": 32, "packed_bytes": 0,
                                       "metadata_bytes": 0, "fp32_bytes": 0})
-        n = int(np.prod(e.shape)) if e.shape else 1
+        n = e.numel
         if e.role == "weight":
             r["params"] += n
             r["w_bits"] = e.bits
@@ -180,8 +184,8 @@ def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None =
     meta = sum(e.nbytes for e in entries if e.role == "meta")
     wq = [e for e in entries if e.role == "weight"]
     wf = [e for e in entries if e.role == "weight_fp32"]
-    n_wq = sum(int(np.prod(e.shape)) for e in wq)
-    n_w = n_wq + sum(int(np.prod(e.shape)) for e in wf)
+    n_wq = sum(e.numel for e in wq)
+    n_w = n_wq + sum(e.numel for e in wf)
     w_stored = sum(e.nbytes for e in wq) + sum(e.nbytes for e in wf)
     return {
         "orig_bytes": orig_params * 4, "comp_bytes": comp,

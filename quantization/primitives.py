@@ -49,11 +49,16 @@ def _bcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``x`` as a 2-D [channels, values] view: one row per channel along ``axis``, or one row (axis None)."""
+    return x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
+
+
 def reduce_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor (axis None) or per-channel min and max."""
     if axis is None:
         return x.min(), x.max()
-    flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = channel_rows(x, axis)
     return flat.min(1).values, flat.max(1).values
 
 

@@ -24,15 +24,15 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
     data = load_dataset(data_path, subset=cfg.subset, val_size=cfg.val_size, seed=cfg.seed, download=download,
                         progress=progress)
     model = MobileNetV2(num_classes=data.num_classes, width=cfg.width, dropout=cfg.dropout)
-    params = count_params(model)
+    params, summary = count_params(model), data.summary()
     if progress:
-        progress(f"MobileNet-v2 width {cfg.width}: {params:,} params; {data.summary()['train']} train / "
-                 f"{data.summary()['val']} val / {data.summary()['test']} test images")
+        progress(f"MobileNet-v2 width {cfg.width}: {params:,} params; {summary['train']} train / "
+                 f"{summary['val']} val / {summary['test']} test images")
     res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=resume,
-                meta={**model_meta(model), "data": data.summary()})
+                meta={**model_meta(model), "data": summary})
     result = {"params": params, "epochs": cfg.epochs, "top1": _r(res["top1"]), "train_top1": _r(res["train_top1"]),
               "val_top1": _r(res["val_top1"]), "checkpoint": res["checkpoint"], "out_dir": str(out),
-              "reports": res.get("reports", {}), "config": cfg.to_dict(), "data": data.summary(),
+              "reports": res.get("reports", {}), "config": cfg.to_dict(), "data": summary,
               "history": res["history"]}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,5 @@
 """Search service: spaces, the trial function, Tuner build/run/resume, results.
 
-Ray and Optuna are imported by the submodules that need them (tune.search, tune.report), so
+Ray and Optuna are imported by the submodules that need them (tune.search, tune.results), so
 `bitsearch quantize` (which uses tune.pipeline) starts without them.
 """

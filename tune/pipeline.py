@@ -17,11 +17,17 @@ from trainer import Dataset, TrainConfig, evaluate, load_checkpoint, model_from_
 from trainer.data import normalize
 
 
+def is_artifact_uri(path: str | Path) -> bool:
+    """An MLflow artifact URI (``runs:/<run_id>/checkpoint.pt``, ``mlflow-artifacts:/...``, ``s3://...``)."""
+    p = str(path)
+    return "://" in p or p.startswith("runs:/")
+
+
 def fetch_baseline(path: str | Path, tracking_uri: str | None = None) -> str:
     """A local path for the baseline checkpoint: a file path as is, or an MLflow artifact URI
-    (``runs:/<run_id>/checkpoint.pt``, ``mlflow-artifacts:/...``, ``s3://...``) downloaded once."""
+    downloaded once."""
     p = str(path)
-    if "://" not in p and not p.startswith("runs:/"):
+    if not is_artifact_uri(p):
         return p
     import mlflow.artifacts
     return mlflow.artifacts.download_artifacts(artifact_uri=p, tracking_uri=tracking_uri)

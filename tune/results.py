@@ -40,9 +40,7 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     for t in trials:
         c, f = t["config"], t["final"] or {}
         blocks = {k: v for k, v in c.items() if k.startswith("w_bits_b")}
-        w = c.get("w_bits", "mixed" if blocks else None)
-        if blocks:
-            w = f"mixed {min(blocks.values())}-{max(blocks.values())}"
+        w = f"mixed {min(blocks.values())}-{max(blocks.values())}" if blocks else c.get("w_bits")
         status = "done" if t["final"] else ("stopped" if t["reports"] else "no result")
         if f.get("over_budget"):
             status = "over budget"
@@ -149,10 +147,9 @@ def write_report(experiment: str | Path) -> dict[str, Any]:
     front = pareto_front(df) if not df.empty else df
     files = {"csv": str(path / "results.csv"), "markdown": str(path / "results.md"), "json": str(path / "results.json")}
     df.to_csv(files["csv"], index=False)
-    fmt = df.copy()
     md = ["# Search results", "", f"Experiment: `{path}`", "",
           "Accuracy = test top-1 (%), Val_Acc = validation top-1 (%, the search objective), sizes in MB (10^6 bytes).",
-          "", fmt.to_markdown(index=False, floatfmt=".3f") if not fmt.empty else "(no trials)", "",
+          "", df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(no trials)", "",
           "## Pareto front (validation accuracy vs compressed size)", "",
           front.to_markdown(index=False, floatfmt=".3f") if not front.empty else "(none)", ""]
     Path(files["markdown"]).write_text("\n".join(md))
@@ -173,14 +170,14 @@ def sync(path: str | Path) -> dict[str, int]:
     """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
     from mlflow.tracking import MlflowClient
 
-    from mlflow_server.logging import SearchLogger, check_reachable, default_tracking_uri
+    from mlflow_server.logging import SearchLogger, check_reachable
     from tune.search import load_settings
 
     s = load_settings(str(path))
     path = storage.local_copy(s.path)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
-    lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, s.path)
+    lg = SearchLogger(s.tracking_store, s.experiment, s.path)
     written = 0
     for t in load_trials(path):
         if not t["reports"]:
@@ -196,7 +193,5 @@ def sync(path: str | Path) -> dict[str, int]:
         lg.finish_trial(rid, t["final"] or t["reports"][-1], t["checkpoint"], "FINISHED" if t["final"] else "KILLED")
         written += 1
     if MlflowClient(lg.uri).get_run(lg.parent_run_id).info.status != "FINISHED":  # the search ended while offline
-        summary = write_report(s.path)
-        lg.finish_search([summary["files"][k] for k in ("csv", "markdown", "json", "pareto_png", "parallel_png",
-                                                         "parallel_html") if k in summary["files"]])
+        lg.finish_search(list(write_report(s.path)["files"].values()))
     return {"written": written}

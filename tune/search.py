@@ -25,7 +25,6 @@ from tune import storage
 from tune.space import SpaceError, smallest_bits, validate_space, quant_config
 
 SETTINGS_FILE = "bitsearch.json"
-METRICS = ("val_top1", "objective", "comp_mb", "ratio", "top1", "test_top1")
 DEFAULT_GRID = {"w_bits": [8, 4, 2], "a_bits": [8, 4, 2]}
 
 
@@ -64,6 +63,12 @@ class SearchSettings:
     fail_once_after_epoch: int = 0             # test hook
 
     @property
+    def tracking_store(self) -> str:
+        """--tracking-uri, or the embedded SQLite store next to the experiments."""
+        from mlflow_server.logging import default_tracking_uri
+        return self.tracking_uri or default_tracking_uri(self.out)
+
+    @property
     def path(self) -> str:
         """The experiment: OUT/NAME, a local/NFS path or an S3-compatible URI."""
         return storage.join(self.out, self.name)
@@ -99,7 +104,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         raise SearchConfigError(f"mode={s.mode!r} is invalid: sweep or search")
     if s.objectives not in ("single", "multi"):
         raise SearchConfigError(f"objectives={s.objectives!r} is invalid: single or multi")
-    if s.metric not in ("val_top1", "top1", "ratio", "objective"):
+    if s.metric != "val_top1":  # the one implemented objective (see trial.objective)
         raise SearchConfigError(f"metric={s.metric!r} is unknown: allowed val_top1 (validation top-1, maximised "
                                 "under the size budget)")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1)):
@@ -165,10 +170,8 @@ def _trainable(s: SearchSettings):
 
 
 def _mlflow_callback(s: SearchSettings):
-    from mlflow_server.logging import default_tracking_uri
     from tune.mlflow_callback import MlflowTrialCallback
-    uri = s.tracking_uri or default_tracking_uri(s.out)
-    return MlflowTrialCallback(uri, s.experiment, s.path, s.to_dict())
+    return MlflowTrialCallback(s.tracking_store, s.experiment, s.path, s.to_dict())
 
 
 def build_tuner(s: SearchSettings):
@@ -224,12 +227,16 @@ def _max_epochs(s: SearchSettings) -> int:
     return int(spec[1]) if spec else s.qat_epochs
 
 
+def _short_mlflow_retries() -> None:
+    """A tracking server that goes away mid-search must not stall the driver in retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def run(s: SearchSettings, num_cpus: int | None = None) -> dict[str, Any]:
     """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict."""
     from mlflow_server.logging import check_reachable
-    # a tracking server that goes away mid-search must not stall the driver in retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _short_mlflow_retries()
     validate(s)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
@@ -244,9 +251,8 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     """Continue an interrupted search: finished trials are kept, errored ones resumed from their last
     checkpoint, the Optuna study's history is restored with the searcher."""
     from ray import tune
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    path = str(path).rstrip("/") if storage.is_remote(path) else str(Path(path).resolve())
+    _short_mlflow_retries()
+    path = storage.normalize(path)
     s = load_settings(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SearchConfigError(f"{path} holds no Ray Tune state to resume (the search never started?)")
@@ -270,12 +276,11 @@ def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
     summary = write_report(s.path)
     summary["seconds"] = seconds
     try:
-        from mlflow_server.logging import SearchLogger, default_tracking_uri
-        lg = SearchLogger(s.tracking_uri or default_tracking_uri(s.out), s.experiment, str(s.path))
+        from mlflow_server.logging import SearchLogger
+        lg = SearchLogger(s.tracking_store, s.experiment, str(s.path))
         summary["mlflow_experiment_id"] = lg.experiment_id
         summary["mlflow_parent_run_id"] = lg.parent_run_id
-        lg.finish_search([summary["files"][k] for k in ("csv", "markdown", "pareto_png", "parallel_png",
-                                                         "parallel_html", "json") if k in summary["files"]])
+        lg.finish_search(list(summary["files"].values()))
     except Exception as e:  # results stay on disk; `bitsearch sync` fills MLflow in later
         warnings.warn(f"MLflow parent run not updated: {e}")
     return summary

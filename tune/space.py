@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from quantization import QuantConfig
+from trainer.model import STAGES
 
-NUM_BLOCKS = 17
+NUM_BLOCKS = sum(n for _, _, n, _ in STAGES)  # inverted-residual blocks: blocks.0 .. blocks.16
 INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
 FLOAT_KEYS = {"qat_lr"}
 CAT_KEYS = {"method": ("ptq", "qat", "lsq"), "granularity": ("per_channel", "per_tensor")}

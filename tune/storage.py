@@ -18,6 +18,11 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def normalize(uri: str | os.PathLike) -> str:
+    """A URI without its trailing slash, or an absolute local path."""
+    return str(uri).rstrip("/") if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
 def join(base: str | os.PathLike, name: str) -> str:
     if is_remote(base):
         return f"{str(base).rstrip('/')}/{name}"

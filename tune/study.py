@@ -221,8 +221,8 @@ def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dic
         if files.get("parallel_png"):
             L += [f"![parallel coordinates]({rel(files['parallel_png'])})", ""]
         if summary.get("pareto"):
-            L += ["Pareto front:", "", _md_table(pd.DataFrame(summary["pareto"])[[c for c in cols[1:] if c in
-                                                                                     pd.DataFrame(summary["pareto"])]]), ""]
+            front = pd.DataFrame(summary["pareto"])
+            L += ["Pareto front:", "", _md_table(front[[c for c in cols[1:] if c in front]]), ""]
     L += ["## 6. Compression ratios and how they were measured", "",
           "- model ratio = FP32 parameters x 4 bytes / bytes stored in the packed file's payload (the file adds only "
           "its JSON header);",

@@ -72,6 +72,17 @@ def writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that ``path`` can be written as a file (its folder is created)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a directory: give a file path such as {p / 'model.bsq'}")
+    writable_dir(p.parent)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{flag} {p} exists and is not writable")
+    return p
+
+
 def _json_safe(obj: Any) -> Any:
     """NaN/inf -> null, so the line is strict JSON."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
@@ -226,13 +237,21 @@ def add_quantize(sub) -> None:
 def cmd_quantize(args) -> int:
     from quantization import QuantConfig
     from trainer import load_dataset
-    from tune.pipeline import load_baseline, public, quantize_model, write_result
+    from tune.pipeline import load_baseline, packed_meta, public, quantize_model, write_result
 
-    section = dict(load_profile(None, args.config).get("quantize", {}))  # QuantConfig keys + epochs, lr
+    section = load_profile(None, args.config).get("quantize") or {}  # QuantConfig keys + epochs, lr
+    if not isinstance(section, dict):
+        raise UserError(f"the quantize: section of {args.config} must be a mapping of options (w_bits: 4, a_bits: 8, "
+                        f"...), not a {type(section).__name__}")
+    section = dict(section)
     try:
         yaml_epochs, yaml_lr = int(section.pop("epochs", 1)), float(section.pop("lr", 0.01))
     except (TypeError, ValueError):
         raise UserError(f"quantize.epochs / quantize.lr in {args.config} must be numbers") from None
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} is invalid: an integer >= 1")
+    if args.export:
+        writable_file(args.export, "--export")
     qat_epochs = args.epochs if args.epochs is not None else yaml_epochs
     qat_lr = args.lr if args.lr is not None else yaml_lr
     qcfg = QuantConfig.from_dict({**section, **_explicit(args, QUANT_FLAGS)})
@@ -253,7 +272,7 @@ def cmd_quantize(args) -> int:
     cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method != "ptq" else []
     res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=args.batch_size,
                          seed=tc.get("seed", 0), device=args.device, out_dir=out, callbacks=cbs,
-                         export=args.export, model_meta=ck["meta"])
+                         export=args.export, model_meta=packed_meta(ck))
     write_result(out, res)
     result = public(res)
     result["out_dir"] = str(out)
@@ -277,9 +296,51 @@ def cmd_quantize(args) -> int:
                 f"{am['batch1']['quant_bytes']:,} B ({am['batch1']['ratio']:.2f}x); batch 128: "
                 f"{am['batch128']['fp32_bytes']:,} -> {am['batch128']['quant_bytes']:,} B")
         if result.get("export"):
-            c.print(f"packed model {result['export']}: {result['export_bytes']:,} B on disk "
-                    f"({result['export_header_bytes']:,} B header + {result['export_bytes'] - result['export_header_bytes']:,} B payload)")
+            c.print(f"packed model {result['export']}: {result['export_bytes']:,} B on disk = comp_mb "
+                    f"(of which {result['export_header_bytes']:,} B header, tensor table and checksum)")
     emit(result, args.json, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure a packed model file (.bsq) on its own: test top-1 and size on disk")
+    p.add_argument("--packed", required=True, help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from quantization.packing import load_packed
+    from trainer import evaluate, load_dataset, model_from_meta, resolve_device
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} is invalid: an integer >= 1")
+    dev = resolve_device(args.device)
+    model = load_packed(args.packed, model_from_meta)  # PackedFileError: one line naming what is wrong
+    header = model.bitsearch_header
+    con = stderr_console()
+    data = load_dataset(args.data, download=not args.no_download, progress=lambda s: con.print(s))
+    classes = header["model"].get("classes") or []
+    if (classes and list(classes) != list(data.classes)) or data.num_classes != header["model"].get("num_classes"):
+        raise UserError(f"{args.packed} was trained on classes {classes or header['model'].get('num_classes')}, "
+                        f"the data at {args.data} has {list(data.classes)}")
+    res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=args.batch_size, device=dev)
+    size = Path(args.packed).stat().st_size
+    cfg = header["config"]
+    result = {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, "w_bits": cfg["w_bits"],
+              "a_bits": cfg["a_bits"], "method": cfg["method"], "test_images": len(data.test_y),
+              "packed": str(args.packed)}
+    emit(result, args.json, lambda: print(f"{args.packed}: W{cfg['w_bits']}A{cfg['a_bits']} {cfg['method']}, "
+                                          f"test top-1 {res['top1']:.2f}% on {len(data.test_y):,} images, "
+                                          f"{size:,} B on disk ({size / 1e6:.4f} MB)"))
     return 0
 
 
@@ -542,15 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train(sub)
     add_quantize(sub)
+    add_eval(sub)
     add_search(sub)
     add_server(sub)
     add_study(sub)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
     return p
-
-
-_EXTRA_COMMANDS: list[Callable] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,10 +636,10 @@ def _known_errors() -> tuple[type, ...]:
     from trainer import CheckpointError, ConfigError, DataError
     errs: list[type] = [UserError, DataError, ConfigError, CheckpointError]
     try:
-        from quantization import QuantConfigError
+        from quantization import CalibrationError, QuantConfigError
         from quantization.packing import PackedFileError
         from mlflow_server.logging import TrackingError
-        errs += [QuantConfigError, PackedFileError, TrackingError]
+        errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError]
     except ImportError:
         pass
     return tuple(errs)

@@ -5,22 +5,26 @@ Method
 1. Trace the model with torch.fx, treating each conv unit (conv + BN + activation, fused at
    inference), linear, pooling and dropout as one node; run it once (ShapeProp) to get every
    intermediate tensor's shape. Element counts scale exactly with the batch size.
-2. Storage precision of each tensor: a tensor can be kept at ``b`` bits when everything that reads
-   it reads it at most at ``b`` bits. A quantized layer reads its input at its ``a_bits``; an FP32
-   layer and the model output read at 32; element-wise / pooling / reshaping nodes pass on what
-   their own output needs (computed backwards through the graph). The input image is read by the
-   first conv, FP32 by default, so it stays at 32 bits.
-3. Liveness: a tensor lives from the node that makes it to its last reader. Walking the nodes in
-   execution order, the memory in use at a step is the sum of the live tensors' bytes
-   (ceil(elements * bits / 8)); the peak is the maximum over steps. Weights are not counted.
+2. Storage precision of each tensor, as the model computes it: a tensor is stored at ``b`` bits only
+   when its one and only reader is a quantized layer whose input quantizer reads it at ``b`` bits
+   (the producer can then write its output straight onto that grid, as integer runtimes do).
+   Views (flatten, reshape, dropout and identity at inference) pass their reader on. Any other
+   reader (the residual ``add``, pooling, an FP32 layer, the model output) needs the full-precision
+   values, so the tensor counts at 32 bits: MobileNet-v2's residual branches are added in FP32, so
+   the block outputs they carry count in full. tests/test_quant_packing.py checks that every tensor
+   counted below 32 bits really holds at most 2^b distinct values.
+3. Liveness: a tensor lives from the node that makes it to its last reader (a view extends the life
+   of the tensor it aliases and adds no bytes of its own). Walking the nodes in execution order, the
+   memory in use at a step is the sum of the live tensors' bytes (ceil(elements * bits / 8)); the
+   peak is the maximum over steps. Weights are not counted.
 
 The ratio FP32 peak / quantized peak is therefore not simply 32 / a_bits: FP32 tensors that stay
-live (the input image, the input of an FP32 classifier, residual branches read at higher
-precision) count in full.
+live (the input image, residual branches, the input of an FP32 classifier) count in full.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +33,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from quantization.modules import QuantConvBn2d, QuantLinear
 
-_PASS_THROUGH = {"add", "iadd", "flatten", "relu6", "dropout", "adaptive_avg_pool2d", "reshape", "view", "cat",
-                 "mul", "getattr"}
+VIEW_FUNCTIONS = (torch.flatten, torch.reshape)
+VIEW_METHODS = ("view", "reshape", "flatten", "contiguous")
+VIEW_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 
 
 class _Tracer(fx.Tracer):
@@ -40,63 +45,79 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (QuantConvBn2d, QuantLinear)) or super().is_leaf_module(m, qualname)
 
 
-def _input_bits(module: nn.Module) -> int:
-    """Bits at which ``module`` reads its input (32 unless it quantizes it)."""
+def input_quantizer(module: nn.Module):
+    """The activation quantizer through which ``module`` reads its input (None: it reads FP32)."""
     if isinstance(module, (QuantConvBn2d, QuantLinear)):
-        return module.aq.bits if module.aq is not None and module.aq.enabled else 32
+        return module.aq if module.aq is not None and module.aq.enabled else None
     conv = getattr(module, "conv", None)
-    if isinstance(conv, (QuantConvBn2d, QuantLinear)):
-        return _input_bits(conv)
-    return 32
+    return input_quantizer(conv) if isinstance(conv, (QuantConvBn2d, QuantLinear)) else None
 
 
-def _is_compute(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear, QuantConvBn2d, QuantLinear)) or hasattr(module, "conv")
+def is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A node whose output holds its input's values (no new tensor at inference)."""
+    return ((node.op == "call_function" and node.target in VIEW_FUNCTIONS)
+            or (node.op == "call_method" and node.target in VIEW_METHODS)
+            or (node.op == "call_module" and isinstance(modules[node.target], VIEW_MODULES)))
+
+
+@dataclass
+class Tensor:
+    node: fx.Node
+    numel: int          # elements per image (0 for a view: it aliases its input)
+    bits: int           # storage precision as the model computes it
 
 
 @torch.no_grad()
-def activation_memory(model: nn.Module, input_shape=(1, 3, 32, 32), batch_sizes=(1, 128)) -> dict[str, Any]:
-    """Peak live activation bytes of one forward pass at FP32 and as the model stores them."""
+def tensor_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[fx.GraphModule, list[Tensor]]:
+    """The traced graph and, per node in execution order, its size and storage precision."""
     was = model.training
     model.eval()
     gm = fx.GraphModule(model, _Tracer().trace(model))
     ShapeProp(gm).propagate(torch.zeros(input_shape, device=next(model.parameters()).device))
     model.train(was)
-    nodes = [n for n in gm.graph.nodes]
     modules = dict(gm.named_modules())
-    numel = {}
+    nodes = list(gm.graph.nodes)
+
+    def readers(n: fx.Node) -> list[fx.Node]:
+        """The nodes that consume ``n``'s values, looking through views."""
+        out = []
+        for u in n.users:
+            out += readers(u) if is_view(u, modules) else [u]
+        return out
+
+    table = []
     for n in nodes:
         tm = n.meta.get("tensor_meta")
-        numel[n] = math.prod(tm.shape) // input_shape[0] if tm is not None and hasattr(tm, "shape") else 0
+        numel = math.prod(tm.shape) // input_shape[0] if tm is not None and hasattr(tm, "shape") else 0
+        if is_view(n, modules) or n.op == "output":
+            numel = 0
+        rs = readers(n)
+        q = input_quantizer(modules[rs[0].target]) if len(rs) == 1 and rs[0].op == "call_module" else None
+        table.append(Tensor(n, numel, q.bits if q is not None else 32))
+    return gm, table
 
-    # storage bits, backwards: a tensor's bits = max over its readers of the bits they read it at
-    bits: dict[fx.Node, int] = {}
-    for n in reversed(nodes):
-        reads = []
-        for u in n.users:
-            if u.op == "output":
-                reads.append(32)
-            elif u.op == "call_module" and _is_compute(modules[u.target]):
-                reads.append(_input_bits(modules[u.target]))
-            else:
-                reads.append(bits.get(u, 32))  # pass-through: what its own output needs
-        bits[n] = max(reads) if reads else 32
 
-    order = {n: i for i, n in enumerate(nodes)}
-    last_use = {n: max([order[u] for u in n.users], default=order[n]) for n in nodes}
+@torch.no_grad()
+def activation_memory(model: nn.Module, input_shape=(1, 3, 32, 32), batch_sizes=(1, 128)) -> dict[str, Any]:
+    """Peak live activation bytes of one forward pass at FP32 and as the model stores them."""
+    gm, table = tensor_table(model, input_shape)
+    modules = dict(gm.named_modules())
+    order = {t.node: i for i, t in enumerate(table)}
+    last_use = {t.node: max([order[u] for u in t.node.users], default=order[t.node]) for t in table}
+    for t in reversed(table):  # a view keeps the tensor it aliases alive as long as itself
+        if is_view(t.node, modules):
+            for src in t.node.all_input_nodes:
+                last_use[src] = max(last_use[src], last_use[t.node])
 
     def peak(batch: int, quantized: bool) -> int:
         best = 0
-        for t, _ in enumerate(nodes):
-            live = 0
-            for n in nodes:
-                if numel[n] and order[n] <= t <= last_use[n] and n.op != "output":
-                    b = bits[n] if quantized else 32
-                    live += math.ceil(numel[n] * batch * b / 8)
+        for step in range(len(table)):
+            live = sum(math.ceil(t.numel * batch * (t.bits if quantized else 32) / 8) for t in table
+                       if t.numel and order[t.node] <= step <= last_use[t.node])
             best = max(best, live)
         return best
 
-    out: dict[str, Any] = {"method": "fx liveness over fused conv units; see quantization/actmem.py"}
+    out: dict[str, Any] = {"method": "fx liveness over fused conv units, residual adds in FP32; see quantization/actmem.py"}
     for b in batch_sizes:
         f, q = peak(b, False), peak(b, True)
         out[f"batch{b}"] = {"fp32_bytes": f, "quant_bytes": q, "ratio": f / q}

@@ -19,6 +19,10 @@ from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
 
 
+class CalibrationError(ValueError):
+    """Calibration could not set the activation ranges (no data)."""
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Module, nn.Module | None]]:
     """name -> (parent, attribute, layer, bn or None) for every conv/linear that can be quantized."""
     out = {}
@@ -104,6 +108,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: in
     for a in aqs:
         a.observing, a.enabled = False, True
     model.train(was)
+    if n == 0 and aqs:
+        raise CalibrationError("calibration saw no batches: activation ranges would stay unset; give calibration "
+                               "data (at least one batch)")
     return n
 
 

@@ -124,11 +124,16 @@ class QuantConfig:
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 50 < p <= 100:
             raise QuantConfigError(f"percentile={p!r} is invalid: allowed (50, 100]")
-        if isinstance(self.keep_fp32, str):
-            set_("keep_fp32", (self.keep_fp32,))
-        set_("keep_fp32", tuple(self.keep_fp32))
+        keep = (self.keep_fp32,) if isinstance(self.keep_fp32, str) else self.keep_fp32
+        if not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) and k for k in keep):
+            raise QuantConfigError(f"keep_fp32={self.keep_fp32!r} is invalid: a list of layer-name globs such as "
+                                   "[stem.conv, classifier]")
+        set_("keep_fp32", tuple(keep))
+        if isinstance(self.overrides, (str, dict)) or not isinstance(self.overrides, (list, tuple)):
+            raise QuantConfigError(f"overrides={self.overrides!r} is invalid: a list of mappings such as "
+                                   "[{pattern: blocks.3.*, w_bits: 4}]")
         ovs = []
-        for o in self.overrides:
+        for i, o in enumerate(self.overrides):
             if isinstance(o, dict):
                 unknown = set(o) - {f.name for f in fields(LayerOverride)}
                 if unknown:
@@ -137,6 +142,9 @@ class QuantConfig:
                 if "pattern" not in o:
                     raise QuantConfigError(f"override {o!r} has no pattern")
                 o = LayerOverride(**o)
+            elif not isinstance(o, LayerOverride):
+                raise QuantConfigError(f"overrides[{i}]={o!r} is invalid: a mapping such as "
+                                       "{pattern: blocks.3.*, w_bits: 4}")
             ovs.append(o)
         set_("overrides", tuple(ovs))
 

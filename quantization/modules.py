@@ -83,7 +83,7 @@ class FakeQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.lsq and self.training and torch.is_grad_enabled():
-            return lsq_fake_quantize(x, self.step, self.zero_point, self.qmin, self.qmax, self.axis)
+            return lsq_fake_quantize(x, self.step.abs() + EPS, self.zero_point, self.qmin, self.qmax, self.axis)
         return fake_quantize(x, self.effective_scale(), self.zero_point, self.qmin, self.qmax, self.axis)
 
     def freeze(self) -> None:

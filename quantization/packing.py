@@ -1,19 +1,24 @@
-"""convert -> a table of tensors to store; the packed file; size accounting from the same table.
+"""convert -> the packed model (a table of tensors to store); the file; size accounting from the same bytes.
 
-File layout (little-endian)::
+File layout (format 2, little-endian)::
 
-    b"BSQP" | u16 format version | u32 header length | header (UTF-8 JSON) | payload
+    b"BSQP" | u16 format version | u32 header length | u32 payload length | header | payload | SHA-256
 
-The header holds the model description, the quantization config, the tensor table (name, kind,
-shape, bits, offset, length) and the payload's SHA-256. The payload is the tensors back to back:
+* header: zlib-compressed JSON: the model description, the quantization config and the tensor
+  table (one row per tensor: name, kind, role, bits, qmin, shape). Offsets and byte counts are not
+  stored: tensors lie back to back in table order and each one's length follows from kind, bits
+  and shape.
+* payload: the tensors back to back:
 
-* ``packed``  integer weight codes, ``bits`` bits each (offset by -qmin to be unsigned), as one
-  little-endian bit stream per tensor padded to a whole byte: no byte per value;
-* ``f32``     float32 (scales, folded biases, FP32 layers, BN of FP32 layers);
-* ``u8``      zero-points of asymmetric quantizers.
+  * ``packed``  integer weight codes, ``bits`` bits each (offset by -qmin to be unsigned), as one
+    little-endian bit stream per tensor padded to a whole byte: no byte per value;
+  * ``f32``     float32 (scales, folded biases, FP32 layers, BN of FP32 layers);
+  * ``u8``      zero-points of asymmetric quantizers.
 
-``size_report`` counts exactly the payload, so ``file size == header + payload`` and the reported
-compressed size is what sits on disk apart from the header.
+* SHA-256 of every byte before it (preamble, header and payload): any edit or truncation is caught.
+
+``size_report`` counts the bytes of exactly this file, header and checksum included, so
+``comp_bytes == file size`` (what ``ls -l`` shows) for every configuration.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import hashlib
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,16 +36,20 @@ import torch
 from torch import nn
 
 from quantization.api import prepare, quant_layers
-from quantization.config import QuantConfig
+from quantization.config import QuantConfig, QuantConfigError
 from quantization.primitives import dequantize, quantize
 
 MAGIC = b"BSQP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PREAMBLE = struct.Struct("<4sHII")   # magic, version, header length, payload length
+DIGEST_BYTES = 32                    # SHA-256 trailer
+KINDS = ("packed", "f32", "u8")
+ROLES = ("weight", "weight_fp32", "bias", "meta", "fp32")
 MB = 1e6  # sizes are reported in MB = 10^6 bytes
 
 
 class PackedFileError(RuntimeError):
-    pass
+    """A packed model file is unreadable, corrupt, edited or does not fit its own description."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +89,7 @@ class Entry:
     kind: str              # packed | f32 | u8
     role: str              # weight | weight_fp32 | bias | meta | fp32
     layer: str             # the layer (module prefix) it belongs to
-    tensor: torch.Tensor   # codes (int, unsigned offset applied) or values
+    tensor: torch.Tensor | None  # codes (int, unsigned offset applied) or values; None in a table read from a file
     shape: tuple[int, ...]
     bits: int = 32
     qmin: int = 0
@@ -92,6 +102,10 @@ class Entry:
     def nbytes(self) -> int:
         n = self.numel
         return packed_nbytes(n, self.bits) if self.kind == "packed" else n * (1 if self.kind == "u8" else 4)
+
+    def row(self) -> list:
+        """The entry's line in the file's tensor table."""
+        return [self.name, self.kind, self.role, self.bits, self.qmin, list(self.shape)]
 
     def payload(self) -> bytes:
         t = self.tensor.detach().cpu()
@@ -107,9 +121,49 @@ def _layer_of(key: str) -> str:
     return ".".join(parts[:-1]) if len(parts) > 1 else key
 
 
+@dataclass
+class Packed:
+    """A deployable quantized model: the tensors to store plus what it takes to rebuild the network.
+    ``header()`` and ``to_bytes()`` are the file; ``file_bytes`` is its exact size."""
+    entries: list[Entry]
+    model_meta: dict[str, Any]
+    config: QuantConfig
+    plan: dict | None = None
+
+    def header(self) -> bytes:
+        doc = {"format": "bitsearch-packed", "model": self.model_meta, "config": self.config.to_dict(),
+               "tensors": [e.row() for e in self.entries]}
+        return zlib.compress(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), 9)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Everything in the file that is not a tensor: preamble, header (table, config) and checksum."""
+        return PREAMBLE.size + len(self.header()) + DIGEST_BYTES
+
+    @property
+    def file_bytes(self) -> int:
+        return self.overhead_bytes + self.payload_bytes
+
+    def to_bytes(self) -> bytes:
+        header = self.header()
+        chunks = []
+        for e in self.entries:
+            data = e.payload()
+            assert len(data) == e.nbytes, (e.name, len(data), e.nbytes)
+            chunks.append(data)
+        payload = b"".join(chunks)
+        body = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), len(payload)) + header + payload
+        return body + hashlib.sha256(body).digest()
+
+
 @torch.no_grad()
-def convert(qmodel: nn.Module) -> list[Entry]:
-    """The tensors that make up the deployable quantized model (BN folded, integer weight codes)."""
+def convert(qmodel: nn.Module, model_meta: dict[str, Any]) -> Packed:
+    """The tensors that make up the deployable quantized model (BN folded, integer weight codes).
+    ``model_meta`` is what ``load_packed``'s ``build_model`` needs to rebuild the FP32 architecture."""
     qmodel = qmodel.eval()
     qlayers = quant_layers(qmodel)
     entries: list[Entry] = []
@@ -142,27 +196,34 @@ def convert(qmodel: nn.Module) -> list[Entry]:
             continue  # quant layers handled above; integer counters (num_batches_tracked) are not needed
         role = "weight_fp32" if key.endswith(".weight") and t.ndim >= 2 else "fp32"
         entries.append(Entry(key, "f32", role, _layer_of(key), t, tuple(t.shape)))
-    return entries
+    return Packed(entries, dict(model_meta), qmodel.bitsearch_qconfig, getattr(qmodel, "bitsearch_plan", None))
 
 
 # ------------------------------------------------------------------------------------------------
 # size accounting
 
+FILE_ROW = "(file: header, tensor table, checksum)"
 
-def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None = None) -> dict[str, Any]:
-    """Per-layer and total sizes of exactly what the packed file stores.
+
+def size_report(packed: Packed, fp32_model: nn.Module) -> dict[str, Any]:
+    """Per-layer and total sizes of exactly the bytes of the packed file.
 
     * ``orig_mb``: the FP32 model's parameters at 4 bytes each (the usual "model size");
-    * ``comp_mb``: every stored byte: packed weights, scales, zero-points, biases, FP32 leftovers;
+    * ``comp_mb``: the packed file's size: packed weights, scales, zero-points, biases, FP32 leftovers,
+      and the file's own header (config, tensor table) and checksum. ``comp_bytes`` == ``ls -l``;
     * ``ratio`` = orig / comp; ``weight_ratio``: conv/linear weights at FP32 vs as stored (no metadata);
-    * ``metadata_overhead``: scales + zero-points as a fraction of comp; ``quantized_fraction``: share of
-      all parameters stored below 32 bits.
+    * ``metadata_bytes``: scales + zero-points; ``metadata_overhead``: those plus the file header as a
+      fraction of comp; ``quantized_fraction``: share of all parameters stored below 32 bits.
+
+    ``layers`` has one row per layer plus one for the file header; their ``total_bytes`` sum to comp.
     """
+    entries = packed.entries
     orig_params = sum(p.numel() for p in fp32_model.parameters())
     rows: dict[str, dict[str, Any]] = {}
+    blank = {"params": 0, "w_bits": 32, "a_bits": 32, "packed_bytes": 0, "metadata_bytes": 0, "fp32_bytes": 0,
+             "header_bytes": 0}
     for e in entries:
-        r = rows.setdefault(e.layer, {"layer": e.layer, "params": 0, "w_bits": 32, "a_bits": 32, "packed_bytes": 0,
-                                      "metadata_bytes": 0, "fp32_bytes": 0})
+        r = rows.setdefault(e.layer, {"layer": e.layer, **blank})
         n = e.numel
         if e.role == "weight":
             r["params"] += n
@@ -174,13 +235,14 @@ def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None =
             r["fp32_bytes"] += e.nbytes
             if e.role == "weight_fp32":
                 r["params"] += n
-    if plan:
-        for name, p in plan.items():
-            if name in rows:
-                rows[name]["a_bits"] = p.a_bits
+    for name, p in (packed.plan or {}).items():
+        if name in rows:
+            rows[name]["a_bits"] = p.a_bits
+    overhead = packed.overhead_bytes
+    rows[FILE_ROW] = {"layer": FILE_ROW, **blank, "w_bits": None, "a_bits": None, "header_bytes": overhead}
     for r in rows.values():
-        r["total_bytes"] = r["packed_bytes"] + r["metadata_bytes"] + r["fp32_bytes"]
-    comp = sum(e.nbytes for e in entries)
+        r["total_bytes"] = r["packed_bytes"] + r["metadata_bytes"] + r["fp32_bytes"] + r["header_bytes"]
+    comp = packed.payload_bytes + overhead
     meta = sum(e.nbytes for e in entries if e.role == "meta")
     wq = [e for e in entries if e.role == "weight"]
     wf = [e for e in entries if e.role == "weight_fp32"]
@@ -188,9 +250,10 @@ def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None =
     n_w = n_wq + sum(e.numel for e in wf)
     w_stored = sum(e.nbytes for e in wq) + sum(e.nbytes for e in wf)
     return {
-        "orig_bytes": orig_params * 4, "comp_bytes": comp,
+        "orig_bytes": orig_params * 4, "comp_bytes": comp, "header_bytes": overhead,
         "orig_mb": orig_params * 4 / MB, "comp_mb": comp / MB, "ratio": orig_params * 4 / comp,
-        "weight_ratio": n_w * 4 / max(1, w_stored), "metadata_bytes": meta, "metadata_overhead": meta / comp,
+        "weight_ratio": n_w * 4 / max(1, w_stored), "metadata_bytes": meta,
+        "metadata_overhead": (meta + overhead) / comp,
         "quantized_fraction": n_wq / max(1, orig_params), "params": orig_params,
         "layers": list(rows.values()),
     }
@@ -200,72 +263,105 @@ def size_report(entries: list[Entry], fp32_model: nn.Module, plan: dict | None =
 # file
 
 
-def save_packed(path: str | Path, entries: list[Entry], *, model_meta: dict, config: QuantConfig,
-                extra: dict | None = None) -> dict[str, Any]:
-    """Write the packed file; returns {'path', 'file_bytes', 'header_bytes', 'payload_bytes'}."""
-    table, chunks, off = [], [], 0
-    for e in entries:
-        data = e.payload()
-        assert len(data) == e.nbytes, (e.name, len(data), e.nbytes)
-        table.append({"name": e.name, "kind": e.kind, "role": e.role, "layer": e.layer, "shape": list(e.shape),
-                      "bits": e.bits, "qmin": e.qmin, "offset": off, "nbytes": len(data)})
-        chunks.append(data)
-        off += len(data)
-    payload = b"".join(chunks)
-    header = json.dumps({"format": "bitsearch-packed", "version": FORMAT_VERSION, "model": model_meta,
-                         "config": config.to_dict(), "tensors": table, "payload_bytes": len(payload),
-                         "sha256": hashlib.sha256(payload).hexdigest(), "extra": extra or {}},
-                        separators=(",", ":")).encode()
+def save_packed(path: str | Path, packed: Packed) -> dict[str, Any]:
+    """Write the packed file atomically; returns {'path', 'file_bytes', 'header_bytes', 'payload_bytes'}."""
+    data = packed.to_bytes()
+    assert len(data) == packed.file_bytes
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header + payload)
-    tmp.replace(p)
-    head = len(MAGIC) + 6 + len(header)
-    return {"path": str(p), "file_bytes": head + len(payload), "header_bytes": head, "payload_bytes": len(payload)}
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(p), "file_bytes": len(data), "header_bytes": packed.overhead_bytes,
+            "payload_bytes": packed.payload_bytes}
 
 
 def read_packed(path: str | Path) -> tuple[dict, bytes]:
-    raw = Path(path).read_bytes()
-    if raw[:4] != MAGIC:
-        raise PackedFileError(f"{path} is not a bitsearch packed model (bad magic)")
-    version, hlen = struct.unpack("<HI", raw[4:10])
+    """(header, payload) of a packed file whose checksum, lengths and header structure are intact."""
+    p = Path(path)
+    if p.is_dir():
+        raise PackedFileError(f"{path} is a directory, not a packed model file (.bsq)")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise PackedFileError(f"{path} cannot be read: {e.strerror or e}") from None
+    if len(raw) < PREAMBLE.size + DIGEST_BYTES or raw[:4] != MAGIC:
+        raise PackedFileError(f"{path} is not a bitsearch packed model (bad magic or too short: {len(raw)} bytes)")
+    _, version, hlen, plen = PREAMBLE.unpack_from(raw)
     if version != FORMAT_VERSION:
         raise PackedFileError(f"{path} has format version {version}; this bitsearch reads {FORMAT_VERSION}")
+    body, digest = raw[:-DIGEST_BYTES], raw[-DIGEST_BYTES:]
+    if len(body) != PREAMBLE.size + hlen + plen:
+        raise PackedFileError(f"{path} is truncated or padded: {len(raw)} bytes, its preamble says "
+                              f"{PREAMBLE.size + hlen + plen + DIGEST_BYTES}")
+    if hashlib.sha256(body).digest() != digest:
+        raise PackedFileError(f"{path}: checksum mismatch (the file was edited or is corrupt)")
     try:
-        header = json.loads(raw[10:10 + hlen])
-    except ValueError:
+        header = json.loads(zlib.decompress(body[PREAMBLE.size:PREAMBLE.size + hlen]))
+    except (zlib.error, ValueError):
         raise PackedFileError(f"{path}: header is corrupt") from None
-    payload = raw[10 + hlen:]
-    if hashlib.sha256(payload).hexdigest() != header["sha256"] or len(payload) != header["payload_bytes"]:
-        raise PackedFileError(f"{path}: checksum mismatch (file is truncated or corrupt)")
-    return header, payload
+    if not isinstance(header, dict) or header.get("format") != "bitsearch-packed" or not isinstance(
+            header.get("tensors"), list) or not isinstance(header.get("model"), dict):
+        raise PackedFileError(f"{path}: header lacks the model, config or tensor table")
+    return header, body[PREAMBLE.size + hlen:]
+
+
+def _rebuild(path, header: dict, build_model: Callable[[dict], nn.Module]) -> tuple[nn.Module, Packed]:
+    """The architecture and quantization the header describes, and the tensor table they imply."""
+    try:
+        cfg = QuantConfig.from_dict(header.get("config")).replace(method="ptq")
+    except QuantConfigError as e:
+        raise PackedFileError(f"{path}: the stored quantization config is invalid ({e})") from None
+    try:
+        model = prepare(build_model(header["model"]), cfg).eval()
+    except (QuantConfigError, ValueError, KeyError, TypeError) as e:
+        raise PackedFileError(f"{path}: the stored model description cannot be built ({e})") from None
+    for m in quant_layers(model).values():
+        m.fold_()
+    return model, convert(model, header["model"])
+
+
+def _check_qparams(path, name: str, scale: torch.Tensor, zero_point: torch.Tensor, q) -> None:
+    if (scale <= 0).any():
+        raise PackedFileError(f"{path}: {name} has a quantization scale <= 0")
+    if ((zero_point < min(q.qmin, 0)) | (zero_point > q.qmax)).any():
+        raise PackedFileError(f"{path}: {name} has a zero-point outside its {q.bits}-bit range")
 
 
 @torch.no_grad()
 def load_packed(path: str | Path, build_model: Callable[[dict], nn.Module]) -> nn.Module:
     """Rebuild an inference model from a packed file: ``build_model(header['model'])`` makes the FP32
     architecture; quant layers are folded and get the dequantized integer weights, so the outputs
-    equal the fake-quant model's (eval mode)."""
+    equal the fake-quant model's (eval mode). Every tensor the model needs must be in the file, with
+    the kind, bits and shape that its config implies; anything else raises PackedFileError."""
     header, payload = read_packed(path)
-    cfg = QuantConfig.from_dict(header["config"]).replace(method="ptq")
-    model = prepare(build_model(header["model"]), cfg).eval()
-    qlayers = quant_layers(model)
-    for m in qlayers.values():
-        m.fold_()
+    model, expected = _rebuild(path, header, build_model)
+    want = [e.row() for e in expected.entries]
+    if header["tensors"] != want:
+        got = {tuple(r[:1]) for r in header["tensors"] if isinstance(r, list) and r}
+        missing = [r[0] for r in want if (r[0],) not in got]
+        what = f"missing {', '.join(missing[:3])}" if missing else "tensor kinds, bits or shapes differ"
+        raise PackedFileError(f"{path}: tensor table does not fit the model its header describes ({what})")
+    if len(payload) != expected.payload_bytes:
+        raise PackedFileError(f"{path}: payload is {len(payload)} bytes, its tensor table needs {expected.payload_bytes}")
     values: dict[str, torch.Tensor] = {}
-    codes: dict[str, tuple[np.ndarray, dict]] = {}
-    for t in header["tensors"]:
-        chunk = payload[t["offset"]: t["offset"] + t["nbytes"]]
-        shape = tuple(t["shape"])
-        if t["kind"] == "packed":
-            n = int(np.prod(shape))
-            codes[t["name"]] = (unpack_bits(chunk, t["bits"], n).astype(np.int32) + t["qmin"], t)
-        elif t["kind"] == "u8":
-            values[t["name"]] = torch.from_numpy(np.frombuffer(chunk, np.uint8).astype(np.int32)).reshape(shape)
+    off = 0
+    for e in expected.entries:
+        chunk = payload[off: off + e.nbytes]
+        off += e.nbytes
+        if e.kind == "packed":
+            t = torch.from_numpy(unpack_bits(chunk, e.bits, e.numel).astype(np.int32) + e.qmin)
+        elif e.kind == "u8":
+            t = torch.from_numpy(np.frombuffer(chunk, np.uint8).astype(np.int32))
         else:
-            values[t["name"]] = torch.from_numpy(np.frombuffer(chunk, np.float32).copy()).reshape(shape)
+            t = torch.from_numpy(np.frombuffer(chunk, np.float32).copy())
+            if not torch.isfinite(t).all():
+                raise PackedFileError(f"{path}: tensor {e.name} holds NaN or infinite values")
+        values[e.name] = t.reshape(e.shape)
+    qlayers = quant_layers(model)
     for name, m in qlayers.items():
         inner = m.conv if hasattr(m, "conv") else m.linear
         for q in (m.wq, m.aq):
@@ -275,17 +371,19 @@ def load_packed(path: str | Path, build_model: Callable[[dict], nn.Module]) -> n
             wq = m.wq
             s = values.pop(f"{name}.wq.scale")
             z = values.pop(f"{name}.wq.zero_point", torch.zeros(s.shape, dtype=torch.int32))
-            c, t = codes.pop(f"{name}.{'conv' if hasattr(m, 'conv') else 'linear'}.weight")
+            c = values.pop(f"{name}.{'conv' if hasattr(m, 'conv') else 'linear'}.weight")
+            _check_qparams(path, name, s, z, wq)
             wq.scale, wq.zero_point = s, z
-            inner.weight.copy_(dequantize(torch.from_numpy(c).reshape(t["shape"]), s, z, wq.axis))
+            inner.weight.copy_(dequantize(c, s, z, wq.axis))
             wq.enabled = False  # the weight already sits on the integer grid
         if m.aq is not None:
-            m.aq.scale = values.pop(f"{name}.aq.scale")
-            m.aq.zero_point = values.pop(f"{name}.aq.zero_point", torch.zeros((), dtype=torch.int32))
+            s = values.pop(f"{name}.aq.scale")
+            z = values.pop(f"{name}.aq.zero_point", torch.zeros((), dtype=torch.int32))
+            _check_qparams(path, name, s, z, m.aq)
+            m.aq.scale, m.aq.zero_point = s, z
             m.aq.enabled = True
-    missing = [k for k in values if k not in model.state_dict()]
-    if missing or codes:
-        raise PackedFileError(f"{path}: tensors {missing[:3] or list(codes)[:3]} do not fit the model")
-    model.load_state_dict(values, strict=False)
+    unexpected = model.load_state_dict(values, strict=False).unexpected_keys  # the rest: biases, FP32 layers
+    if unexpected:
+        raise PackedFileError(f"{path}: tensors {unexpected[:3]} do not fit the model")
     model.bitsearch_header = header
     return model

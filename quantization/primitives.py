@@ -14,6 +14,8 @@ Conventions
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -113,11 +115,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
     return (q.float() - z) * s
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() in the forward pass, identity gradient (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None = None) -> torch.Tensor:
     """quantize -> dequantize in float, differentiable with the straight-through estimator: the
@@ -137,7 +134,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 class _FakeQuantSTE(torch.autograd.Function):
     """Fused fake-quant with the straight-through estimator: forward = quantize -> dequantize on one
     buffer; backward = the incoming gradient where round(x / s) + z lies in [qmin, qmax], else 0.
-    Same values and gradient as composing round_ste and clamp, with two tensors instead of ten."""
+    Same values and gradient as composing a straight-through round and clamp, with two tensors instead of ten."""
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
@@ -191,19 +188,54 @@ class _FakeQuantReLU6STE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None
 
 
-def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity forward; gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
-    return (t - t * g).detach() + t * g
-
-
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                      axis: int | None = None) -> torch.Tensor:
-    """Learned step size quantization (Esser et al. 2020): like ``fake_quantize`` but ``scale`` is a
-    trainable parameter whose gradient is scaled by ``g = 1 / sqrt(N * qmax)`` (N = elements sharing
-    one scale), which keeps step-size updates commensurate with weight updates."""
-    n = x.numel() / max(1, scale.numel())
-    g = 1.0 / (max(1, qmax) * n) ** 0.5
-    s = _bcast(grad_scale(scale, g).abs() + EPS, x, axis)
-    z = _bcast(zero_point, x, axis)
-    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
-    return (q - z) * s
+                      axis: int | None = None, grad_factor: float | None = None) -> torch.Tensor:
+    """Learned step size quantization (Esser et al. 2020): like ``fake_quantize`` but ``scale`` (and a
+    float ``zero_point`` that requires grad) are trainable, with the gradients of
+    ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``:
+
+    * input: the incoming gradient where ``round(x / s + z)`` lies in ``[qmin, qmax]`` (bounds included),
+      else 0;
+    * scale: ``(q - z) - x / s`` inside the range, ``qmin - z`` / ``qmax - z`` below / above it;
+    * zero-point: 0 inside, ``-s`` outside;
+
+    both parameter gradients multiplied by ``grad_factor`` (default ``1 / sqrt(N * qmax)``, N = elements
+    sharing one scale), which keeps step-size updates commensurate with weight updates.
+    """
+    if grad_factor is None:
+        n = x.numel() / max(1, scale.numel())
+        grad_factor = 1.0 / (max(1, qmax) * n) ** 0.5
+    return _LSQ.apply(x, scale, zero_point, qmin, qmax, axis, float(grad_factor))
+
+
+class _LSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):
+        s = _bcast(scale, x, axis)
+        z = _bcast(torch.clamp(torch.round(zero_point.float()), qmin, qmax), x, axis)
+        xs = x / s
+        v = torch.round(xs + z)
+        q = v.clamp(qmin, qmax)
+        ctx.save_for_backward(xs, q, v, s, z)
+        ctx.qmin, ctx.qmax, ctx.axis, ctx.g = qmin, qmax, axis, grad_factor
+        ctx.scale_shape, ctx.zp_shape = scale.shape, zero_point.shape
+        ctx.zp_grad = zero_point.is_floating_point()
+        return (q - z) * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, q, v, s, z = ctx.saved_tensors
+        below, above = v < ctx.qmin, v > ctx.qmax
+        inside = ~(below | above)
+        dx = torch.where(inside, grad, 0.0)
+        ds = grad * torch.where(inside, q - z - xs, torch.where(below, ctx.qmin - z, ctx.qmax - z)) * ctx.g
+        dz = (grad * torch.where(inside, 0.0, -s) * ctx.g) if ctx.zp_grad else None
+        return dx, _reduce_to(ds, ctx.axis, ctx.scale_shape), (None if dz is None else
+                                                               _reduce_to(dz, ctx.axis, ctx.zp_shape)), None, None, None, None
+
+
+def _reduce_to(t: torch.Tensor, axis: int | None, shape: torch.Size) -> torch.Tensor:
+    """Sum a full-size gradient down to a per-tensor or per-channel parameter's shape."""
+    if axis is None or len(shape) == 0 or math.prod(shape) == 1:
+        return t.sum().reshape(shape)
+    return channel_rows(t, axis).sum(1).reshape(shape)

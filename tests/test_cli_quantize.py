@@ -32,7 +32,7 @@ def test_quantize_w8a8_json_export_matches_size(baseline, tmp_path, capsys):
         assert k in r, k
     assert abs(r["drop"]) <= 0.3 + 1e-9 or abs(r["top1"] - r["fp32_top1"]) <= 100 / 24  # one test image of 24
     size = (tmp_path / "m.bsq").stat().st_size
-    assert size - r["export_header_bytes"] == round(r["comp_mb"] * 1e6)
+    assert size == r["comp_bytes"] == round(r["comp_mb"] * 1e6) == r["export_bytes"]  # comp_mb is the file
     assert "Size per layer" in out and json.loads((tmp_path / "q" / "quantize.json").read_text())["ratio"] == r["ratio"]
 
 

@@ -1,9 +1,13 @@
-"""Quantization has the effects it claims, on a small trained model (tiny synthetic data)."""
+"""Quantization has the effects it claims, on a small trained model (tiny synthetic data).
+
+Robust to CPU kernel differences: the data is learned with a wide margin, BN running statistics are
+re-estimated after the short training (36 steps leave them lagging, which on some CPUs left test
+accuracy at 67% although training accuracy was 98%), and assertions compare effects with margins."""
 import pytest
 import torch
 
-from quantization import QuantConfig
-from trainer import TrainConfig, train
+from quantization import QuantConfig, recalibrate_bn
+from trainer import TrainConfig, evaluate, normalize, train
 from trainer.model import MobileNetV2
 from tune.pipeline import quantize_model
 
@@ -12,9 +16,13 @@ from tune.pipeline import quantize_model
 def trained(learnable_data):
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=3, width=0.25)
-    res = train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu"))
-    assert res["top1"] > 90
-    return m.eval()
+    train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
+                                         eval_test=False))
+    x = learnable_data.train_x
+    recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
+    m.eval()
+    assert evaluate(m, learnable_data.test_x, learnable_data.test_y)["top1"] > 90
+    return m
 
 
 def _q(model, data, **kw):
@@ -45,7 +53,7 @@ def test_qat_recovers_what_ptq_loses_at_2_bit_weights(trained, learnable_data):
 
 
 def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
-    r = _q(trained, learnable_data, w_bits=4, a_bits=4, method="lsq", epochs=2, lr=0.01)
+    r = _q(trained, learnable_data, w_bits=4, a_bits=4, method="lsq", epochs=2, lr=0.001)
     q = r["_model"]
     steps = [m.step for m in q.modules() if getattr(m, "lsq", False)]
     assert steps and all(s.requires_grad for s in steps)

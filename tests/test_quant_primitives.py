@@ -112,3 +112,62 @@ def test_per_channel_observer_shape():
     obs(torch.randn(8, 4, 3, 3))
     lo, hi = obs.range(4, True, True)
     assert lo.shape == hi.shape == (8,)
+
+
+def _boundary_inputs(scale: float, qmin: int, qmax: int, z: int, n: int = 400, seed: int = 0) -> torch.Tensor:
+    """Random values spanning beyond the range plus values whose code is exactly qmin, qmax, and the
+    grid points just outside; no value sits on a rounding tie."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, generator=g) * (qmax - qmin + 6) + qmin - 3 - z) * scale
+    frac = (x / scale) - torch.floor(x / scale)
+    x = torch.where((frac - 0.5).abs() < 1e-3, x + 0.1 * scale, x)  # keep off .5 ties
+    edges = torch.tensor([qmin - z, qmax - z, qmin - z - 1, qmax - z + 1, qmin - z + 0.3, qmax - z - 0.3]) * scale
+    return torch.cat([x, edges])
+
+
+@pytest.mark.parametrize("bits, signed", [(2, True), (4, True), (4, False), (8, True)])
+def test_lsq_gradients_match_torch_learnable_fake_quant_per_tensor(bits, signed):
+    qmin, qmax = P.qrange(bits, signed, True) if signed else P.qrange(bits, False)
+    z0 = 0 if signed else 2
+    x = _boundary_inputs(0.37, qmin, qmax, z0, seed=bits).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    s = torch.tensor([0.37], requires_grad=True)
+    s_ref = s.detach().clone().requires_grad_()
+    z = torch.tensor([float(z0)], requires_grad=True)
+    z_ref = z.detach().clone().requires_grad_()
+    gf = 0.125
+    out = P.lsq_fake_quantize(x, s, z, qmin, qmax, None, grad_factor=gf)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(x_ref, s_ref, z_ref, qmin, qmax, gf)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    up = torch.randn(len(x), generator=torch.Generator().manual_seed(1))
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)  # incl. codes exactly at qmin / qmax
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-5)
+    at_bounds = (torch.round(x.detach() / s.detach() + z0) == qmin) | (torch.round(x.detach() / s.detach() + z0) == qmax)
+    assert at_bounds.sum() >= 2 and (x.grad[at_bounds] == up[at_bounds]).all()  # the bounds pass the gradient
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lsq_gradients_match_torch_learnable_fake_quant_per_channel(bits):
+    qmin, qmax = P.qrange(bits, True, True)
+    scales = torch.tensor([0.05, 0.2, 0.7])
+    w = torch.stack([_boundary_inputs(float(sc), qmin, qmax, 0, n=94, seed=i).reshape(4, 25) for i, sc in enumerate(scales)])
+    w = w.requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    s, s_ref = scales.clone().requires_grad_(), scales.clone().requires_grad_()
+    z, z_ref = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    out = P.lsq_fake_quantize(w, s, z, qmin, qmax, axis=0, grad_factor=0.5)
+    ref = torch._fake_quantize_learnable_per_channel_affine(w_ref, s_ref, z_ref, 0, qmin, qmax, 0.5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    up = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-4)
+    # every in-range weight gets a gradient, those at the extreme codes included (21% of them at W2 before)
+    codes = torch.round(w.detach() / scales.reshape(-1, 1, 1))
+    inside = (codes >= qmin) & (codes <= qmax)
+    assert (w.grad[inside] == up[inside]).all()

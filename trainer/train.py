@@ -109,6 +109,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training checkpoint (weights_only) or raise CheckpointError saying why."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {p} is a directory: give the checkpoint file, e.g. {p / 'checkpoint.pt'}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
     try:

@@ -13,7 +13,8 @@ import torch
 from quantization import QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing
 from quantization.actmem import activation_memory
 from quantization.packing import convert, save_packed, size_report
-from trainer import Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device, train
+from trainer import (CheckpointError, Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device,
+                     train)
 from trainer.data import normalize
 
 
@@ -36,9 +37,38 @@ def fetch_baseline(path: str | Path, tracking_uri: str | None = None) -> str:
 def load_baseline(path: str | Path, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict]:
     """FP32 model + checkpoint dict from a `bitsearch train` checkpoint (path or MLflow artifact URI)."""
     ck = load_checkpoint(fetch_baseline(path, tracking_uri))
-    model = model_from_meta(ck["meta"])
-    model.load_state_dict(ck["model"])
+    meta, state = ck.get("meta"), ck.get("model")
+    if not isinstance(meta, dict) or not meta.get("arch") or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} has no model description (meta) or weights: it was not written by "
+                              "`bitsearch train`")
+    try:
+        model = model_from_meta(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: model description is invalid ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing = [k for k in model.state_dict() if k not in state]
+        extra = [k for k in state if k not in model.state_dict()]
+        shape = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        why = (f"missing {len(missing)} tensors ({missing[0]}, ...)" if missing else
+               f"{len(extra)} unexpected tensors ({extra[0]}, ...)" if extra else
+               f"{len(shape)} tensors of another shape ({shape[0]}, ...)" if shape else str(e).splitlines()[0])
+        raise CheckpointError(f"checkpoint {path} does not fit MobileNet-v2 width {meta.get('width')}: {why}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights ({bad[0]}{', ...' if len(bad) > 1 else ''}): "
+                              "the training diverged; retrain or pick an earlier checkpoint")
     return model.eval(), ck
+
+
+def packed_meta(ck: dict) -> dict:
+    """What a packed file needs to rebuild the network from a training checkpoint: the architecture and
+    the class names (no paths, no history: every header byte counts in the reported size)."""
+    meta = ck.get("meta") or {}
+    out = {k: meta[k] for k in ("arch", "width", "num_classes", "dropout") if k in meta}
+    out["classes"] = list(ck.get("classes") or (meta.get("data") or {}).get("classes") or [])
+    return out
 
 
 def calibration_batches(data: Dataset, batch_size: int, seed: int, device) -> Iterable[torch.Tensor]:
@@ -78,14 +108,15 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
     q.eval()
     test = evaluate(q, data.test_x, data.test_y, device=dev)
     val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
-    entries = convert(q)
-    size = size_report(entries, fp32, q.bitsearch_plan)
+    packed = convert(q, model_meta or _default_meta(fp32))
+    size = size_report(packed, fp32)
     am = activation_memory(q) if act_memory else None
     result: dict[str, Any] = {
         "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": qcfg.method, "granularity": qcfg.w_granularity,
         "top1": test["top1"], "val_top1": None if val is None else val["top1"], "fp32_top1": fp32_top1,
         "drop": fp32_top1 - test["top1"],
-        "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "ratio": size["ratio"],
+        "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "comp_bytes": size["comp_bytes"],
+        "header_bytes": size["header_bytes"], "ratio": size["ratio"],
         "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
         "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
         "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if qcfg.method != "ptq" else 0, "qat_lr": qat_lr,
@@ -93,13 +124,17 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
         "seconds": time.perf_counter() - t0,
     }
     if export:
-        info = save_packed(export, entries, model_meta=model_meta or {}, config=qcfg,
-                           extra={"top1": test["top1"], "fp32_top1": fp32_top1})
+        info = save_packed(export, packed)
         result["export"] = info["path"]
         result["export_bytes"] = info["file_bytes"]
         result["export_header_bytes"] = info["header_bytes"]
     result["_model"] = q
     return result
+
+
+def _default_meta(fp32: torch.nn.Module) -> dict:
+    from trainer import model_meta
+    return model_meta(fp32)
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def validate(s: SearchSettings) -> SearchSettings:
     """Every check that can fail before Ray starts. Fills in subset/val split from the baseline."""
     from quantization import QuantConfigError, prepare
     from quantization.packing import convert, size_report
-    from tune.pipeline import load_baseline
+    from tune.pipeline import load_baseline, packed_meta
 
     if not storage.is_remote(s.out):
         s.out = str(Path(s.out).expanduser().resolve())  # resume/sync/report from any working directory
@@ -139,7 +139,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         if s.mode != "search" or s.objectives != "single":
             raise SearchConfigError("size_budget_mb applies to single-objective searches only")
         small = quant_config(smallest_bits(s.space), s.quant_base)
-        mb = size_report(convert(prepare(fp32, small)), fp32)["comp_mb"]
+        mb = size_report(convert(prepare(fp32, small), packed_meta(ck)), fp32)["comp_mb"]
         if s.size_budget_mb < mb:
             raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "
                                     f"({mb:.4f} MB at {small.w_bits}-bit weights): raise the budget or widen the space")

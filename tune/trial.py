@@ -63,7 +63,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from quantization import prepare
     from quantization.packing import convert, size_report
-    from tune.pipeline import public, quantize_model, write_result
+    from tune.pipeline import packed_meta, public, quantize_model, write_result
 
     s = config["_s"]
     torch.set_num_threads(max(1, int(s.get("cpus_per_trial", 1))))
@@ -77,7 +77,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    comp_mb = size_report(convert(prepare(fp32, qcfg)), fp32)["comp_mb"]  # size depends on the config only
+    comp_mb = size_report(convert(prepare(fp32, qcfg), packed_meta(ck)), fp32)["comp_mb"]  # size depends on the config only
     if budget is not None and comp_mb > budget:
         tune.report({"objective": objective(0.0, comp_mb, budget), "comp_mb": comp_mb, "val_top1": 0.0,
                      "over_budget": True, "final": True})
@@ -98,7 +98,7 @@ def run_trial(config: dict[str, Any]) -> None:
     res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=s["batch_size"],
                          seed=s["seed"], device=s.get("device", "auto"), out_dir=work, callbacks=callbacks,
                          resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.get("fp32_top1"),
-                         model_meta=ck["meta"])
+                         model_meta=packed_meta(ck))
     write_result(work / "final", res)
     pub = public(res)
     metrics = {k: pub[k] for k in FINAL_KEYS if pub.get(k) is not None}

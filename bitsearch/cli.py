@@ -523,7 +523,7 @@ def add_server(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-def _serve(proc, url) -> int:
+def _serve(proc, url, after: str | None = None) -> int:
     import signal
     import time
     from mlflow_server.server import stop
@@ -532,6 +532,8 @@ def _serve(proc, url) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _term)  # `kill` stops the mlflow server too, not only this wrapper
     print(f"MLflow UI: {url}  (Ctrl-C stops the server)", flush=True)
+    if after:
+        print(after, flush=True)
     try:
         while proc.poll() is None:
             time.sleep(1)
@@ -543,23 +545,44 @@ def _serve(proc, url) -> int:
 
 
 def cmd_server(args) -> int:
-    from mlflow_server.server import ServerError, start
+    from mlflow_server.server import ServerError, is_loopback, start
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port={args.port} is invalid: 1..65535")
+    if not is_loopback(args.host) and not args.auth:
+        print(f"bitsearch: warning: --host {args.host} exposes the tracking server beyond this machine without "
+              "authentication: anyone who can reach it can read and delete runs; add --basic-auth", file=sys.stderr)
     try:
-        proc, url = start(args.root, args.host, args.port, args.backend, args.artifacts, args.auth,
-                          allowed_hosts=args.allowed_hosts)
+        proc, url, login = start(args.root, args.host, args.port, args.backend, args.artifacts, args.auth,
+                                 allowed_hosts=args.allowed_hosts)
     except ServerError as e:
         raise UserError(str(e)) from None
-    return _serve(proc, url)
+    after = None
+    if login:
+        pw = f"password {login['password']} ({login['where']})" if login["password"] else f"password {login['where']}"
+        after = f"basic auth: user {login['user']}, {pw}"
+    return _serve(proc, url, after)
 
 
 def cmd_ui(args) -> int:
+    from mlflow_server.logging import ARTIFACTS_DIR
     from mlflow_server.server import ServerError, start
-    db = Path(args.out) / "mlflow.db"
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UserError(f"{out} is not a directory: give the --out of a search (or an experiment inside it)")
+    if not (out / "mlflow.db").is_file() and (out / "bitsearch.json").is_file():  # an experiment: OUT/NAME
+        from tune.search import load_settings
+        s = load_settings(str(out.resolve()))
+        if s.tracking_uri:
+            raise UserError(f"{out} was logged to the tracking server {s.tracking_uri}: open that address instead")
+        out = Path(s.out)
+    db = out / "mlflow.db"
     if not db.is_file():
         raise UserError(f"no embedded MLflow store at {db}: run a search with --out {args.out} first")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port={args.port} is invalid: 1..65535")
     try:
-        proc, url = start(Path(args.out) / "mlflow-ui", port=args.port, backend=f"sqlite:///{db.resolve()}",
-                          artifacts=str((Path(args.out) / "mlartifacts").resolve()))
+        proc, url, _ = start(out / "mlflow-ui", port=args.port, backend=f"sqlite:///{db.resolve()}",
+                             artifacts=str((out / ARTIFACTS_DIR).resolve()))
     except ServerError as e:
         raise UserError(str(e)) from None
     return _serve(proc, url)

@@ -14,6 +14,7 @@ from typing import Any
 
 import requests
 
+ARTIFACTS_DIR = "mlartifacts"  # next to an embedded store's mlflow.db: every artifact stays under the search's --out
 TRIAL_TAG = "bitsearch.trial_id"
 SEARCH_TAG = "bitsearch.experiment_path"
 
@@ -46,11 +47,24 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def embedded_artifact_root(uri: str) -> Path | None:
+    """For an embedded SQLite store (``sqlite:///DIR/mlflow.db``): DIR/mlartifacts, else None (a server
+    decides where artifacts go)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR
+
+
 def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created if needed. With an embedded store its artifacts go to
+    DIR/mlartifacts/NAME beside the database (not ./mlruns of the current directory)."""
     c = _client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    root = embedded_artifact_root(uri)
+    if artifact_location is None and root is not None:
+        artifact_location = (root / name).resolve().as_uri()
     return c.create_experiment(name, artifact_location=artifact_location)
 
 

@@ -6,7 +6,9 @@ MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_S3_ENDPOINT_URL, AWS_*).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,6 +16,10 @@ import time
 from pathlib import Path
 
 import requests
+
+LOOPBACK_NAMES = ("localhost",)
+ADMIN_PASSWORD_FILE = "admin-password"
+SECRET_KEY_FILE = "flask-secret-key"
 
 
 class ServerError(RuntimeError):
@@ -45,23 +51,75 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise ServerError(f"mlflow server did not answer {url}/health within {timeout:.0f} s")
 
 
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret_file(path: Path, env_value: str | None) -> tuple[str, bool]:
+    """A secret from the environment, else from ``path``, else generated into ``path`` (mode 600).
+    Returns (secret, generated now)."""
+    if env_value:
+        return env_value, False
+    if path.is_file():
+        return path.read_text().strip(), False
+    value = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True
+
+
+def auth_environment(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What `mlflow server --app-name basic-auth` needs, kept under ``root``: the auth config (its user
+    database in ``root``), the Flask secret key and the admin password (from MLFLOW_FLASK_SERVER_SECRET_KEY /
+    MLFLOW_AUTH_ADMIN_PASSWORD when set, else generated once into ``root`` with mode 600).
+    Returns (environment for the server, login info to show the user)."""
+    user = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
+    password, new = _secret_file(root / ADMIN_PASSWORD_FILE, os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"))
+    key, _ = _secret_file(root / SECRET_KEY_FILE, os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"))
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+                   f"admin_username = {user}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    os.chmod(ini, 0o600)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
+           "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+    where = ("from MLFLOW_AUTH_ADMIN_PASSWORD" if os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") else
+             f"generated now, saved in {root / ADMIN_PASSWORD_FILE} (mode 600)" if new else
+             f"in {root / ADMIN_PASSWORD_FILE}")
+    return env, {"user": user, "password": password if new else "", "where": where}
+
+
 def start(root: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000, backend: str | None = None,
           artifacts: str | None = None, auth: bool = False, log: Path | None = None,
-          allowed_hosts: str | None = None) -> tuple[subprocess.Popen, str]:
+          allowed_hosts: str | None = None) -> tuple[subprocess.Popen, str, dict | None]:
+    """Start `mlflow server` and wait until /health answers: (process, URL, login). With ``auth``, the
+    basic-auth app runs with everything it needs under ``root`` and ``login`` says how to sign in
+    (see ``auth_environment``); else it is None."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     backend = backend or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{root / 'mlflow.db'}"
     artifacts = artifacts or os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or str(root / "artifacts")
+    env, login = dict(os.environ), None
+    if auth:
+        extra, login = auth_environment(root)
+        env.update(extra)
     logf = open(log or root / "server.log", "ab")
     proc = subprocess.Popen(server_command(backend, artifacts, host, port, auth, allowed_hosts=allowed_hosts),
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=root)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
         wait_healthy(url, proc)
     except ServerError:
         stop(proc)
         raise
-    return proc, url
+    return proc, url, login
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -1,0 +1,110 @@
+"""`bitsearch server --basic-auth` from a fresh install, the non-loopback warning, and `bitsearch ui`
+finding a search's embedded store (artifacts under --out, not the working directory)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from bitsearch.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run `bitsearch ...` in ``cwd`` until it prints the UI address."""
+    env = {**(env or os.environ), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    first = proc.stdout.readline()
+    assert "MLflow UI: http://127.0.0.1:" in first, (first, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_basic_auth_works_from_a_fresh_install(tmp_path):
+    root, port, cwd = tmp_path / "mlf", _free_port(), tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items()  # nothing given: the password and secret key are generated
+           if k not in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}
+    args = ["server", "--root", str(root), "--port", str(port), "--basic-auth"]
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+    proc = _start(args, cwd, env)
+    try:
+        login = proc.stdout.readline()
+        pw_file = root / "admin-password"
+        password = pw_file.read_text().strip()
+        assert f"user admin, password {password} (generated now" in login  # printed once
+        for f in (pw_file, root / "flask-secret-key", root / "basic_auth.ini"):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        assert requests.post(url, json={"max_results": 5}, timeout=30).status_code == 401
+        assert requests.post(url, json={"max_results": 5}, auth=("admin", "wrong"), timeout=30).status_code == 401
+        assert requests.post(url, json={"max_results": 5}, auth=("admin", password), timeout=30).status_code == 200
+        assert (root / "basic_auth.db").is_file() and not list(cwd.iterdir())  # nothing in the working directory
+    finally:
+        _stop(proc)
+    proc = _start(args, cwd, env)  # a restart reuses the saved password and does not print it again
+    try:
+        again = proc.stdout.readline()
+        assert password not in again and "admin-password" in again
+        assert requests.post(url, json={"max_results": 5}, auth=("admin", password), timeout=30).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def test_non_loopback_host_without_auth_warns(tmp_path, monkeypatch, capsys):
+    import mlflow_server.server as srv
+
+    def fake_start(*a, **k):  # the warning comes before the server starts; stop there
+        raise srv.ServerError("not started in this test")
+    monkeypatch.setattr(srv, "start", fake_start)
+    assert main(["server", "--root", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "warning" in err and "--basic-auth" in err and "0.0.0.0" in err
+    assert main(["server", "--root", str(tmp_path), "--host", "127.0.0.1"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_embedded_store_keeps_artifacts_under_out_and_ui_accepts_the_experiment(tmp_path, monkeypatch):
+    """A trial's artifacts logged through the embedded store land in OUT/mlartifacts, never in ./mlruns;
+    `bitsearch ui OUT/NAME` serves OUT's store and lists them."""
+    import json
+    from mlflow_server.logging import SearchLogger, default_tracking_uri
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "runs"
+    exp = out / "search"
+    (exp / "trial").mkdir(parents=True)
+    (exp / "trial" / "model.bsq").write_bytes(b"x" * 10)
+    (exp / "bitsearch.json").write_text(json.dumps({"baseline": "b", "data": "d", "out": str(out), "name": "search"}))
+    lg = SearchLogger(default_tracking_uri(out), "bitsearch", str(exp))
+    rid = lg.child_run("t1", "trial one")
+    lg.finish_trial(rid, {"val_top1": 50.0}, str(exp / "trial"))
+    assert not (cwd / "mlruns").exists() and not list(cwd.iterdir())
+    assert list((out / "mlartifacts").rglob("model.bsq"))
+    port = _free_port()
+    proc = _start(["ui", str(exp), "--port", str(port)], cwd)
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/artifacts/list", params={"run_id": rid,
+                         "path": "trial"}, timeout=30).json()
+        assert "model.bsq" in {Path(f["path"]).name for f in r.get("files", [])}
+    finally:
+        _stop(proc)

@@ -182,8 +182,12 @@ def cmd_train(args) -> int:
     from trainer.baseline import fit_baseline
 
     out = writable_dir(args.out)
-    base = load_profile(args.profile, args.config).get("train", {})
-    if args.resume and (out / "checkpoint.pt").exists():
+    base = load_profile(args.profile, args.config).get("train") or {}
+    if not isinstance(base, dict):
+        raise UserError(f"the train: section of {args.config or args.profile} must be a mapping of options")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise UserError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} (start without --resume)")
+    if args.resume:
         base = {**load_checkpoint(out / "checkpoint.pt")["config"], **base}
     cfg = TrainConfig.from_dict({**base, **_explicit(args, TRAIN_FLAGS)})
     con = stderr_console()
@@ -236,6 +240,7 @@ def add_quantize(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from quantization import QuantConfig
+    from quantization.api import plan_for
     from trainer import load_dataset
     from tune.pipeline import load_baseline, packed_meta, public, quantize_model, write_result
 
@@ -260,6 +265,7 @@ def cmd_quantize(args) -> int:
     if not (qat_lr > 0):
         raise UserError(f"--lr={qat_lr} is invalid: must be > 0")
     fp32, ck = load_baseline(args.checkpoint)
+    plan_for(fp32, qcfg)  # layer patterns that match nothing: an error now, before the data is read
     tc = ck["config"]
     out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-W{qcfg.w_bits}A{qcfg.a_bits}-{qcfg.method}")
     con = stderr_console()
@@ -428,7 +434,7 @@ def _print_table(summary: dict) -> None:
 
 def cmd_search(args) -> int:
     from tune.pipeline import is_artifact_uri
-    from tune.search import DEFAULT_GRID, SearchConfigError, run, settings_from, validate
+    from tune.search import DEFAULT_GRID, SearchConfigError, run, settings_from
     section = load_profile(None, args.config).get(args.mode if args.mode == "sweep" else "search", {}) if args.config else {}
     if not isinstance(section, dict):
         raise UserError(f"the {args.mode} section of {args.config} must be a mapping")
@@ -449,9 +455,7 @@ def cmd_search(args) -> int:
     if not storage.is_remote(args.out):
         writable_dir(args.out)
     try:
-        s = validate(settings_from(d))
-        stderr_console().print(f"{args.mode}: experiment {s.path}")
-        summary = run(s)
+        summary = run(settings_from(d), log=stderr_console().print)
     except SearchConfigError as e:
         raise UserError(str(e)) from None
     result = _search_result(summary)
@@ -597,6 +601,7 @@ def add_study(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--stages", default="baseline,sweep,search,mixed", help="comma list of stages to run")
+    p.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_study)
 
@@ -604,13 +609,16 @@ def add_study(sub) -> None:
 def cmd_study(args) -> int:
     from tune.search import SearchConfigError
     from tune.study import StudyError, run_study
+    from trainer.data import source_kind
     cfg = load_profile(None, args.config)
+    source_kind(args.data, download=not args.no_download)
     writable_dir(args.out)
     con = stderr_console()
     try:
         res = run_study(cfg, str(Path(args.data).resolve()) if Path(args.data).exists() else args.data, args.out,
                         stages=[s.strip() for s in args.stages.split(",") if s.strip()],
-                        log=lambda m: con.print(f"[bold]study[/bold] {m}"), callbacks=[RichProgress("baseline")])
+                        log=lambda m: con.print(f"[bold]study[/bold] {m}"), callbacks=[RichProgress("baseline")],
+                        download=not args.no_download)
     except (SearchConfigError, StudyError) as e:
         raise UserError(str(e)) from None
     emit(res, args.json, lambda: print(f"report: {res['report']} (HTML: {res['report_html']})"))

@@ -103,7 +103,12 @@ def start(root: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000
     basic-auth app runs with everything it needs under ``root`` and ``login`` says how to sign in
     (see ``auth_environment``); else it is None."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ServerError(f"--root {root} is a file: give a folder for the tracking data")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ServerError(f"--root {root} cannot be created: {e.strerror or e}") from None
     backend = backend or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{root / 'mlflow.db'}"
     artifacts = artifacts or os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or str(root / "artifacts")
     env, login = dict(os.environ), None

@@ -50,13 +50,20 @@ def _fuse_relu6(model: nn.Module, layer: nn.Module, qm: nn.Module) -> None:
         qm.aq.fused_relu6 = True
 
 
+def plan_for(model: nn.Module, cfg: QuantConfig) -> dict:
+    """Each quantizable layer's resolved settings; QuantConfigError for a layer pattern that matches
+    nothing in ``model`` (cheap: check a config against a model before any work)."""
+    layers = quantizable_layers(model)
+    others = [n for n, _ in model.named_modules() if n and n not in layers]
+    return cfg.plan(layers, others)
+
+
 def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A fake-quant copy of ``model`` (the original is untouched). Unknown layer patterns in ``cfg``
     raise QuantConfigError. Weights are quantized at once; activations after ``calibrate``."""
     q = copy.deepcopy(model)
     layers = quantizable_layers(q)
-    others = [n for n, _ in q.named_modules() if n and n not in layers]
-    plan = cfg.plan(layers, others)
+    plan = plan_for(q, cfg)
     for name, (parent, attr, layer, bn) in layers.items():
         p = plan[name]
         if not p.quantized:

@@ -115,25 +115,30 @@ def stratified_indices(labels: torch.Tensor, k: int, g: torch.Generator) -> torc
     return torch.cat(out).sort().values
 
 
+def source_kind(path: str | os.PathLike, *, download: bool = True) -> str:
+    """What ``path`` holds (tar | torchvision | tree | download), or DataError saying why it cannot be read.
+    Cheap: nothing is decoded, so commands check their data before starting any work."""
+    p = Path(path).expanduser()
+    if p.is_file() and (p.name.endswith((".tar", ".tar.gz", ".tgz"))):
+        return "tar"
+    if p.is_file():
+        raise DataError(f"data path {p} is a file but not a .tar/.tar.gz archive; {LOCAL_COPY_HINT}")
+    if _torchvision_dir(p) is not None:
+        return "torchvision"
+    if p.is_dir() and _tree_root(p) is not None:
+        return "tree"
+    if download:
+        return "download"
+    if p.exists():
+        raise DataError(f"{p} holds neither cifar-10-batches-py nor train/ and test/ class folders; {LOCAL_COPY_HINT}")
+    raise DataError(f"data path {p} does not exist and downloading is off; {LOCAL_COPY_HINT}")
+
+
 def load_raw(path: str | os.PathLike, *, download: bool = True, cache_dir: str | os.PathLike | None = None,
              progress: Callable[[str], None] | None = None):
     """(train_x, train_y, test_x, test_y, classes) for a source, decoded once then cached."""
     p = Path(path).expanduser()
-    if p.is_file() and (p.name.endswith((".tar", ".tar.gz", ".tgz"))):
-        kind = "tar"
-    elif p.is_file():
-        raise DataError(f"data path {p} is a file but not a .tar/.tar.gz archive; {LOCAL_COPY_HINT}")
-    elif _torchvision_dir(p) is not None:
-        kind = "torchvision"
-    elif p.is_dir() and _tree_root(p) is not None:
-        kind = "tree"
-    elif download:
-        kind = "download"
-    elif p.exists():
-        raise DataError(f"{p} holds neither cifar-10-batches-py nor train/ and test/ class folders; {LOCAL_COPY_HINT}")
-    else:
-        raise DataError(f"data path {p} does not exist and downloading is off; {LOCAL_COPY_HINT}")
-
+    kind = source_kind(p, download=download)
     cache = None
     if kind in ("tar", "tree"):
         cache = _cache_file(p, cache_dir)
@@ -144,7 +149,8 @@ def load_raw(path: str | os.PathLike, *, download: bool = True, cache_dir: str |
             except Exception:  # a corrupt cache is rebuilt, never trusted
                 cache.unlink(missing_ok=True)
     if progress:
-        progress(f"decoding {kind} data at {p} (cached afterwards)")
+        progress(f"no CIFAR-10 at {p}: downloading it there" if kind == "download" else
+                 f"decoding {kind} data at {p} (cached afterwards)")
     if kind == "tar":
         out = _read_tar(p)
     elif kind == "tree":

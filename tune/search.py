@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,7 @@ def settings_from(d: dict[str, Any]) -> SearchSettings:
 def validate(s: SearchSettings) -> SearchSettings:
     """Every check that can fail before Ray starts. Fills in subset/val split from the baseline."""
     from quantization import QuantConfigError, prepare
+    from quantization.api import plan_for
     from quantization.packing import convert, size_report
     from tune.pipeline import load_baseline, packed_meta
 
@@ -107,6 +109,12 @@ def validate(s: SearchSettings) -> SearchSettings:
     if s.metric != "val_top1":  # the one implemented objective (see trial.objective)
         raise SearchConfigError(f"metric={s.metric!r} is unknown: allowed val_top1 (validation top-1, maximised "
                                 "under the size budget)")
+    if not isinstance(s.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name):
+        raise SearchConfigError(f"name={s.name!r} is invalid: letters, digits, '.', '_' and '-' (one folder under --out)")
+    for k in ("qat_lr", "size_budget_mb"):
+        v = getattr(s, k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            raise SearchConfigError(f"{k}={v!r} is invalid: a number > 0")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1)):
         if not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
             raise SearchConfigError(f"{k}={getattr(s, k)!r} is invalid: an integer >= {lo}")
@@ -127,7 +135,13 @@ def validate(s: SearchSettings) -> SearchSettings:
         quant_config({}, s.quant_base)  # the fixed QuantConfig fields are valid on their own
     except (SpaceError, QuantConfigError) as e:
         raise SearchConfigError(str(e)) from None
+    from trainer.data import source_kind
+    source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
     fp32, ck = load_baseline(s.baseline, s.tracking_uri)
+    try:
+        plan_for(fp32, quant_config({}, s.quant_base))  # the fixed layer patterns match this model
+    except QuantConfigError as e:
+        raise SearchConfigError(str(e)) from None
     tc = ck["config"]
     s.subset, s.val_size = int(tc.get("subset", 0)), int(tc.get("val_size", 0))
     if s.val_size <= 0:
@@ -233,13 +247,16 @@ def _short_mlflow_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def run(s: SearchSettings, num_cpus: int | None = None) -> dict[str, Any]:
-    """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict."""
+def run(s: SearchSettings, num_cpus: int | None = None, log=None) -> dict[str, Any]:
+    """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict.
+    ``log`` (a callable) hears where the experiment goes once every check has passed."""
     from mlflow_server.logging import check_reachable
     _short_mlflow_retries()
     validate(s)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
+    if log:
+        log(f"{s.mode}: experiment {s.path}")
     storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     _init_ray(s.address, num_cpus)
     t0 = time.time()

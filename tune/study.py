@@ -92,7 +92,7 @@ def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: st
 
 
 def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES, log=print,
-              callbacks=()) -> dict[str, Any]:
+              callbacks=(), download: bool = True) -> dict[str, Any]:
     from trainer import TrainConfig, load_checkpoint
     from trainer.baseline import fit_baseline
 
@@ -102,6 +102,9 @@ def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES,
     if unknown:
         raise StudyError(f"unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
     t0 = time.time()
+    for section in ("train", "sweep", "search", "mixed"):
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise StudyError(f"the {section}: section of the study config must be a mapping of options")
     tcfg = TrainConfig.from_dict(cfg.get("train", {}))
     if tcfg.val_size <= 0:
         raise StudyError("train.val_size must be > 0: the searches select on a validation split held out of train")
@@ -112,7 +115,7 @@ def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES,
         base = json.loads((bdir / "result.json").read_text())
     else:
         log(f"baseline: training {tcfg.epochs} epoch(s) at width {tcfg.width}" + (" (resuming)" if ck.exists() else ""))
-        base = fit_baseline(data, bdir, tcfg, callbacks=callbacks, resume=ck.exists(), download=True,
+        base = fit_baseline(data, bdir, tcfg, callbacks=callbacks, resume=ck.exists(), download=download,
                             progress=log)
     runs = out / "runs"
     results: dict[str, Any] = {}

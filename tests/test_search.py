@@ -231,12 +231,12 @@ def _saved_terminated(exp: Path) -> list[str]:
 
 
 def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, server, baseline, tmp_path):
-    """Kill the search driver after its first trial finishes; resume; 4 trials, no duplicate runs."""
+    """Kill the search driver after its first trial finishes; resume; 3 trials, no duplicate runs."""
     from tune.search import resume
     tree, ck = baseline
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"search": {"space": {"w_bits": [2, 8], "a_bits": [4, 8], "method": ["qat"]},
-                                          "qat_epochs": 2, "num_samples": 4, "max_concurrent": 1,
+                                          "qat_epochs": 1, "num_samples": 3, "max_concurrent": 1,
                                           "experiment": "srv-resume"}}))
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
@@ -254,19 +254,19 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     proc.wait()
     first_reports = first.read_text()
     summary = resume(exp)
-    assert len(summary["trials"]) == 4 and all(t["status"] in ("done", "stopped") for t in summary["trials"])
+    assert len(summary["trials"]) == 3 and all(t["status"] in ("done", "stopped") for t in summary["trials"])
     assert first.read_text() == first_reports  # the finished trial was not rerun
-    # the Optuna study came back with the experiment: 4 completed trials, the pre-kill one among them
+    # the Optuna study came back with the experiment: 3 completed trials, the pre-kill one among them
     import pickle
     state = pickle.loads(sorted(exp.glob("searcher-state-*.pkl"))[-1].read_bytes())
     study = state["_ot_study"]
-    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert first.parent.name in state["_ot_trials"]
     exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
                           params={"experiment_name": "srv-resume"}, timeout=30).json()["experiment"]["experiment_id"]
     runs = _runs(server, exp_id)
     trial_ids = [t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "bitsearch.trial_id"]
-    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4
+    assert len(trial_ids) == 3 and len(set(trial_ids)) == 3
 
 
 def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, server, tmp_path, capsys):
@@ -289,47 +289,98 @@ def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, 
     assert summary["trials"][0]["status"] == "done"
 
 
-def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline, tmp_path, monkeypatch):
-    """The tracking server dies right after the driver has logged the first trial; the search goes
+class _Relay:
+    """A TCP relay in front of the module's MLflow server that can be switched off and on again: to the
+    search, the tracking server goes away and comes back (without two more server starts)."""
+
+    def __init__(self, target: str):
+        self.target = int(target.rsplit(":", 1)[1])
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener, self._open = None, []
+
+    def start(self):
+        import threading
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", self.port))
+        lst.listen(32)
+        self._listener = lst
+        threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
+
+    def _accept(self, lst):
+        import threading
+        while True:
+            try:
+                client, _ = lst.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (a, b):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        for sock in [self._listener, *self._open]:  # shutdown wakes blocked accept/recv, drops kept-alive connections
+            for fn in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+                try:
+                    fn()
+                except OSError:
+                    pass
+        self._open = []
+
+
+def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, server, baseline, tmp_path, monkeypatch):
+    """The tracking server goes away right after the driver has logged the first trial; the search goes
     on; once it is back, `bitsearch sync` writes the missing runs, and a second sync writes nothing."""
     from tune.mlflow_callback import MlflowTrialCallback
     from tune.search import run
-    root, port = tmp_path / "mlf", _free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def start():
-        p = subprocess.Popen([sys.executable, "-m", "bitsearch", "server", "--root", str(root), "--port", str(port)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        assert "MLflow UI" in p.stdout.readline()
-        return p
-
-    srv = start()
+    relay = _Relay(server)
+    relay.start()
     logged = MlflowTrialCallback.on_trial_complete
+    up = [True]
 
-    def log_then_kill(self, *a, **kw):  # runs on the driver's event loop, so no later trial is logged first
+    def log_then_drop(self, *a, **kw):  # runs on the driver's event loop, so no later trial is logged first
         logged(self, *a, **kw)
-        if srv.poll() is None:
-            os.killpg(srv.pid, signal.SIGTERM)  # the server goes away mid-search
-            srv.wait(30)
+        if up[0]:
+            relay.stop()  # the server goes away mid-search
+            up[0] = False
 
-    monkeypatch.setattr(MlflowTrialCallback, "on_trial_complete", log_then_kill)
+    monkeypatch.setattr(MlflowTrialCallback, "on_trial_complete", log_then_drop)
     s = _settings(baseline, tmp_path, name="drop", mode="sweep", grid={"w_bits": [8, 4, 2], "a_bits": [8]},
-                  max_concurrent=1, tracking_uri=url, experiment="srv-drop")
+                  max_concurrent=1, tracking_uri=relay.url, experiment="srv-drop")
     exp = Path(s.path)
     summary = run(s)
     assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
-    srv = start()
+    exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
+                          params={"experiment_name": "srv-drop"}, timeout=30).json()["experiment"]["experiment_id"]
+    before = [t["value"] for r in _runs(server, exp_id) for t in r["data"].get("tags", [])
+              if t["key"] == "bitsearch.trial_id"]
+    assert len(before) == 1  # only the first trial reached the server
+    relay.start()  # the server is back
     try:
         out = subprocess.run([sys.executable, "-m", "bitsearch", "sync", str(exp), "--json"], capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout.strip().splitlines()[-1])["written"] >= 1
+        assert json.loads(out.stdout.strip().splitlines()[-1])["written"] == 2
         again = subprocess.run([sys.executable, "-m", "bitsearch", "sync", str(exp), "--json"], capture_output=True,
                                text=True, timeout=300)
         assert json.loads(again.stdout.strip().splitlines()[-1])["written"] == 0
-        exp_id = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name",
-                              params={"experiment_name": "srv-drop"}, timeout=30).json()["experiment"]["experiment_id"]
-        runs = _runs(url, exp_id)
+        runs = _runs(server, exp_id)
         ids = [t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "bitsearch.trial_id"]
         assert sorted(ids) == sorted(t["trial_id"] for t in summary["trials"])  # each trial once
         for r in runs:
@@ -339,8 +390,7 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, baseline
             else:  # the parent run, closed by sync since the search ended while the server was down
                 assert r["info"]["status"] == "FINISHED"
     finally:
-        os.killpg(srv.pid, signal.SIGTERM)
-        srv.wait(30)
+        relay.stop()
 
 
 def test_experiment_on_s3_compatible_storage(ray_session, s3, server, baseline, capsys):

@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY bitsearch bitsearch
 COPY trainer trainer
 COPY quantization quantization
+COPY pipeline pipeline
 COPY tune tune
 COPY mlflow_server mlflow_server
 COPY configs configs

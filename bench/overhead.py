@@ -31,7 +31,7 @@ def main() -> None:
 
     from quantization import QuantConfig
     from trainer import load_checkpoint, load_dataset
-    from tune.pipeline import load_baseline, quantize_model
+    from pipeline import load_baseline, quantize_model
     from tune.search import run, settings_from
 
     ck = load_checkpoint(a.baseline)

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import yaml
 
+from quantization.config import QAT_EPOCHS, QAT_LR, Granularity, Method
+
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -193,7 +195,7 @@ def cmd_train(args) -> int:
     con = stderr_console()
     callbacks: list = [RichProgress()]
     if args.tracking_uri:
-        from mlflow_server.logging import TrainRunLogger
+        from mlflow_server.tracking import TrainRunLogger
         callbacks.append(TrainRunLogger(args.tracking_uri, run_name=f"baseline-{out.name}"))
     result = fit_baseline(args.data, out, cfg, download=not args.no_download, callbacks=callbacks, resume=args.resume,
                           progress=lambda s: con.print(s))
@@ -220,13 +222,13 @@ def add_quantize(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--w-bits", dest="w_bits", help="weight bits 2..8 (32 = FP32)")
     p.add_argument("--a-bits", dest="a_bits", help="activation bits 2..8 (32 = FP32)")
-    p.add_argument("--granularity", choices=["per-channel", "per-tensor"], help="weight scales")
+    p.add_argument("--granularity", choices=[g.flag for g in Granularity], help="weight scales")
     p.add_argument("--symmetric", action="store_const", const=True, help="symmetric weights (default)")
     p.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, help="asymmetric weights")
     p.add_argument("--observer", choices=["minmax", "ema", "percentile", "mse"], help="activation observer")
-    p.add_argument("--method", choices=["ptq", "qat", "lsq"])
-    p.add_argument("--epochs", type=int, default=None, help="QAT/LSQ fine-tuning epochs (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="QAT/LSQ learning rate (default 0.01)")
+    p.add_argument("--method", choices=list(Method))
+    p.add_argument("--epochs", type=int, default=None, help=f"QAT/LSQ fine-tuning epochs (default {QAT_EPOCHS})")
+    p.add_argument("--lr", type=float, default=None, help=f"QAT/LSQ learning rate (default {QAT_LR})")
     p.add_argument("--calib-batches", dest="calib_batches", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
     p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, ...)")
@@ -242,7 +244,7 @@ def cmd_quantize(args) -> int:
     from quantization import QuantConfig
     from quantization.api import plan_for
     from trainer import load_dataset
-    from tune.pipeline import load_baseline, packed_meta, public, quantize_model, write_result
+    from pipeline import load_baseline, packed_meta, public, quantize_model, write_result
 
     section = load_profile(None, args.config).get("quantize") or {}  # QuantConfig keys + epochs, lr
     if not isinstance(section, dict):
@@ -250,7 +252,7 @@ def cmd_quantize(args) -> int:
                         f"...), not a {type(section).__name__}")
     section = dict(section)
     try:
-        yaml_epochs, yaml_lr = int(section.pop("epochs", 1)), float(section.pop("lr", 0.01))
+        yaml_epochs, yaml_lr = int(section.pop("epochs", QAT_EPOCHS)), float(section.pop("lr", QAT_LR))
     except (TypeError, ValueError):
         raise UserError(f"quantize.epochs / quantize.lr in {args.config} must be numbers") from None
     if args.batch_size < 1:
@@ -260,11 +262,12 @@ def cmd_quantize(args) -> int:
     qat_epochs = args.epochs if args.epochs is not None else yaml_epochs
     qat_lr = args.lr if args.lr is not None else yaml_lr
     qcfg = QuantConfig.from_dict({**section, **_explicit(args, QUANT_FLAGS)})
-    if qat_epochs < 1 and qcfg.method != "ptq":
+    if qat_epochs < 1 and qcfg.method.fine_tunes:
         raise UserError(f"--epochs={qat_epochs} is invalid: QAT/LSQ need at least 1 epoch")
     if not (qat_lr > 0):
         raise UserError(f"--lr={qat_lr} is invalid: must be > 0")
-    fp32, ck = load_baseline(args.checkpoint)
+    from mlflow_server.tracking import fetch_artifact
+    fp32, ck = load_baseline(fetch_artifact(args.checkpoint))
     plan_for(fp32, qcfg)  # layer patterns that match nothing: an error now, before the data is read
     tc = ck["config"]
     out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-W{qcfg.w_bits}A{qcfg.a_bits}-{qcfg.method}")
@@ -275,7 +278,7 @@ def cmd_quantize(args) -> int:
         raise UserError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
     con.print(f"quantizing W{qcfg.w_bits}A{qcfg.a_bits} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
               "training images; evaluating on the test set")
-    cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method != "ptq" else []
+    cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method.fine_tunes else []
     res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=args.batch_size,
                          seed=tc.get("seed", 0), device=args.device, out_dir=out, callbacks=cbs,
                          export=args.export, model_meta=packed_meta(ck))
@@ -381,7 +384,7 @@ def _common_search_args(p) -> None:
 SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_trial": "cpus_per_trial",
                 "gpus_per_trial": "gpus_per_trial", "tracking_uri": "tracking_uri", "address": "address",
                 "batch_size": "batch_size", "device": "device", "num_samples": "num_samples",
-                "objectives": "objectives", "size_budget_mb": "size_budget_mb", "metric": "metric",
+                "objectives": "objectives", "size_budget_mb": "size_budget_mb",
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr"}
 
 
@@ -390,7 +393,7 @@ def add_search(sub) -> None:
     _common_search_args(p)
     p.add_argument("--w-bits", dest="w_bits", help="comma list, e.g. 8,4,2")
     p.add_argument("--a-bits", dest="a_bits", help="comma list")
-    p.add_argument("--method", choices=["ptq", "qat", "lsq"])
+    p.add_argument("--method", choices=list(Method))
     p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
     p.add_argument("--qat-lr", dest="qat_lr", type=float)
     p.set_defaults(func=cmd_search, mode="sweep")
@@ -398,7 +401,6 @@ def add_search(sub) -> None:
     _common_search_args(p)
     p.add_argument("--objectives", choices=["single", "multi"], help="single: accuracy under a size budget; "
                    "multi: accuracy vs size (Pareto front)")
-    p.add_argument("--metric", help="single-objective metric (val_top1)")
     p.add_argument("--num-samples", dest="num_samples", type=int)
     p.add_argument("--size-budget-mb", dest="size_budget_mb", type=float)
     p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
@@ -433,7 +435,7 @@ def _print_table(summary: dict) -> None:
 
 
 def cmd_search(args) -> int:
-    from tune.pipeline import is_artifact_uri
+    from mlflow_server.tracking import is_artifact_uri
     from tune.search import DEFAULT_GRID, SearchConfigError, run, settings_from
     section = load_profile(None, args.config).get(args.mode if args.mode == "sweep" else "search", {}) if args.config else {}
     if not isinstance(section, dict):
@@ -568,7 +570,7 @@ def cmd_server(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from mlflow_server.logging import ARTIFACTS_DIR
+    from mlflow_server.tracking import ARTIFACTS_DIR
     from mlflow_server.server import ServerError, start
     out = Path(args.out)
     if not out.is_dir():
@@ -669,7 +671,7 @@ def _known_errors() -> tuple[type, ...]:
     try:
         from quantization import CalibrationError, QuantConfigError
         from quantization.packing import PackedFileError
-        from mlflow_server.logging import TrackingError
+        from mlflow_server.tracking import TrackingError
         errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError]
     except ImportError:
         pass

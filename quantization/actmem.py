@@ -2,8 +2,8 @@
 
 Method
 ------
-1. Trace the model with torch.fx, treating each conv unit (conv + BN + activation, fused at
-   inference), linear, pooling and dropout as one node; run it once (ShapeProp) to get every
+1. Trace the model with torch.fx, treating each conv unit the model describes (conv + BN +
+   activation, fused at inference), linear, pooling and dropout as one node; run it once (ShapeProp) to get every
    intermediate tensor's shape. Element counts scale exactly with the batch size.
 2. Storage precision of each tensor, as the model computes it: a tensor is stored at ``b`` bits only
    when its one and only reader is a quantized layer whose input quantizer reads it at ``b`` bits
@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from quantization.api import described_layers
 from quantization.modules import QuantConvBn2d, QuantLinear
 
 VIEW_FUNCTIONS = (torch.flatten, torch.reshape)
@@ -39,18 +40,24 @@ VIEW_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 
 
 class _Tracer(fx.Tracer):
+    """Conv units the model describes (conv -> BN -> act, one fused op at inference) and quantized
+    layers are single nodes."""
+
+    def __init__(self, units: set[str]):
+        super().__init__()
+        self.units = units
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, nn.Sequential) and hasattr(m, "conv") and hasattr(m, "bn"):
-            return True  # a conv unit (ConvBNAct): one fused op at inference
-        return isinstance(m, (QuantConvBn2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+        return (qualname in self.units or isinstance(m, (QuantConvBn2d, QuantLinear))
+                or super().is_leaf_module(m, qualname))
 
 
 def input_quantizer(module: nn.Module):
-    """The activation quantizer through which ``module`` reads its input (None: it reads FP32)."""
-    if isinstance(module, (QuantConvBn2d, QuantLinear)):
-        return module.aq if module.aq is not None and module.aq.enabled else None
-    conv = getattr(module, "conv", None)
-    return input_quantizer(conv) if isinstance(conv, (QuantConvBn2d, QuantLinear)) else None
+    """The activation quantizer through which ``module`` (a quantized layer, or a unit holding one) reads
+    its input (None: it reads FP32)."""
+    if not isinstance(module, (QuantConvBn2d, QuantLinear)):
+        module = next((c for c in module.children() if isinstance(c, (QuantConvBn2d, QuantLinear))), None)
+    return module.aq if module is not None and module.aq is not None and module.aq.enabled else None
 
 
 def is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -72,7 +79,8 @@ def tensor_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[fx.Graph
     """The traced graph and, per node in execution order, its size and storage precision."""
     was = model.training
     model.eval()
-    gm = fx.GraphModule(model, _Tracer().trace(model))
+    units = {i.unit for i in described_layers(model) if i.unit}
+    gm = fx.GraphModule(model, _Tracer(units).trace(model))
     ShapeProp(gm).propagate(torch.zeros(input_shape, device=next(model.parameters()).device))
     model.train(was)
     modules = dict(gm.named_modules())

@@ -1,9 +1,9 @@
 """One entry point: prepare(model, config) -> calibrate / fine-tune -> pack (convert).
 
 ``prepare`` copies an FP32 model and swaps every quantizable conv (with its BN) and linear for a
-fake-quant module according to the config's per-layer plan. Quantizable layers are the convs of
-``ConvBNAct``-style units (a ``conv`` followed by a ``bn``) and ``nn.Linear`` layers; their names are
-the model's module names (``blocks.3.dw.conv``, ``classifier``).
+fake-quant module according to the config's per-layer plan. The model says which layers
+can be quantized (``model.quantizable_layers()``: see ``described_layers``); their names are the
+model's module names (``blocks.3.dw.conv``, ``classifier``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from quantization.config import QuantConfig
+from quantization.config import Method, QuantConfig, QuantConfigError
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
@@ -23,24 +23,23 @@ class CalibrationError(ValueError):
     """Calibration could not set the activation ranges (no data)."""
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Module, nn.Module | None]]:
-    """name -> (parent, attribute, layer, bn or None) for every conv/linear that can be quantized."""
-    out = {}
-    for pname, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            name = f"{pname}.{attr}" if pname else attr
-            if isinstance(child, nn.Conv2d):
-                bn = getattr(parent, "bn", None) if attr == "conv" else None
-                out[name] = (parent, attr, child, bn if isinstance(bn, nn.BatchNorm2d) else None)
-            elif isinstance(child, nn.Linear):
-                out[name] = (parent, attr, child, None)
-    return out
+def described_layers(model: nn.Module) -> list:
+    """The model's own description of its quantizable layers: ``model.quantizable_layers()``, a list of
+    records with ``name`` (the conv/linear module), ``unit`` (its conv -> BN -> act unit, or None),
+    ``bn`` (the BN folded into it, or None), ``input_relu6`` (its input is a ReLU6 output) and
+    ``relu6_source`` (that ReLU6 module, when this layer is its only reader). trainer.model.LayerInfo
+    is the one MobileNet-v2 gives; quantization imports no model code."""
+    describe = getattr(model, "quantizable_layers", None)
+    if describe is None:
+        raise QuantConfigError(f"{type(model).__name__} does not describe its quantizable layers "
+                               "(a quantizable_layers() method, see trainer.model.LayerInfo)")
+    return list(describe())
 
 
-def _fuse_relu6(model: nn.Module, layer: nn.Module, qm: nn.Module) -> None:
-    """Let the activation quantizer of ``qm`` apply the ReLU6 that feeds it (``relu6_source``, read
+def _fuse_relu6(model: nn.Module, info, qm: nn.Module) -> None:
+    """Let the activation quantizer of ``qm`` apply the ReLU6 that feeds it (``info.relu6_source``, read
     by this layer only) and drop that module: same values, one full-size pass fewer each way."""
-    src = getattr(layer, "relu6_source", None)
+    src = info.relu6_source
     if src is None or qm.aq is None or qm.aq.signed or qm.aq.axis is not None:
         return
     parent_name, _, attr = src.rpartition(".")
@@ -53,7 +52,7 @@ def _fuse_relu6(model: nn.Module, layer: nn.Module, qm: nn.Module) -> None:
 def plan_for(model: nn.Module, cfg: QuantConfig) -> dict:
     """Each quantizable layer's resolved settings; QuantConfigError for a layer pattern that matches
     nothing in ``model`` (cheap: check a config against a model before any work)."""
-    layers = quantizable_layers(model)
+    layers = [i.name for i in described_layers(model)]
     others = [n for n, _ in model.named_modules() if n and n not in layers]
     return cfg.plan(layers, others)
 
@@ -62,20 +61,26 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A fake-quant copy of ``model`` (the original is untouched). Unknown layer patterns in ``cfg``
     raise QuantConfigError. Weights are quantized at once; activations after ``calibrate``."""
     q = copy.deepcopy(model)
-    layers = quantizable_layers(q)
     plan = plan_for(q, cfg)
-    for name, (parent, attr, layer, bn) in layers.items():
-        p = plan[name]
+    for info in described_layers(q):
+        p = plan[info.name]
         if not p.quantized:
             continue
+        layer = q.get_submodule(info.name)
+        parent_name, _, attr = info.name.rpartition(".")
+        parent = q.get_submodule(parent_name) if parent_name else q
         if isinstance(layer, nn.Conv2d):
-            qm = QuantConvBn2d(layer, bn, p, cfg)
-            if bn is not None:
-                parent.bn = nn.Identity()
+            bn = q.get_submodule(info.bn) if info.bn else None
+            qm = QuantConvBn2d(layer, bn, p, cfg, input_relu6=info.input_relu6)
+            if bn is not None:  # folded into the conv: the unit's BN slot becomes a pass-through
+                bn_parent, _, bn_attr = info.bn.rpartition(".")
+                setattr(q.get_submodule(bn_parent) if bn_parent else q, bn_attr, nn.Identity())
+        elif isinstance(layer, nn.Linear):
+            qm = QuantLinear(layer, p, cfg, input_relu6=info.input_relu6)
         else:
-            qm = QuantLinear(layer, p, cfg)
+            raise QuantConfigError(f"{info.name} is a {type(layer).__name__}: only Conv2d and Linear layers quantize")
         setattr(parent, attr, qm)
-        _fuse_relu6(q, layer, qm)
+        _fuse_relu6(q, info, qm)
         if qm.wq is not None:
             qm.wq.observing = False
             if qm.wq.lsq:  # LSQ weight step starts from the observer's range
@@ -188,6 +193,6 @@ class QATSchedule:
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         # LSQ learns weight steps for the BN-folded weight: moving BN statistics would rescale the folded
         # weight under a fixed step, so LSQ keeps BN frozen from the start.
-        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch or self.cfg.method == "lsq")
+        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch or self.cfg.method is Method.LSQ)
         set_act_observing(model, epoch < self.cfg.freeze_observer_epoch)
 

@@ -1,4 +1,5 @@
-"""QuantConfig: what to quantize, how, and where the exceptions are. Frozen; to/from dict and YAML.
+"""QuantConfig: what to quantize, how, and where the exceptions are. Frozen; to/from dict. Imports no
+torch, so the command line can offer these choices without loading it.
 
 Bit-widths are 2..8, or 32 for "keep this tensor in FP32". Layer patterns are shell globs over the
 model's layer names (``stem.conv``, ``blocks.3.*``, ``blocks.*.dw.conv``, ``classifier``; see
@@ -15,20 +16,54 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any, Iterable
 
-import yaml
-
-from quantization.observers import OBSERVERS
-
 FP32 = 32
-METHODS = ("ptq", "qat", "lsq")
-GRANULARITIES = ("per_channel", "per_tensor")
+OBSERVERS = ("minmax", "ema", "percentile", "mse")  # range observers (quantization/observers.py)
+QAT_EPOCHS = 1      # fine-tuning epochs of QAT/LSQ when not given (CLI, searches)
+QAT_LR = 0.01       # and their learning rate
 
 
 class QuantConfigError(ValueError):
     """A quantization setting is invalid; the message names it and what is allowed."""
+
+
+class Method(StrEnum):
+    """How a model is quantized. The one place that says which methods fine-tune."""
+    PTQ = "ptq"   # post-training: calibrate activation ranges, no training
+    QAT = "qat"   # quantization-aware fine-tuning (straight-through estimator, BN folded)
+    LSQ = "lsq"   # QAT with learned step sizes (Esser et al. 2020)
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self is not Method.PTQ
+
+    @classmethod
+    def parse(cls, name: str, v: Any) -> "Method":
+        try:
+            return cls(str(v).lower())
+        except ValueError:
+            raise QuantConfigError(f"{name}={v!r} is invalid: allowed {', '.join(cls)}") from None
+
+
+class Granularity(StrEnum):
+    """Weight scales: one per output channel, or one per tensor."""
+    PER_CHANNEL = "per_channel"
+    PER_TENSOR = "per_tensor"
+
+    @property
+    def flag(self) -> str:
+        """The spelling on the command line (per-channel)."""
+        return self.value.replace("_", "-")
+
+    @classmethod
+    def parse(cls, name: str, v: Any) -> "Granularity":
+        try:
+            return cls(str(v).replace("-", "_"))
+        except ValueError:
+            raise QuantConfigError(f"{name}={v!r} is invalid: allowed {', '.join(g.flag for g in cls)}") from None
 
 
 def _check_bits(name: str, v: Any) -> int:
@@ -41,13 +76,6 @@ def _check_bits(name: str, v: Any) -> int:
     if not f.is_integer() or not (2 <= f <= 8 or f == FP32):
         raise QuantConfigError(f"{name}={v!r} is out of range: allowed 2..8, or 32 for FP32")
     return int(f)
-
-
-def _norm_gran(name: str, v: Any) -> str:
-    s = str(v).replace("-", "_")
-    if s not in GRANULARITIES:
-        raise QuantConfigError(f"{name}={v!r} is invalid: allowed per-channel, per-tensor")
-    return s
 
 
 @dataclass(frozen=True)
@@ -65,8 +93,8 @@ class LayerOverride:
         if self.a_bits is not None:
             object.__setattr__(self, "a_bits", _check_bits(f"overrides[{self.pattern}].a_bits", self.a_bits))
         if self.w_granularity is not None:
-            object.__setattr__(self, "w_granularity", _norm_gran(f"overrides[{self.pattern}].w_granularity",
-                                                                 self.w_granularity))
+            object.__setattr__(self, "w_granularity", Granularity.parse(f"overrides[{self.pattern}].w_granularity",
+                                                                        self.w_granularity))
 
 
 @dataclass(frozen=True)
@@ -74,7 +102,7 @@ class LayerPlan:
     """The resolved settings of one layer."""
     w_bits: int
     a_bits: int
-    w_granularity: str
+    w_granularity: Granularity
 
     @property
     def quantized(self) -> bool:
@@ -87,12 +115,11 @@ class QuantConfig:
     a_bits: int = 8
     w_symmetric: bool = True
     a_symmetric: bool = False
-    w_granularity: str = "per_channel"
-    a_granularity: str = "per_tensor"
+    w_granularity: Granularity = Granularity.PER_CHANNEL    # activations: always one scale per tensor
     w_observer: str = "minmax"
     a_observer: str = "minmax"
     percentile: float = 99.99
-    method: str = "ptq"                      # ptq | qat | lsq
+    method: Method = Method.PTQ
     keep_fp32: tuple[str, ...] = ("stem.conv", "classifier")
     overrides: tuple[LayerOverride, ...] = ()
     calib_batches: int = 8
@@ -103,17 +130,11 @@ class QuantConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
         set_("w_bits", _check_bits("w_bits", self.w_bits))
         set_("a_bits", _check_bits("a_bits", self.a_bits))
-        set_("w_granularity", _norm_gran("w_granularity", self.w_granularity))
-        a_gran = str(self.a_granularity).replace("-", "_")
-        if a_gran != "per_tensor":
-            raise QuantConfigError(f"a_granularity={self.a_granularity!r} is invalid: activations have no fixed "
-                                   "channel set to scale (one scale per tensor); allowed: per-tensor")
-        set_("a_granularity", a_gran)
+        set_("w_granularity", Granularity.parse("w_granularity", self.w_granularity))
+        set_("method", Method.parse("method", self.method))
         for k in ("w_observer", "a_observer"):
             if getattr(self, k) not in OBSERVERS:
                 raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: allowed {', '.join(OBSERVERS)}")
-        if self.method not in METHODS:
-            raise QuantConfigError(f"method={self.method!r} is invalid: allowed {', '.join(METHODS)}")
         for k in ("w_symmetric", "a_symmetric"):
             if not isinstance(getattr(self, k), bool):
                 raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: true or false")
@@ -151,14 +172,22 @@ class QuantConfig:
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["method"], d["w_granularity"] = str(self.method), str(self.w_granularity)
         d["keep_fp32"] = list(self.keep_fp32)
-        d["overrides"] = [{k: v for k, v in dataclasses.asdict(o).items() if v is not None} for o in self.overrides]
+        d["overrides"] = [{k: str(v) if isinstance(v, Granularity) else v for k, v in dataclasses.asdict(o).items()
+                           if v is not None} for o in self.overrides]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantConfigError(f"quantization config must be a mapping, got {type(d).__name__}")
+        if "a_granularity" in d:  # older configs named the only choice there is
+            d = dict(d)
+            v = d.pop("a_granularity")
+            if str(v).replace("-", "_") != "per_tensor":
+                raise QuantConfigError(f"a_granularity={v!r} is invalid: activations have no fixed channel set to "
+                                       "scale (one scale per tensor); allowed: per-tensor")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -182,17 +211,6 @@ class QuantConfig:
                     raise QuantConfigError(f"{k}={v!r} is not a number") from None
             out[k] = v
         return cls(**out)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "QuantConfig":
-        try:
-            d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise QuantConfigError(f"quantization YAML is invalid: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(d.get("quantize", d) if isinstance(d, dict) else d)
 
     def replace(self, **kw) -> "QuantConfig":
         return QuantConfig.from_dict({**self.to_dict(), **kw})

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantization.config import Granularity, Method
 from quantization.observers import make_observer
 from quantization.primitives import EPS, choose_qparams, fake_quantize, fake_quantize_relu6, lsq_fake_quantize, qrange
 
@@ -94,14 +95,14 @@ class FakeQuantizer(nn.Module):
 
 def _act_quantizer(bits: int, cfg, relu6: bool) -> FakeQuantizer:
     return FakeQuantizer(bits, cfg.a_symmetric, signed=not relu6, observer=cfg.a_observer, percentile=cfg.percentile,
-                         lsq=cfg.method == "lsq", max_clip=RELU6_MAX if relu6 else None)
+                         lsq=cfg.method == Method.LSQ, max_clip=RELU6_MAX if relu6 else None)
 
 
-def _weight_quantizer(bits: int, cfg, granularity: str, channels: int) -> FakeQuantizer:
-    per_ch = granularity == "per_channel"
+def _weight_quantizer(bits: int, cfg, granularity: Granularity, channels: int) -> FakeQuantizer:
+    per_ch = granularity == Granularity.PER_CHANNEL
     return FakeQuantizer(bits, cfg.w_symmetric, signed=True, axis=0 if per_ch else None,
                          channels=channels if per_ch else 1, observer=cfg.w_observer, percentile=cfg.percentile,
-                         lsq=cfg.method == "lsq", dynamic=True)
+                         lsq=cfg.method == Method.LSQ, dynamic=True)
 
 
 class _QuantLayer(nn.Module):
@@ -139,11 +140,11 @@ class _QuantLayer(nn.Module):
 
 
 class QuantConvBn2d(_QuantLayer):
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg, input_relu6: bool = False):
         super().__init__()
         self.conv, self.bn = conv, bn
         self.bn_frozen = False
-        self._setup(plan, cfg, conv.out_channels, getattr(conv, "input_relu6", False))
+        self._setup(plan, cfg, conv.out_channels, input_relu6)
 
     def _fold_inputs(self):
         bn = self.bn
@@ -212,10 +213,10 @@ class QuantConvBn2d(_QuantLayer):
 
 
 class QuantLinear(_QuantLayer):
-    def __init__(self, linear: nn.Linear, plan, cfg):
+    def __init__(self, linear: nn.Linear, plan, cfg, input_relu6: bool = False):
         super().__init__()
         self.linear = linear
-        self._setup(plan, cfg, linear.out_features, getattr(linear, "input_relu6", False))
+        self._setup(plan, cfg, linear.out_features, input_relu6)
 
     def _fold_inputs(self):
         return [self.linear.weight, self.linear.bias]

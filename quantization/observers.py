@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantization.config import OBSERVERS
 from quantization.primitives import channel_rows, choose_qparams, fake_quantize, qrange, reduce_minmax
 
-OBSERVERS = ("minmax", "ema", "percentile", "mse")
 
 
 class Observer(nn.Module):

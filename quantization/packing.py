@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from quantization.api import prepare, quant_layers
-from quantization.config import QuantConfig, QuantConfigError
+from quantization.config import Method, QuantConfig, QuantConfigError
 from quantization.primitives import dequantize, quantize
 
 MAGIC = b"BSQP"
@@ -312,7 +312,7 @@ def read_packed(path: str | Path) -> tuple[dict, bytes]:
 def _rebuild(path, header: dict, build_model: Callable[[dict], nn.Module]) -> tuple[nn.Module, Packed]:
     """The architecture and quantization the header describes, and the tensor table they imply."""
     try:
-        cfg = QuantConfig.from_dict(header.get("config")).replace(method="ptq")
+        cfg = QuantConfig.from_dict(header.get("config")).replace(method=Method.PTQ)
     except QuantConfigError as e:
         raise PackedFileError(f"{path}: the stored quantization config is invalid ({e})") from None
     try:

@@ -132,7 +132,7 @@ CASES = [
     (SEARCH + ["--size-budget-mb", "-1"], "size_budget_mb=-1.0 is invalid"),
     (SEARCH + ["--size-budget-mb", "0.001"], "below the smallest model"),
     (SEARCH + ["--qat-epochs", "0"], "qat_epochs=0 is invalid"),
-    (SEARCH + ["--metric", "loss"], "metric='loss' is unknown"),
+    (SEARCH + ["--metric", "loss"], "unrecognized arguments: --metric loss"),
     (SEARCH + ["--config", "{y}/broken.yaml"], "not valid YAML"),
     (SEARCH + ["--config", "{y}/budgetmulti.yaml"], "single-objective searches only"),
     (SEARCH + ["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),

@@ -9,7 +9,7 @@ import torch
 from quantization import QuantConfig, recalibrate_bn
 from trainer import TrainConfig, evaluate, normalize, train
 from trainer.model import MobileNetV2
-from tune.pipeline import quantize_model
+from pipeline import quantize_model
 
 
 @pytest.fixture(scope="module")

@@ -169,11 +169,26 @@ def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
     assert min(t["Comp_MB"] for t in summary["trials"]) == min(front_sizes)  # the smallest model is never dominated
 
 
+class FailOnce:
+    """trainer callback injected into the trial: crash once, right after the given epoch's checkpoint."""
+
+    def __init__(self, epoch: int, marker: str):
+        self.epoch, self.marker = epoch, Path(marker)
+
+    def on_epoch_end(self, epoch, m, state):
+        if epoch + 1 == self.epoch and not self.marker.exists():
+            self.marker.write_text("x")
+            raise RuntimeError("injected failure")
+
+
 def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp_path):
+    import ray.cloudpickle
     from tune.search import run
-    s = _settings(baseline, tmp_path, name="retry", num_samples=1, max_concurrent=1, fail_once_after_epoch=1,
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
+    s = _settings(baseline, tmp_path, name="retry", num_samples=1, max_concurrent=1,
                   space={"w_bits": [4, 4], "method": ["qat"]}, qat_epochs=2)
-    summary = run(s)
+    summary = run(s, trial_callbacks=(FailOnce(1, str(tmp_path / "failed-once")),))
+    assert (tmp_path / "failed-once").exists()
     t = summary["trials"][0]
     assert t["status"] == "done"
     res = [json.loads(x) for x in (Path(summary["experiment"]) / t["trial_id"] / "result.json").read_text().splitlines()]
@@ -185,7 +200,7 @@ def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp
     ({"space": {}}, "search space is empty"),
     ({"space": {"w_bits": [1, 8]}}, "bits must lie in 2..8"),
     ({"space": {"colour": [1, 2]}}, "unknown search parameter"),
-    ({"metric": "loss"}, "metric='loss' is unknown"),
+    ({"metric": "val_top1"}, "unknown search option(s) metric"),
     ({"size_budget_mb": 0.001}, "below the smallest model"),
     ({"mode": "sweep", "grid": {"w_bits": []}}, "grid.w_bits"),
 ])

@@ -83,7 +83,7 @@ def test_embedded_store_keeps_artifacts_under_out_and_ui_accepts_the_experiment(
     """A trial's artifacts logged through the embedded store land in OUT/mlartifacts, never in ./mlruns;
     `bitsearch ui OUT/NAME` serves OUT's store and lists them."""
     import json
-    from mlflow_server.logging import SearchLogger, default_tracking_uri
+    from mlflow_server.tracking import SearchLogger, default_tracking_uri
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)

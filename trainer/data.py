@@ -29,7 +29,6 @@ import torch
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 LOCAL_COPY_HINT = (
     "pass a local copy with --data PATH: a torchvision CIFAR-10 root, an image-folder tree "
@@ -57,11 +56,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def to(self, device: torch.device | str) -> "Dataset":
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Dataset(mv(self.train_x), mv(self.train_y), mv(self.test_x), mv(self.test_y), self.classes,
-                       self.source, mv(self.val_x), mv(self.val_y))
 
     def summary(self) -> dict:
         return {"source": self.source, "classes": list(self.classes), "train": len(self.train_y),

@@ -14,7 +14,7 @@ but the projection. At width 1.0 and 10 classes the model has 2,236,682 paramete
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,26 +40,34 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
+class LayerInfo(NamedTuple):
+    """One quantizable layer as the model describes it to the quantizer."""
+    name: str                  # the conv / linear module (quantization configs address it: blocks.3.dw.conv)
+    unit: str | None           # the conv -> BN -> act unit that runs as one op at inference (None: the layer alone)
+    bn: str | None             # the BN right after it (folded into the conv), if any
+    input_relu6: bool          # its input comes straight out of a ReLU6 (range [0, 6]: unsigned grid, clip <= 6)
+    relu6_source: str | None   # that ReLU6 module when this layer is its only reader (the quantizer may absorb it)
+
+
 class ConvBNAct(nn.Sequential):
     """conv -> BN -> ReLU6 (or no activation). Children named conv, bn, act."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True,
-                 conv_layer: Callable[..., nn.Module] = nn.Conv2d):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
         super().__init__()
-        self.conv = conv_layer(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)
+        self.conv = nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.act = nn.ReLU6(inplace=False) if act else nn.Identity()
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, t: int, conv_layer=nn.Conv2d):
+    def __init__(self, cin: int, cout: int, stride: int, t: int):
         super().__init__()
         hidden = cin * t
         self.use_res = stride == 1 and cin == cout
         if t != 1:
-            self.expand = ConvBNAct(cin, hidden, 1, conv_layer=conv_layer)
-        self.dw = ConvBNAct(hidden, hidden, 3, stride, groups=hidden, conv_layer=conv_layer)
-        self.project = ConvBNAct(hidden, cout, 1, act=False, conv_layer=conv_layer)
+            self.expand = ConvBNAct(cin, hidden, 1)
+        self.dw = ConvBNAct(hidden, hidden, 3, stride, groups=hidden)
+        self.project = ConvBNAct(hidden, cout, 1, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.expand(x) if hasattr(self, "expand") else x
@@ -68,27 +76,24 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.2,
-                 conv_layer: Callable[..., nn.Module] = nn.Conv2d,
-                 linear_layer: Callable[..., nn.Module] = nn.Linear):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.2):
         super().__init__()
         self.width, self.num_classes = width, num_classes
         cin = make_divisible(STEM_CHANNELS * width)
-        self.stem = ConvBNAct(3, cin, 3, 1, conv_layer=conv_layer)
+        self.stem = ConvBNAct(3, cin, 3, 1)
         blocks = []
         for t, c, n, s in STAGES:
             cout = make_divisible(c * width)
             for i in range(n):
-                blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, conv_layer))
+                blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         head = make_divisible(HEAD_CHANNELS * max(1.0, width))
-        self.head = ConvBNAct(cin, head, 1, conv_layer=conv_layer)
+        self.head = ConvBNAct(cin, head, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = linear_layer(head, num_classes)
+        self.classifier = nn.Linear(head, num_classes)
         self._init_weights()
-        self._mark_relu6_inputs()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -101,22 +106,24 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def _mark_relu6_inputs(self) -> None:
-        """Tag convs/linears whose input comes straight out of a ReLU6 (range [0, 6]); activation
-        quantizers use it: unsigned grid, zero-point 0, clip at most 6. ``relu6_source`` names the
-        ReLU6 module when this conv is its only reader."""
-        for m in self.modules():
-            if isinstance(m, ConvBNAct):
-                m.conv.input_relu6, m.conv.relu6_source = False, None
+    def quantizable_layers(self) -> list[LayerInfo]:
+        """The contract with quantization.prepare: every conv and linear it may quantize, in order, with
+        what the quantizer needs to know about it (see LayerInfo)."""
+        units = [("stem", self.stem, False, None)]
         for i, blk in enumerate(self.blocks):
-            # dw reads the expansion's ReLU6 (or, with t == 1, the previous ReLU6 unit: the stem)
-            blk.dw.conv.input_relu6 = hasattr(blk, "expand") or blk is self.blocks[0]
-            blk.project.conv.input_relu6 = True
-            # the ReLU6 module whose output only this conv reads (quantization may fuse the two)
-            blk.dw.conv.relu6_source = (f"blocks.{i}.expand.act" if hasattr(blk, "expand") else
-                                        "stem.act" if i == 0 and not blk.use_res else None)  # else x is read twice
-            blk.project.conv.relu6_source = f"blocks.{i}.dw.act"
-        self.classifier.input_relu6 = True  # average of ReLU6 outputs, dropout only rescales in training
+            p = f"blocks.{i}"
+            if hasattr(blk, "expand"):
+                units.append((f"{p}.expand", blk.expand, False, None))
+                dw_src = f"{p}.expand.act"
+            else:  # t == 1 (block 0): dw reads the stem's ReLU6, unless the block adds that tensor back too
+                dw_src = "stem.act" if i == 0 and not blk.use_res else None
+            units.append((f"{p}.dw", blk.dw, True, dw_src))
+            units.append((f"{p}.project", blk.project, True, f"{p}.dw.act"))
+        units.append(("head", self.head, False, None))
+        out = [LayerInfo(f"{n}.conv", n, f"{n}.bn", relu6, src) for n, _, relu6, src in units]
+        # the classifier reads the average of ReLU6 outputs (dropout only rescales in training)
+        out.append(LayerInfo("classifier", None, None, True, None))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.blocks(self.stem(x)))                  # [B, 1280, 4, 4]

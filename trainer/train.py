@@ -137,45 +137,13 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     seed_everything(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias), lr=cfg.lr,
-                          momentum=cfg.momentum, nesterov=cfg.nesterov)
-    loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
-                       generator=gen, do_augment=cfg.augment)
-    steps = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.epochs * steps, int(cfg.warmup_epochs * steps)))
+    run = _Run(model, data, cfg, device)
     history: list[dict[str, float]] = []
     start_epoch = 0
-
     if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = load_checkpoint(ckpt_path)
-        saved = ck["config"]
-        diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
-        if diff:
-            raise CheckpointError("checkpoint was made with a different configuration: " + ", ".join(
-                f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        gen.set_state(ck["rng"]["data"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        history, start_epoch = list(ck["history"]), int(ck["epoch"])
+        history, start_epoch = _restore(run, ckpt_path)
 
-    run_model = torch.compile(model) if cfg.compile else model
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    amp = cfg.amp and device.type == "cuda"
-    state = {"model": model, "optimizer": opt, "device": device, "config": cfg, "steps_per_epoch": steps,
+    state = {"model": model, "optimizer": run.opt, "device": device, "config": cfg, "steps_per_epoch": run.steps,
              "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history,
              "data": data.summary()}
     _fire(callbacks, "on_train_start", state)
@@ -184,53 +152,20 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
 
     test_eval = None
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        _fire(callbacks, "on_epoch_start", epoch, model)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for step, (xb, yb) in enumerate(loader):
-            if device.type == "cuda" and cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = run_model(xb)
-                loss = loss_fn(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            _fire(callbacks, "on_batch_end", epoch, step, steps, loss.detach())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0
-        m: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
-                               "train_top1": 100.0 * correct.item() / seen, "lr": opt.param_groups[0]["lr"],
-                               "epoch_s": train_s, "images_per_s": seen / train_s}
-        last = epoch + 1 == cfg.epochs
+        m = _train_epoch(run, epoch, callbacks)
         if data.val_y is not None:  # the validation split is small: every epoch (curves, model selection)
-            v = evaluate(model, data.val_x, data.val_y, device=device, amp=amp)
+            v = evaluate(model, data.val_x, data.val_y, device=device, amp=run.amp)
             m.update(val_loss=v["loss"], val_top1=v["top1"])
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            if cfg.eval_test:
-                test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
-                m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
+        if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0) and cfg.eval_test:
+            test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=run.amp)
+            m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
         history.append(m)
         if ckpt_path:
-            _atomic_save({
-                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "meta": meta or {}, "epoch": epoch + 1,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "data": gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                "history": history, "classes": list(data.classes),
-            }, ckpt_path)
+            _save_checkpoint(run, ckpt_path, epoch + 1, history, meta)
         _fire(callbacks, "on_epoch_end", epoch, m, state)
 
     if test_eval is None and (cfg.eval_test or (out and write_reports)):  # e.g. resumed a finished run
-        test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=amp)
+        test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=run.amp)
     final = history[-1] if history else {}
     result: dict[str, Any] = {
         "epochs": cfg.epochs, "top1": test_eval["top1"] if test_eval else None,
@@ -244,3 +179,87 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
         result["reports"] = _write(out, history, data.test_y, test_eval["pred"], data.classes)
     _fire(callbacks, "on_train_end", result)
     return result
+
+
+class _Run:
+    """What one training run works with: model (and its compiled form), optimiser, schedule, loader, RNG."""
+
+    def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device):
+        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.channels_last = device.type == "cuda" and cfg.channels_last
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias), lr=cfg.lr,
+                                   momentum=cfg.momentum, nesterov=cfg.nesterov)
+        self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
+                                generator=self.gen, do_augment=cfg.augment)
+        self.steps = len(self.loader)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, cosine_lambda(cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps)))
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.amp = cfg.amp and device.type == "cuda"
+
+
+def _restore(run: _Run, ckpt_path: Path | None) -> tuple[list[dict], int]:
+    """Load model, optimiser, schedule and RNG states from the checkpoint; (history, next epoch)."""
+    if ckpt_path is None or not ckpt_path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
+    ck = load_checkpoint(ckpt_path)
+    saved, cfg = ck["config"], run.cfg
+    diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
+    if diff:
+        raise CheckpointError("checkpoint was made with a different configuration: " + ", ".join(
+            f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
+    try:
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+    run.sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    run.gen.set_state(ck["rng"]["data"])
+    if run.device.type == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    return list(ck["history"]), int(ck["epoch"])
+
+
+def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
+    """One pass over the training set; the epoch's training metrics."""
+    run.model.train()
+    _fire(callbacks, "on_epoch_start", epoch, run.model)
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    seen = 0
+    for step, (xb, yb) in enumerate(run.loader):
+        if run.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            logits = run.forward(xb)
+            loss = run.loss_fn(logits.float(), yb)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(yb)
+        _fire(callbacks, "on_batch_end", epoch, step, run.steps, loss.detach())
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_top1": 100.0 * correct.item() / seen,
+            "lr": run.opt.param_groups[0]["lr"], "epoch_s": train_s, "images_per_s": seen / train_s}
+
+
+def _save_checkpoint(run: _Run, path: Path, epoch: int, history: list[dict], meta: dict | None) -> None:
+    _atomic_save({
+        "format": CHECKPOINT_FORMAT, "config": run.cfg.to_dict(), "meta": meta or {}, "epoch": epoch,
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "data": run.gen.get_state(),
+                "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
+        "history": history, "classes": list(run.data.classes),
+    }, path)

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
 from ray import tune
 
-from mlflow_server.logging import SearchLogger
-from tune.space import trial_params
+from mlflow_server.tracking import SearchLogger
+from tune.space import block_bits, trial_params
 
 
 class MlflowTrialCallback(tune.Callback):
-    def __init__(self, uri: str, experiment: str, experiment_path: str, settings: dict[str, Any]):
-        self.uri, self.experiment, self.experiment_path, self.settings = uri, experiment, experiment_path, settings
+    def __init__(self, settings):
+        self.settings = settings
+        self.uri, self.experiment, self.experiment_path = settings.tracking_store, settings.experiment, settings.path
         self._runs: dict[str, str] = {}
         self._logger: SearchLogger | None = None
         self._offline = False
@@ -40,13 +39,13 @@ class MlflowTrialCallback(tune.Callback):
             return None
 
     def setup(self, **info):
-        self._safe(lambda: self._lg().log_search(self.settings))
+        self._safe(lambda: self._lg().log_search(self.settings.to_dict()))
 
     def _run(self, trial) -> str:
         rid = self._runs.get(trial.trial_id)
         if rid is None:
             rid = self._lg().child_run(trial.trial_id, str(trial))
-            self._lg().log_trial_params(rid, trial_params(trial.config))
+            self._lg().log_trial_params(rid, trial_params(trial.config, self.settings))
             self._runs[trial.trial_id] = rid
         return rid
 
@@ -81,8 +80,8 @@ class ProgressCallback(tune.Callback):
         self.done += 1
         r, c = trial.last_result or {}, trial.config
         desc = " ".join(f"{k}={c[k]}" for k in ("w_bits", "a_bits", "method") if k in c)
-        if any(k.startswith("w_bits_b") for k in c):
-            bits = [c[k] for k in sorted(c) if k.startswith("w_bits_b")]
+        if block_bits(c):
+            bits = block_bits(c).values()
             desc += f" block_w_bits={min(bits)}..{max(bits)}"
         val, mb = r.get("val_top1"), r.get("comp_mb")
         of = f"/{self.total}" if self.total else ""

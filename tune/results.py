@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from tune import storage
-from tune.space import trial_params
+from tune.settings import SETTINGS_FILE, load_settings
+from tune.space import BLOCK_PREFIX, block_bits, trial_params
 
 COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs", "Accuracy", "Val_Acc", "Drop",
            "Orig_MB", "Comp_MB", "Ratio", "Weight_ratio", "Act_ratio", "status"]
@@ -20,6 +21,7 @@ COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_e
 
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
     """One dict per trial: its config, every report, and the final one."""
+    settings = load_settings(str(path)) if (Path(path) / SETTINGS_FILE).is_file() else None
     out = []
     for d in sorted(Path(path).iterdir()):
         pf, rf = d / "params.json", d / "result.json"
@@ -30,7 +32,7 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
         final = next((r for r in reversed(reports) if r.get("final")), None)  # "done" is Ray's own key
         ck = sorted(d.glob("checkpoint_*"))
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
-                    "config": trial_params(params), "reports": reports, "final": final,
+                    "config": trial_params(params, settings), "reports": reports, "final": final,
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
 
@@ -39,7 +41,7 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for t in trials:
         c, f = t["config"], t["final"] or {}
-        blocks = {k: v for k, v in c.items() if k.startswith("w_bits_b")}
+        blocks = {k: v for k, v in c.items() if k.startswith(BLOCK_PREFIX)}
         w = f"mixed {min(blocks.values())}-{max(blocks.values())}" if blocks else c.get("w_bits")
         status = "done" if t["final"] else ("stopped" if t["reports"] else "no result")
         if f.get("over_budget"):
@@ -65,8 +67,8 @@ def quantize_keys(t: dict[str, Any]) -> dict[str, Any]:
     c, f = t["config"], t["final"] or {}
     out = {"w_bits": c.get("w_bits"), "a_bits": c.get("a_bits", 8), "method": c.get("method", "ptq"),
            **{k: f.get("test_top1" if k == "top1" else k) for k in QUANTIZE_KEYS}}
-    if any(k.startswith("w_bits_b") for k in c):
-        out["block_w_bits"] = [c[k] for k in sorted(c) if k.startswith("w_bits_b")]
+    if block_bits(c):
+        out["block_w_bits"] = list(block_bits(c).values())
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -168,10 +170,7 @@ def write_report(experiment: str | Path) -> dict[str, Any]:
 
 def sync(path: str | Path) -> dict[str, int]:
     """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
-    from mlflow.tracking import MlflowClient
-
-    from mlflow_server.logging import SearchLogger, check_reachable
-    from tune.search import load_settings
+    from mlflow_server.tracking import SearchLogger, check_reachable
 
     s = load_settings(str(path))
     path = storage.local_copy(s.path)
@@ -183,8 +182,7 @@ def sync(path: str | Path) -> dict[str, int]:
         if not t["reports"]:
             continue
         rid = lg.child_run(t["trial_id"], t["trial_id"])
-        run = MlflowClient(lg.uri).get_run(rid)
-        if run.data.tags.get("bitsearch.complete") == "1":
+        if lg.is_complete(rid):
             continue
         lg.log_trial_params(rid, t["config"])
         for r in t["reports"]:
@@ -192,6 +190,6 @@ def sync(path: str | Path) -> dict[str, int]:
         # a trial ASHA stopped early has no final report: its last report closes the run
         lg.finish_trial(rid, t["final"] or t["reports"][-1], t["checkpoint"], "FINISHED" if t["final"] else "KILLED")
         written += 1
-    if MlflowClient(lg.uri).get_run(lg.parent_run_id).info.status != "FINISHED":  # the search ended while offline
+    if not lg.search_finished():  # the search ended while the server was offline
         lg.finish_search(list(write_report(s.path)["files"].values()))
     return {"written": written}

@@ -17,14 +17,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantization import QuantConfig
+from quantization import Granularity, Method, QuantConfig
 from trainer.model import STAGES
 
 NUM_BLOCKS = sum(n for _, _, n, _ in STAGES)  # inverted-residual blocks: blocks.0 .. blocks.16
 INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
 FLOAT_KEYS = {"qat_lr"}
-CAT_KEYS = {"method": ("ptq", "qat", "lsq"), "granularity": ("per_channel", "per_tensor")}
+CAT_KEYS = {"method": tuple(Method), "granularity": tuple(Granularity)}
 KNOWN = INT_KEYS | FLOAT_KEYS | set(CAT_KEYS)
+BLOCK_PREFIX = "w_bits_b"  # mixed precision: one sampled weight bit-width per block, w_bits_b00 .. w_bits_b16
+
+
+def block_key(i: int) -> str:
+    return f"{BLOCK_PREFIX}{i:02d}"
+
+
+def block_bits(config: dict[str, Any]) -> dict[int, int]:
+    """The per-block weight bit-widths a trial sampled ({} for a uniform trial), by block index."""
+    return {int(k[len(BLOCK_PREFIX):]): v for k, v in sorted(config.items()) if k.startswith(BLOCK_PREFIX)}
 
 
 class SpaceError(ValueError):
@@ -60,11 +70,11 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
             vals = [spec] if isinstance(spec, str) else list(spec or [])
             if not vals:
                 raise SpaceError(f"space.{key} is empty: allowed values {', '.join(CAT_KEYS[key])}")
-            vals = [str(v).replace("-", "_") for v in vals]
-            bad = [v for v in vals if v not in CAT_KEYS[key]]
-            if bad:
-                raise SpaceError(f"space.{key} has {bad[0]!r}: allowed {', '.join(CAT_KEYS[key])}")
-            out[key] = vals
+            typ = {"method": Method, "granularity": Granularity}[key]
+            try:
+                out[key] = [str(typ.parse(f"space.{key}", v)) for v in vals]
+            except ValueError as e:
+                raise SpaceError(str(e)) from None
             continue
         lo, hi, log = _num_range(key, spec)
         if key in INT_KEYS:
@@ -91,13 +101,13 @@ class DefineByRun:
     def __call__(self, trial) -> dict[str, Any] | None:
         s = self.space
         # conditional space: QAT hyper-parameters exist only for trials that fine-tune
-        method = trial.suggest_categorical("method", s["method"]) if "method" in s else "ptq"
+        method = Method(trial.suggest_categorical("method", s["method"]) if "method" in s else Method.PTQ)
         for key, spec in s.items():
-            if key == "method" or (key in ("qat_lr", "qat_epochs") and method == "ptq"):
+            if key == "method" or (key in ("qat_lr", "qat_epochs") and not method.fine_tunes):
                 continue
             if key == "block_w_bits":
                 for i in range(NUM_BLOCKS):
-                    trial.suggest_int(f"w_bits_b{i:02d}", spec[0], spec[1])
+                    trial.suggest_int(block_key(i), spec[0], spec[1])
             elif key in CAT_KEYS:
                 trial.suggest_categorical(key, spec)
             elif key in INT_KEYS:
@@ -116,9 +126,9 @@ def smallest_bits(space: dict[str, Any]) -> dict[str, Any]:
     if "a_bits" in s:
         out["a_bits"] = s["a_bits"][0]
     if "block_w_bits" in s:
-        out.update({f"w_bits_b{i:02d}": s["block_w_bits"][0] for i in range(NUM_BLOCKS)})
-    if "granularity" in s and "per_tensor" in s["granularity"]:
-        out["granularity"] = "per_tensor"
+        out.update({block_key(i): s["block_w_bits"][0] for i in range(NUM_BLOCKS)})
+    if "granularity" in s and Granularity.PER_TENSOR in s["granularity"]:
+        out["granularity"] = str(Granularity.PER_TENSOR)
     return out
 
 
@@ -130,19 +140,29 @@ def quant_config(trial_cfg: dict[str, Any], base: dict[str, Any]) -> QuantConfig
             d[k] = trial_cfg[k]
     if "granularity" in trial_cfg:
         d["w_granularity"] = trial_cfg["granularity"]
-    blocks = sorted(k for k in trial_cfg if k.startswith("w_bits_b"))
+    blocks = block_bits(trial_cfg)
     if blocks:
-        d["overrides"] = list(d.get("overrides", [])) + [
-            {"pattern": f"blocks.{int(k[len('w_bits_b'):])}.*", "w_bits": trial_cfg[k]} for k in blocks]
+        d["overrides"] = list(d.get("overrides", [])) + [{"pattern": f"blocks.{i}.*", "w_bits": b}
+                                                         for i, b in blocks.items()]
     return QuantConfig.from_dict(d)
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+def trial_hparams(config: dict[str, Any], settings) -> dict[str, Any]:
+    """The fine-tuning a trial does: ``qat_epochs`` and ``qat_lr`` as sampled, else the search's fixed
+    values; both 0 for a method that does not fine-tune."""
+    if not Method(config.get("method", settings.quant_base.get("method", Method.PTQ))).fine_tunes:
+        return {"qat_epochs": 0, "qat_lr": 0.0}
+    return {"qat_epochs": int(config.get("qat_epochs", settings.qat_epochs)),
+            "qat_lr": float(config.get("qat_lr", settings.qat_lr))}
+
+
+def trial_params(config: dict[str, Any], settings=None) -> dict[str, Any]:
     """A trial's parameters for tables and MLflow: the sampled keys, plus the QAT settings that the
-    search fixed (rather than sampled) for trials that fine-tune."""
+    search fixed (rather than sampled) for trials that fine-tune. (``_s`` is how experiments of older
+    versions carried their settings inside each trial's config.)"""
     params = {k: v for k, v in config.items() if k != "_s"}
-    fixed = config.get("_s", {})
-    if params.get("method", "ptq") != "ptq":
+    fixed = settings.to_dict() if settings is not None else config.get("_s", {})
+    if Method(params.get("method", Method.PTQ)).fine_tunes:
         params.setdefault("qat_lr", fixed.get("qat_lr"))
         params.setdefault("qat_epochs", fixed.get("qat_epochs"))
     return params

@@ -55,13 +55,13 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    import mlflow
+    from mlflow_server.tracking import mlflow_version
     import optuna
     import ray
     import torch
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "mlflow": mlflow.__version__, "platform": platform.platform(),
+            "optuna": optuna.__version__, "mlflow": mlflow_version(), "platform": platform.platform(),
             "cpu_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": _git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
@@ -71,7 +71,7 @@ def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: st
     """Run, resume or skip one search stage."""
     from ray import tune
 
-    from tune.search import finish, resume, run, settings_from, validate
+    from tune.search import resume, run, settings_from
     exp = out / name
     if (exp / DONE).exists():
         log(f"{name}: finished earlier, skipped")
@@ -83,9 +83,9 @@ def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: st
         d = {**section, "mode": mode, "name": name, "baseline": str(baseline), "data": data, "out": str(out)}
         if objectives:
             d["objectives"] = objectives
-        s = validate(settings_from(d))
-        log(f"{name}: running {s.num_samples if mode == 'search' else 'grid'} trial(s) in {exp}")
-        summary = run(s)
+        s = settings_from(d)
+        summary = run(s, log=lambda m: log(f"{name}: running {s.num_samples if mode == 'search' else 'grid'} "
+                                           f"trial(s); {m}"))
     if summary["trials"] and all(t["status"] in ("done", "stopped", "over budget") for t in summary["trials"]):
         (exp / DONE).write_text(json.dumps({"finished": time.time()}))
     return summary
@@ -170,7 +170,7 @@ def recommendations(df: pd.DataFrame) -> list[dict[str, Any]]:
 def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dict, seconds: float) -> dict[str, Any]:
     import markdown
 
-    from mlflow_server.logging import default_tracking_uri
+    from mlflow_server.tracking import default_tracking_uri
     env = environment()
     dpath = Path(data)
     trials = _all_trials(results)

@@ -1,12 +1,14 @@
-"""The trial: a plain function of its config dict, run by Ray Tune on a worker.
+"""The trial: ``run_trial(config, settings, callbacks)``, run by Ray Tune on a worker.
 
-config = the searched keys (w_bits, a_bits, method, qat_lr, qat_epochs, granularity, w_bits_bNN)
-plus ``_s``, the fixed settings of the search (baseline path, data, budget, ...).
+``config`` holds only what the search sampled (w_bits, a_bits, method, qat_lr, qat_epochs,
+granularity, w_bits_bNN); the fixed ``settings`` of the search (a frozen SearchSettings) come once
+through ``tune.with_parameters``, as do extra trainer ``callbacks`` (tests inject failures that way).
 
-It loads the FP32 baseline and the data once per worker process, prepares the quantized model,
-calibrates, fine-tunes (QAT/LSQ) while reporting every epoch to Ray Tune with a checkpoint, then
-reports the final metrics with a checkpoint holding the packed model. Restarted from a checkpoint
-(FailureConfig retry or `bitsearch resume`), it continues the fine-tuning where it stopped.
+It loads the FP32 baseline and the data once per worker process, prepares the quantized model (whose
+packed size is known at once: over-budget trials stop there), calibrates, fine-tunes (QAT/LSQ) while
+reporting every epoch to Ray Tune with a checkpoint, then reports the final metrics with a
+checkpoint holding the packed model. Restarted from a checkpoint (FailureConfig retry or
+`bitsearch resume`), it continues the fine-tuning where it stopped.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ray import tune
 
-from tune.space import quant_config
+from tune.settings import SearchSettings
+from tune.space import quant_config, trial_hparams
 
 FINAL_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio", "act_ratio",
               "quantized_fraction", "metadata_overhead")
@@ -26,8 +29,9 @@ FINAL_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ra
 
 @functools.lru_cache(maxsize=2)
 def _baseline(path: str, tracking_uri: str | None):
-    from tune.pipeline import load_baseline
-    return load_baseline(path, tracking_uri)
+    from mlflow_server.tracking import fetch_artifact
+    from pipeline import load_baseline
+    return load_baseline(fetch_artifact(path, tracking_uri))
 
 
 @functools.lru_cache(maxsize=2)
@@ -58,26 +62,23 @@ class _Reporter:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Iterable = ()) -> None:
     import torch
 
-    from quantization import prepare
-    from quantization.packing import convert, size_report
-    from tune.pipeline import packed_meta, public, quantize_model, write_result
+    from pipeline import packed_meta, prepare_quantized, public, quantize_model, write_result
 
-    s = config["_s"]
-    torch.set_num_threads(max(1, int(s.get("cpus_per_trial", 1))))
-    fp32, ck = _baseline(s["baseline"], s.get("tracking_uri"))
-    data = _data(s["data"], s["subset"], s["val_size"], s["seed"])
-    qcfg = quant_config({k: v for k, v in config.items() if k != "_s"}, s["quant_base"])
-    method_trains = qcfg.method in ("qat", "lsq")
-    qat_epochs = int(config.get("qat_epochs", s.get("qat_epochs", 1))) if method_trains else 0
-    qat_lr = float(config.get("qat_lr", s.get("qat_lr", 0.01)))
-    budget = s.get("size_budget_mb")
+    s = settings
+    torch.set_num_threads(max(1, int(s.cpus_per_trial)))
+    fp32, ck = _baseline(s.baseline, s.tracking_uri)
+    data = _data(s.data, s.subset, s.val_size, s.seed)
+    qcfg = quant_config(config, s.quant_base)
+    hp = trial_hparams(config, s)
+    budget = s.size_budget_mb
 
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    comp_mb = size_report(convert(prepare(fp32, qcfg), packed_meta(ck)), fp32)["comp_mb"]  # size depends on the config only
+    prepared = prepare_quantized(fp32, qcfg, packed_meta(ck), s.device)
+    comp_mb = prepared.size["comp_mb"]
     if budget is not None and comp_mb > budget:
         tune.report({"objective": objective(0.0, comp_mb, budget), "comp_mb": comp_mb, "val_top1": 0.0,
                      "over_budget": True, "final": True})
@@ -91,30 +92,14 @@ def run_trial(config: dict[str, Any]) -> None:
                 (work / "qat").mkdir(parents=True, exist_ok=True)
                 shutil.copy(Path(d) / "checkpoint.pt", work / "qat" / "checkpoint.pt")
                 resume = True
-    fail_marker = work / "failed-once"
-    callbacks: list = [_Reporter(work / "qat", comp_mb, budget)]
-    if s.get("fail_once_after_epoch") and not fail_marker.exists():
-        callbacks.append(_FailOnce(int(s["fail_once_after_epoch"]), fail_marker))
-    res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=s["batch_size"],
-                         seed=s["seed"], device=s.get("device", "auto"), out_dir=work, callbacks=callbacks,
-                         resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.get("fp32_top1"),
-                         model_meta=packed_meta(ck))
+    res = quantize_model(fp32, data, qcfg, qat_epochs=hp["qat_epochs"], qat_lr=hp["qat_lr"], batch_size=s.batch_size,
+                         seed=s.seed, device=s.device, out_dir=work,
+                         callbacks=[_Reporter(work / "qat", comp_mb, budget), *callbacks], resume=resume,
+                         export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
     write_result(work / "final", res)
     pub = public(res)
     metrics = {k: pub[k] for k in FINAL_KEYS if pub.get(k) is not None}
     metrics.update(test_top1=pub["top1"], objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
-                   resumed=resume, final=True, epoch=qat_epochs)
+                   resumed=resume, final=True, epoch=hp["qat_epochs"])
     (work / "final" / "metrics.json").write_text(json.dumps(metrics))
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))
-
-
-class _FailOnce:
-    """Test hook (settings fail_once_after_epoch): crash once after that epoch's checkpoint."""
-
-    def __init__(self, epoch: int, marker: Path):
-        self.epoch, self.marker = epoch, marker
-
-    def on_epoch_end(self, epoch, m, state):
-        if epoch + 1 == self.epoch:
-            self.marker.write_text("x")
-            raise RuntimeError("injected failure (fail_once_after_epoch)")

@@ -1,16 +1,18 @@
 """One quantization run on a trained checkpoint: prepare -> calibrate -> (QAT/LSQ fine-tune) ->
 evaluate -> size, activation memory, packed file. Used by `bitsearch quantize` and by every search
-trial (which adds a callback that reports each epoch to Ray Tune)."""
+trial (which adds a callback that reports each epoch to Ray Tune). Imports trainer and quantization
+only (no Ray, no MLflow)."""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from quantization import QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing
+from quantization import QAT_LR, QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing
 from quantization.actmem import activation_memory
 from quantization.packing import convert, save_packed, size_report
 from trainer import (CheckpointError, Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device,
@@ -18,25 +20,10 @@ from trainer import (CheckpointError, Dataset, TrainConfig, evaluate, load_check
 from trainer.data import normalize
 
 
-def is_artifact_uri(path: str | Path) -> bool:
-    """An MLflow artifact URI (``runs:/<run_id>/checkpoint.pt``, ``mlflow-artifacts:/...``, ``s3://...``)."""
-    p = str(path)
-    return "://" in p or p.startswith("runs:/")
-
-
-def fetch_baseline(path: str | Path, tracking_uri: str | None = None) -> str:
-    """A local path for the baseline checkpoint: a file path as is, or an MLflow artifact URI
-    downloaded once."""
-    p = str(path)
-    if not is_artifact_uri(p):
-        return p
-    import mlflow.artifacts
-    return mlflow.artifacts.download_artifacts(artifact_uri=p, tracking_uri=tracking_uri)
-
-
-def load_baseline(path: str | Path, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """FP32 model + checkpoint dict from a `bitsearch train` checkpoint (path or MLflow artifact URI)."""
-    ck = load_checkpoint(fetch_baseline(path, tracking_uri))
+def load_baseline(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """FP32 model + checkpoint dict from a local `bitsearch train` checkpoint (an MLflow artifact URI is
+    fetched first by mlflow_server.tracking.fetch_artifact)."""
+    ck = load_checkpoint(path)
     meta, state = ck.get("meta"), ck.get("model")
     if not isinstance(meta, dict) or not meta.get("arch") or not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} has no model description (meta) or weights: it was not written by "
@@ -79,23 +66,45 @@ def calibration_batches(data: Dataset, batch_size: int, seed: int, device) -> It
         yield normalize(data.train_x[order[i:i + batch_size]].to(device))
 
 
+@dataclass
+class Prepared:
+    """A fake-quant copy of the baseline and the size of its packed file (which depends on the config
+    only, so a search knows a trial's size, and whether it fits the budget, before any work)."""
+    model: torch.nn.Module
+    config: QuantConfig
+    size: dict[str, Any]
+    model_meta: dict[str, Any]
+
+
+def prepare_quantized(fp32: torch.nn.Module, qcfg: QuantConfig, model_meta: dict | None = None,
+                      device: str | torch.device = "cpu") -> Prepared:
+    meta = model_meta or _default_meta(fp32)
+    q = prepare(fp32, qcfg)
+    return Prepared(q.to(resolve_device(device) if isinstance(device, str) else device), qcfg,
+                    size_report(convert(q, meta), fp32), meta)
+
+
 def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, qat_epochs: int = 0,
-                   qat_lr: float = 0.01, batch_size: int = 128, seed: int = 0, device: str = "auto",
+                   qat_lr: float = QAT_LR, batch_size: int = 128, seed: int = 0, device: str = "auto",
                    out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
                    export: str | Path | None = None, fp32_top1: float | None = None,
-                   model_meta: dict | None = None, act_memory: bool = True) -> dict[str, Any]:
-    """Quantize ``fp32`` per ``qcfg`` and measure it. ``qat_epochs`` > 0 (methods qat/lsq) fine-tunes
-    through the trainer's loop (checkpointed in ``out_dir/qat``). Returns the quantize JSON keys."""
+                   model_meta: dict | None = None, act_memory: bool = True,
+                   prepared: Prepared | None = None) -> dict[str, Any]:
+    """Quantize ``fp32`` per ``qcfg`` and measure it. ``qat_epochs`` > 0 (methods that fine-tune)
+    trains through the trainer's loop (checkpointed in ``out_dir/qat``). ``prepared`` reuses a
+    ``prepare_quantized`` result. Returns the quantize JSON keys."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     fp32 = fp32.to(dev).eval()
     if fp32_top1 is None:
         fp32_top1 = evaluate(fp32, data.test_x, data.test_y, device=dev)["top1"]
-    q = prepare(fp32, qcfg).to(dev)
+    prepared = prepared or prepare_quantized(fp32, qcfg, model_meta, dev)
+    q, size = prepared.model.to(dev), prepared.size
     n_cal = calibrate(q, calibration_batches(data, batch_size, seed, dev), qcfg.calib_batches)
     history: list[dict] = []
     n_bn = 0
-    if qcfg.method in ("qat", "lsq") and qat_epochs > 0:
+    fine_tune = qcfg.method.fine_tunes and qat_epochs > 0
+    if fine_tune:
         tcfg = TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=batch_size, seed=seed, device=dev.type,
                            no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
                            dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)))
@@ -108,23 +117,24 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
     q.eval()
     test = evaluate(q, data.test_x, data.test_y, device=dev)
     val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
-    packed = convert(q, model_meta or _default_meta(fp32))
-    size = size_report(packed, fp32)
     am = activation_memory(q) if act_memory else None
     result: dict[str, Any] = {
-        "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": qcfg.method, "granularity": qcfg.w_granularity,
+        "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": str(qcfg.method),
+        "granularity": str(qcfg.w_granularity),
         "top1": test["top1"], "val_top1": None if val is None else val["top1"], "fp32_top1": fp32_top1,
         "drop": fp32_top1 - test["top1"],
         "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "comp_bytes": size["comp_bytes"],
         "header_bytes": size["header_bytes"], "ratio": size["ratio"],
         "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
         "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
-        "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if qcfg.method != "ptq" else 0, "qat_lr": qat_lr,
+        "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if fine_tune else 0,
+        "qat_lr": qat_lr if fine_tune else 0.0,
         "history": history, "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
         "seconds": time.perf_counter() - t0,
     }
     if export:
-        info = save_packed(export, packed)
+        info = save_packed(export, convert(q, prepared.model_meta))
+        assert info["file_bytes"] == size["comp_bytes"], "the packed file differs from its predicted size"
         result["export"] = info["path"]
         result["export_bytes"] = info["file_bytes"]
         result["export_header_bytes"] = info["header_bytes"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,17 @@ SEARCH_TAG = "bitsearch.experiment_path"
 
 class TrackingError(RuntimeError):
     pass
+
+
+def short_retries() -> None:
+    """A tracking server that goes away mid-search must not stall the driver in retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def mlflow_version() -> str:
+    import mlflow
+    return mlflow.__version__
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
@@ -40,6 +52,21 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "`bitsearch server` or pass another --tracking-uri") from None
     if not ok:
         raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {r.status_code}")
+
+
+def is_artifact_uri(path: str | Path) -> bool:
+    """An MLflow artifact URI (``runs:/<run_id>/checkpoint.pt``, ``mlflow-artifacts:/...``, ``s3://...``)."""
+    p = str(path)
+    return "://" in p or p.startswith("runs:/")
+
+
+def fetch_artifact(path: str | Path, tracking_uri: str | None = None) -> str:
+    """A local path for a file: a path as is, or an MLflow artifact URI downloaded once."""
+    p = str(path)
+    if not is_artifact_uri(p):
+        return p
+    import mlflow.artifacts
+    return mlflow.artifacts.download_artifacts(artifact_uri=p, tracking_uri=tracking_uri)
 
 
 def _client(uri: str):
@@ -86,6 +113,17 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Every numeric metric in one request (MLflow's log_batch), not one call per metric."""
+    import time
+
+    from mlflow.entities import Metric
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, v, ts, step) for k, v in _numeric(metrics).items()]
+    for i in range(0, len(batch), 1000):  # the server's per-request limit
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
 class SearchLogger:
     """Parent run + idempotent child runs. Holds only strings, so it pickles with the Tune experiment."""
 
@@ -104,9 +142,12 @@ class SearchLogger:
         return run.info.run_id
 
     def log_search(self, settings: dict[str, Any]) -> None:
+        from mlflow.entities import Param
         c = _client(self.uri)
-        for k, v in list(_flat_params(settings).items())[:200]:
-            c.log_param(self.parent_run_id, k, v[:6000])
+        have = c.get_run(self.parent_run_id).data.params
+        params = [Param(k, v[:6000]) for k, v in list(_flat_params(settings).items())[:100] if k not in have]
+        if params:
+            c.log_batch(self.parent_run_id, params=params)
 
     def child_run(self, trial_id: str, trial_name: str) -> str:
         c = _client(self.uri)
@@ -119,21 +160,26 @@ class SearchLogger:
                                   "bitsearch.kind": "trial"}).info.run_id
 
     def log_trial_params(self, run_id: str, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
         c = _client(self.uri)
         have = c.get_run(run_id).data.params
-        for k, v in _flat_params(config).items():
-            if k not in have:
-                c.log_param(run_id, k, v)
+        params = [Param(k, v) for k, v in _flat_params(config).items() if k not in have]
+        if params:
+            c.log_batch(run_id, params=params)
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
-        c = _client(self.uri)
-        for k, v in _numeric(metrics).items():
-            c.log_metric(run_id, k, v, step=step)
+        log_metrics(_client(self.uri), run_id, metrics, step)
+
+    def is_complete(self, run_id: str) -> bool:
+        """The trial run has its final metrics and artifacts (written once, never twice)."""
+        return _client(self.uri).get_run(run_id).data.tags.get("bitsearch.complete") == "1"
+
+    def search_finished(self) -> bool:
+        return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"
 
     def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None, status: str = "FINISHED") -> None:
         c = _client(self.uri)
-        run = c.get_run(run_id)
-        if run.data.tags.get("bitsearch.complete") == "1":
+        if self.is_complete(run_id):
             return
         self.log_metrics(run_id, final, step=int(final.get("training_iteration", 0)))
         if artifacts_dir and Path(artifacts_dir).is_dir():
@@ -161,22 +207,19 @@ class TrainRunLogger:
         c = _client(self.uri)
         exp = ensure_experiment(self.uri, self.experiment)
         self.run_id = c.create_run(exp, run_name=self.run_name, tags={"bitsearch.kind": "baseline"}).info.run_id
-        for k, v in _flat_params({**state["config"].to_dict(), "data": state.get("data", {})}).items():
-            c.log_param(self.run_id, k, v[:6000])
+        from mlflow.entities import Param
+        flat = _flat_params({**state["config"].to_dict(), "data": state.get("data", {})})
+        c.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
 
     def on_epoch_end(self, epoch, m, state):
         try:
-            c = _client(self.uri)
-            for k, v in _numeric(m).items():
-                c.log_metric(self.run_id, k, v, step=int(m["epoch"]))
+            log_metrics(_client(self.uri), self.run_id, m, int(m["epoch"]))
         except Exception as e:  # the run goes on; the checkpoint is the source of truth
             warnings.warn(f"MLflow logging failed: {e}")
 
     def on_train_end(self, result):
         c = _client(self.uri)
-        for k in ("top1", "train_top1"):
-            if result.get(k) is not None:
-                c.log_metric(self.run_id, f"final_{k}", float(result[k]))
+        log_metrics(c, self.run_id, {f"final_{k}": result.get(k) for k in ("top1", "train_top1")}, 0)
         for p in (result.get("reports") or {}).values():
             c.log_artifact(self.run_id, p)
         if result.get("checkpoint"):

@@ -152,7 +152,7 @@ class RichProgress:
 
 TRAIN_FLAGS = {"epochs": "epochs", "width": "width", "batch_size": "batch_size", "lr": "lr", "subset": "subset",
                "val_size": "val_size", "seed": "seed", "device": "device", "weight_decay": "weight_decay",
-               "label_smoothing": "label_smoothing", "compile": "compile"}
+               "label_smoothing": "label_smoothing", "compile": "compile", "amp": "amp", "channels_last": "channels_last"}
 
 
 def add_train(sub) -> None:
@@ -172,6 +172,12 @@ def add_train(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--amp", dest="amp", action="store_const", const="on",
+                   help="bf16 autocast, also on CPU (default: on with CUDA only)")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off")
+    p.add_argument("--channels-last", dest="channels_last", action="store_const", const="on",
+                   help="channels-last memory format, also on CPU (default: on with CUDA only)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off")
     p.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--tracking-uri", help="also log the run to this MLflow tracking URI")

@@ -75,6 +75,8 @@ class FakeQuantizer(nn.Module):
         return self.step.detach().abs() + EPS if self.lsq else self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # under bf16 autocast: the quantizer's arithmetic stays exact, in FP32
+            x = x.float()
         if self.fused_relu6 and self.enabled and not self.observing and not (self.lsq and self.training):
             return fake_quantize_relu6(x, self.effective_scale(), self.qmax, RELU6_MAX)
         if self.fused_relu6:  # observing, disabled or learning an LSQ step: the ReLU6 as such first

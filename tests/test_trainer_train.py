@@ -84,3 +84,31 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoints(learnable_data, tmp_pa
 def test_bad_numbers_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict({field: value})
+
+
+def test_precision_switches_and_cpu_bf16_keeps_quantizers_in_fp32(learnable_data, tmp_path):
+    """--amp/--channels-last apply on CPU too; the run says which; fake-quant arithmetic stays FP32."""
+    from quantization import QuantConfig, calibrate, prepare
+    from trainer.config import ConfigError
+    from trainer.train import precision
+    cpu = torch.device("cpu")
+    assert precision(TrainConfig(), cpu)[:2] == (False, False)  # auto: FP32 on CPU
+    amp, cl, line = precision(TrainConfig(amp="on", channels_last=True), cpu)
+    assert (amp, cl) == (True, False) and "bf16 autocast on" in line and "channels-last off" in line
+    assert TrainConfig(amp=True).amp == "auto" and TrainConfig(amp="no").amp == "off"  # older configs
+    with pytest.raises(ConfigError, match="amp='fast' is invalid: on, off or auto"):
+        TrainConfig(amp="fast")
+    torch.manual_seed(0)
+    m = MobileNetV2(num_classes=3, width=0.25)
+    res = train(m, learnable_data, TrainConfig(width=0.25, epochs=1, batch_size=32, device="cpu", amp="on",
+                                               channels_last="on", eval_test=False))
+    assert res["amp"] and res["channels_last"] and m.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    q = prepare(m.eval(), QuantConfig(w_bits=4, a_bits=4))
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(q, [x])
+    seen = []
+    aq = q.blocks[1].dw.conv.aq
+    aq.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q(x)
+    assert seen == [(torch.bfloat16, torch.float32)]  # a bf16 conv output, quantized in FP32

@@ -34,8 +34,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (CUDA only makes it pay off)
-    amp: bool = True              # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True    # on CUDA
+    amp: str = "auto"             # bf16 autocast: on | off | auto (= on with CUDA; see train.precision)
+    channels_last: str = "auto"   # channels-last memory format: on | off | auto (same rule)
     eval_every: int = 1           # evaluate the test set every N epochs (and at the last); val: every epoch
     eval_test: bool = True        # False: validation only (QAT inside a search: test is measured after)
 
@@ -44,6 +44,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
 
+        for k in ("amp", "channels_last"):
+            object.__setattr__(self, k, _switch(k, getattr(self, k)))
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
         need(_finite(self.width) and 0 < self.width <= 4, "width", "must be in (0, 4]")
@@ -76,6 +78,17 @@ class TrainConfig:
 
     def replace(self, **kw: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **kw})
+
+
+def _switch(name: str, v: Any) -> str:
+    """on | off | auto. A boolean from an older checkpoint or config: True meant "where it pays off"."""
+    if isinstance(v, bool):
+        return "auto" if v else "off"
+    s = str(v).lower()
+    s = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(s, s)
+    if s not in ("on", "off", "auto"):
+        raise ConfigError(f"{name}={v!r} is invalid: on, off or auto")
+    return s
 
 
 def _finite(x: Any) -> bool:

@@ -298,10 +298,12 @@ def cmd_quantize(args) -> int:
         c = Console(highlight=False)
         c.print(f"W{result['w_bits']}A{result['a_bits']} {result['method']}: top-1 {result['top1']:.2f}% "
                 f"(FP32 {result['fp32_top1']:.2f}%, drop {result['drop']:+.2f})")
-        t = Table("layer", "params", "w_bits", "a_bits", "packed B", "meta B", "fp32 B", title="Size per layer")
+        t = Table("layer", "params", "w_bits", "a_bits", "packed B", "meta B", "fp32 B", "total B",
+                  title="Size per layer (the totals sum to the file)")
+        bits = lambda b: "-" if b is None else str(b)  # noqa: E731  (the file-header row has none)
         for r in result["layers"]:
-            t.add_row(r["layer"], f"{r['params']:,}", str(r["w_bits"]), str(r["a_bits"]), f"{r['packed_bytes']:,}",
-                      f"{r['metadata_bytes']:,}", f"{r['fp32_bytes']:,}")
+            t.add_row(r["layer"], f"{r['params']:,}", bits(r["w_bits"]), bits(r["a_bits"]), f"{r['packed_bytes']:,}",
+                      f"{r['metadata_bytes']:,}", f"{r['fp32_bytes']:,}", f"{r['total_bytes']:,}")
         c.print(t)
         c.print(f"size {result['orig_mb']:.3f} MB -> {result['comp_mb']:.3f} MB: ratio {result['ratio']:.2f}x, "
                 f"weights {result['weight_ratio']:.2f}x, metadata {100 * result['metadata_overhead']:.2f}% of it, "

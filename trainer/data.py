@@ -347,20 +347,24 @@ class GpuLoader:
     """Batches from whole in-memory tensors (on any device): shuffled, augmented, normalised.
 
     Randomness comes from ``generator`` (CPU), whose state a checkpoint saves. Keeps the last partial
-    batch, like a DataLoader with drop_last=False."""
+    batch, like a DataLoader with drop_last=False, unless ``drop_last`` (a compiled model then sees one
+    batch shape: a second one would make torch.compile build a slower dynamic-shape graph)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool,
-                 generator: torch.Generator | None = None, do_augment: bool = True):
+                 generator: torch.Generator | None = None, do_augment: bool = True, drop_last: bool = False):
         self.x, self.y, self.batch_size, self.train = x, y, batch_size, train
         self.g = generator or torch.Generator().manual_seed(0)
         self.do_augment = do_augment
+        self.drop_last = drop_last and len(y) >= batch_size
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.y) // self.batch_size
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
-        order = torch.randperm(n, generator=self.g).to(self.x.device) if self.train else None
+        n = len(self) * self.batch_size if self.drop_last else len(self.y)
+        order = torch.randperm(len(self.y), generator=self.g).to(self.x.device) if self.train else None
         for i in range(0, n, self.batch_size):
             if order is None:
                 xb, yb = self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]

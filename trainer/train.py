@@ -19,7 +19,7 @@ from trainer.data import Dataset, GpuLoader, normalize
 
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
 # config keys that may differ between a checkpoint and a resumed run (they do not change the result)
-RESUME_FREE_KEYS = {"device", "compile", "amp", "channels_last", "eval_every", "eval_test"}
+RESUME_FREE_KEYS = {"device", "amp", "channels_last", "eval_every", "eval_test"}  # compile drops the last partial batch
 
 
 class CheckpointError(RuntimeError):
@@ -222,11 +222,11 @@ class _Run:
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias), lr=cfg.lr,
                                    momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
-                                generator=self.gen, do_augment=cfg.augment)
+                                generator=self.gen, do_augment=cfg.augment, drop_last=cfg.compile)
         self.steps = len(self.loader)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, cosine_lambda(cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps)))
-        self.forward = torch.compile(model) if cfg.compile else model
+        self.forward = torch.compile(model, dynamic=False) if cfg.compile else model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fakequant", action="store_true", help="also a W4A4 QAT model (live BN)")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile (bf16 + channels-last)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (FP32, and bf16 + channels-last)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/precision.json")
     a = ap.parse_args()
@@ -83,18 +83,26 @@ def main() -> None:
             if cl:
                 mm = mm.to(memory_format=torch.channels_last)
             variants[f"{mname}/{lname}"] = (mm, amp, cl)
-        if a.compile:
-            mm = copy.deepcopy(m).to(memory_format=torch.channels_last)
-            t0 = time.perf_counter()
-            cm = torch.compile(mm)
-            _step_time(cm, it, dev, 1, True, True)  # compiles
-            variants[f"{mname}/bf16_channels_last_compiled"] = (cm, True, True)
-            print(f"compiled {mname} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if a.compile:  # torch.compile (inductor) alone, and with bf16 + channels-last; static shapes
+            for lname, (amp, cl) in (("fp32_compiled", (False, False)), ("bf16_channels_last_compiled", (True, True))):
+                mm = copy.deepcopy(m)
+                if cl:
+                    mm = mm.to(memory_format=torch.channels_last)
+                t0 = time.perf_counter()
+                cm = torch.compile(mm, dynamic=False)
+                _step_time(cm, it, dev, 1, amp, cl)  # compiles
+                variants[f"{mname}/{lname}"] = (cm, amp, cl)
+                print(f"compiled {mname}/{lname} in {time.perf_counter() - t0:.0f} s", flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    data_s: list[float] = []  # the input pipeline alone: shuffle-gather, crop + flip, normalise (per batch)
     for r in range(a.rounds):
         for k, (m, amp, cl) in variants.items():
             times[k].append(_step_time(m, it, dev, a.steps, amp, cl))
             print(f"round {r + 1} {k}: {a.batch_size / times[k][-1]:.0f} img/s", flush=True)
+        t0 = time.perf_counter()
+        for _ in range(a.steps * 4):
+            next(it)
+        data_s.append((time.perf_counter() - t0) / (a.steps * 4))
     res = {"device": str(dev), "cpu": platform.processor() or platform.machine(),
            "native_bf16": cpu_has_native_bf16() if dev.type == "cpu" else None,
            "threads": torch.get_num_threads(), "width": a.width, "batch_size": a.batch_size, "steps": a.steps,
@@ -104,6 +112,9 @@ def main() -> None:
     for k in times:
         base = k.split("/")[0] + "/fp32"
         res["speedup"][k] = statistics.median(f / t for t, f in zip(times[k], times[base]))
+    res["data_ms_per_batch"] = 1e3 * statistics.median(data_s)
+    # the step times above include fetching their batch: the share of each step spent on its input
+    res["data_share_of_step"] = {k: statistics.median(data_s) / statistics.median(ts) for k, ts in times.items()}
     print(json.dumps(res, indent=2))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

@@ -334,21 +334,29 @@ def add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args) -> int:
+def _packed_with_data(packed: str | os.PathLike, data_path: str, download: bool):
+    """The model of a packed file and the dataset at ``data_path``, checked to have the same classes."""
     from quantization.packing import load_packed
-    from trainer import evaluate, load_dataset, model_from_meta, resolve_device
+    from trainer import load_dataset, model_from_meta
+    model = load_packed(packed, model_from_meta)  # PackedFileError: one line naming what is wrong
+    header = model.bitsearch_header
+    con = stderr_console()
+    data = load_dataset(data_path, download=download, progress=lambda s: con.print(s))
+    classes = header["model"].get("classes") or []
+    if (classes and list(classes) != list(data.classes)) or data.num_classes != header["model"].get("num_classes"):
+        raise UserError(f"{packed} was trained on classes {classes or header['model'].get('num_classes')}, "
+                        f"the data at {data_path} has {list(data.classes)}")
+    return model, data
+
+
+def cmd_eval(args) -> int:
+    from trainer import evaluate, resolve_device
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} is invalid: an integer >= 1")
     dev = resolve_device(args.device)
-    model = load_packed(args.packed, model_from_meta)  # PackedFileError: one line naming what is wrong
+    model, data = _packed_with_data(args.packed, args.data, not args.no_download)
     header = model.bitsearch_header
-    con = stderr_console()
-    data = load_dataset(args.data, download=not args.no_download, progress=lambda s: con.print(s))
-    classes = header["model"].get("classes") or []
-    if (classes and list(classes) != list(data.classes)) or data.num_classes != header["model"].get("num_classes"):
-        raise UserError(f"{args.packed} was trained on classes {classes or header['model'].get('num_classes')}, "
-                        f"the data at {args.data} has {list(data.classes)}")
     res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=args.batch_size, device=dev)
     size = Path(args.packed).stat().st_size
     cfg = header["config"]
@@ -358,6 +366,62 @@ def cmd_eval(args) -> int:
     emit(result, args.json, lambda: print(f"{args.packed}: W{cfg['w_bits']}A{cfg['a_bits']} {cfg['method']}, "
                                           f"test top-1 {res['top1']:.2f}% on {len(data.test_y):,} images, "
                                           f"{size:,} B on disk ({size / 1e6:.4f} MB)"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a packed model (.bsq, or a search trial's) to ONNX (QDQ, int8/int4 weights)")
+    p.add_argument("source", nargs="*", metavar="EXPERIMENT TRIAL_ID",
+                   help="a search's experiment directory and one of its trial ids (instead of --packed)")
+    p.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--check", metavar="DATA", help="run the ONNX model in onnxruntime on DATA's test images and "
+                   "compare with the packed model (top-1 and agreement of predictions)")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def _trial_packed(experiment: str, trial_id: str) -> Path:
+    """The packed file of a finished trial of a local experiment."""
+    from tune.results import load_trials
+    trials = load_trials(_experiment_dir(experiment))
+    match = [t for t in trials if t["trial_id"] == trial_id]
+    if not match:
+        known = ", ".join(t["trial_id"] for t in trials[:8]) or "none"
+        raise UserError(f"no trial {trial_id!r} in {experiment}; trials: {known}")
+    f = Path(match[0]["dir"]) / "work" / "final" / "model.bsq"
+    if not f.is_file():
+        raise UserError(f"trial {trial_id} of {experiment} has no packed model (it did not finish)")
+    return f
+
+
+def cmd_export(args) -> int:
+    if bool(args.packed) == bool(args.source):
+        raise UserError("give either --packed FILE.bsq or EXPERIMENT TRIAL_ID, not both or neither")
+    if args.source and len(args.source) != 2:
+        raise UserError(f"expected EXPERIMENT TRIAL_ID, got {len(args.source)} value(s): {' '.join(args.source)}")
+    packed = Path(args.packed) if args.packed else _trial_packed(*args.source)
+    out = writable_file(args.out, "--out")
+    from pipeline.export import compare_onnx, export_packed
+    checked = _packed_with_data(packed, args.check, not args.no_download) if args.check else None
+    result = export_packed(packed, out)  # PackedFileError for a bad .bsq: one line
+    if checked:
+        result.update(compare_onnx(*checked, out))
+
+    def human():
+        print(f"{out}: {result['onnx_bytes']:,} B ONNX (opset {result['opset']}; {result['layers_int8']} int8, "
+              f"{result['layers_int4']} int4, {result['layers_fp32']} FP32 layers) from {packed} "
+              f"({result['packed_bytes']:,} B)")
+        if "onnx_top1" in result:
+            print(f"onnxruntime: test top-1 {result['onnx_top1']:.2f}% vs packed model {result['packed_top1']:.2f}%, "
+                  f"same prediction on {result['agreement']:.2f}% of {result['test_images']:,} images")
+    emit(result, args.json, human)
     return 0
 
 
@@ -385,6 +449,8 @@ def _common_search_args(p) -> None:
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow server (default: OUT/mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--finetune-subset", dest="finetune_subset", type=int,
+                   help="QAT/LSQ fine-tune on a stratified subset of N training images (validation and test stay whole)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 
@@ -393,7 +459,7 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "gpus_per_trial": "gpus_per_trial", "tracking_uri": "tracking_uri", "address": "address",
                 "batch_size": "batch_size", "device": "device", "num_samples": "num_samples",
                 "objectives": "objectives", "size_budget_mb": "size_budget_mb",
-                "qat_epochs": "qat_epochs", "qat_lr": "qat_lr"}
+                "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset"}
 
 
 def add_search(sub) -> None:
@@ -440,6 +506,27 @@ def _print_table(summary: dict) -> None:
                         "status") if c in df]
     Console(highlight=False).print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(df) else "(no trials)")
     print(f"report: {summary['files'].get('markdown')}")
+    hint = _mlflow_hint(summary)
+    if hint:
+        print(hint)
+
+
+def _mlflow_hint(summary: dict) -> str | None:
+    """How to open the search's trials in MLflow: the runs table of its experiment (the UI's default
+    page for an experiment is its GenAI overview, which shows none of them)."""
+    from tune.search import load_settings
+    from tune import storage
+    exp_id = summary.get("mlflow_experiment_id")
+    if exp_id is None:
+        return None
+    try:
+        s = load_settings(storage.normalize(summary["experiment"]))
+    except Exception:  # noqa: BLE001 - a hint, never an error
+        return None
+    route = f"#/experiments/{exp_id}/runs"
+    if s.tracking_uri and s.tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {s.tracking_uri.rstrip('/')}/{route}"
+    return f"MLflow: run `bitsearch ui {s.out}`, then open http://127.0.0.1:5000/{route}"
 
 
 def cmd_search(args) -> int:
@@ -507,7 +594,11 @@ def cmd_compare(args) -> int:
     if missing:
         raise UserError(f"unknown trial id(s) {', '.join(missing)}; known: {', '.join(df['trial_id'])}")
     sel = df[df["trial_id"].isin(args.trials)]
-    emit({"trials": sel.to_dict("records")}, args.json, lambda: print(sel.set_index("trial_id").T.to_string()))
+
+    def cell(v):  # 39.47, not 39.469999; 8, not 8.0
+        return f"{v:.4g}" if isinstance(v, float) else v
+    emit({"trials": sel.to_dict("records")}, args.json,
+         lambda: print(sel.set_index("trial_id").T.map(cell).to_string()))
     return 0
 
 
@@ -645,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_quantize(sub)
     add_eval(sub)
+    add_export(sub)
     add_search(sub)
     add_server(sub)
     add_study(sub)
@@ -680,7 +772,8 @@ def _known_errors() -> tuple[type, ...]:
         from quantization import CalibrationError, QuantConfigError
         from quantization.packing import PackedFileError
         from mlflow_server.tracking import TrackingError
-        errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError]
+        from pipeline.export import ExportError
+        errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError, ExportError]
     except ImportError:
         pass
     return tuple(errs)

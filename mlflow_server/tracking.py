@@ -177,11 +177,13 @@ class SearchLogger:
     def search_finished(self) -> bool:
         return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"
 
-    def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None, status: str = "FINISHED") -> None:
+    def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None,
+                     status: str = "FINISHED", step: int = 0) -> None:
+        """The trial's last metrics (at ``step``, its epoch), its artifacts, its end status; once."""
         c = _client(self.uri)
         if self.is_complete(run_id):
             return
-        self.log_metrics(run_id, final, step=int(final.get("training_iteration", 0)))
+        self.log_metrics(run_id, final, step=step)
         if artifacts_dir and Path(artifacts_dir).is_dir():
             c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
         c.set_tag(run_id, "bitsearch.complete", "1" if status in ("FINISHED", "KILLED") else "0")

@@ -116,6 +116,18 @@ CASES = [
     (EVAL + ["--batch-size", "0"], "--batch-size=0 is invalid"),
     (["eval", "--packed", "{packed}", "--data", "{other}", "--no-download"], "trained on classes"),
     (["eval", "--packed", "{packed}", "--data", "{root}/none", "--no-download"], "does not exist"),
+    # export
+    (["export", "--packed", "{ck}", "--out", "{root}/x.onnx"], "not a bitsearch packed model"),
+    (["export", "--packed", "{root}/none.bsq", "--out", "{root}/x.onnx"], "cannot be read"),
+    (["export", "--packed", "{packed}", "--out", "{root}"], "is a directory"),
+    (["export", "--packed", "{packed}", "--out", "{root}/afile/x.onnx"], "not writable"),
+    (["export", "--out", "{root}/x.onnx"], "give either --packed FILE.bsq or EXPERIMENT TRIAL_ID"),
+    (["export", "{root}", "t1", "--packed", "{packed}", "--out", "{root}/x.onnx"], "not both or neither"),
+    (["export", "{root}", "--out", "{root}/x.onnx"], "expected EXPERIMENT TRIAL_ID, got 1"),
+    (["export", "{root}", "t1", "--out", "{root}/x.onnx"], "not a bitsearch experiment directory"),
+    (["export", "--packed", "{packed}", "--format", "tflite", "--out", "{root}/x.onnx"], "invalid choice"),
+    (["export", "--packed", "{packed}", "--out", "{root}/x.onnx", "--check", "{other}", "--no-download"],
+     "trained on classes"),
     # sweep / search: all before Ray starts
     (SWEEP + ["--w-bits", "8,x"], "not a comma-separated list of integers"),
     (SWEEP + ["--w-bits", "9"], "w_bits=9 is out of range"),

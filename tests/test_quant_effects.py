@@ -6,23 +6,8 @@ accuracy at 67% although training accuracy was 98%), and assertions compare effe
 import pytest
 import torch
 
-from quantization import QuantConfig, recalibrate_bn
-from trainer import TrainConfig, evaluate, normalize, train
-from trainer.model import MobileNetV2
+from quantization import QuantConfig
 from pipeline import quantize_model
-
-
-@pytest.fixture(scope="module")
-def trained(learnable_data):
-    torch.manual_seed(0)
-    m = MobileNetV2(num_classes=3, width=0.25)
-    train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
-                                         eval_test=False))
-    x = learnable_data.train_x
-    recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
-    m.eval()
-    assert evaluate(m, learnable_data.test_x, learnable_data.test_y)["top1"] > 90
-    return m
 
 
 def _q(model, data, **kw):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,6 +118,8 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     assert len(statuses) == 4 and set(statuses) <= {"done", "stopped"} and "done" in statuses
     exp = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "srv-search"},
                        timeout=30).json()["experiment"]
+    from bitsearch.cli import _mlflow_hint  # what the CLI prints after the table: the runs table's address
+    assert _mlflow_hint(summary) == f"MLflow: {server.rstrip('/')}/#/experiments/{exp['experiment_id']}/runs"
     runs = _runs(server, exp["experiment_id"])
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if t.get("bitsearch.kind") == "search"]
@@ -130,13 +133,17 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
         assert {"w_bits", "a_bits", "method"} <= set(params)
         assert ("qat_lr" in params) == (params["method"] != "ptq")  # conditional space
         assert {"val_top1", "comp_mb", "objective"} <= set(metrics)
+        assert not {"pid", "timestamp", "time_this_iter_s", "iterations_since_restore", "training_iteration",
+                    "time_total_s"} & set(metrics)  # Ray's bookkeeping is not a bitsearch metric
+        name = c["info"]["run_name"]  # what the trial is, e.g. "W4A8 qat lr=0.012"
+        assert name.startswith(f"W{params['w_bits']}A{params['a_bits']} {params['method']}"), name
         assert c["info"]["status"] == "FINISHED"
         if tags["bitsearch.trial_id"] in done_ids:
             assert {"ratio", "test_top1"} <= set(metrics)
             arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
                                 params={"run_id": c["info"]["run_id"], "path": "trial"}, timeout=30).json()
             names = {Path(f["path"]).name for f in arts.get("files", [])}
-            assert "model.bsq" in names and "quantize.json" in names
+            assert {"model.bsq", "model.onnx", "quantize.json"} <= names
     parent_arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
                                params={"run_id": parents[0]["info"]["run_id"]}, timeout=30).json()
     assert "results.csv" in {Path(f["path"]).name for f in parent_arts.get("files", [])}
@@ -144,10 +151,12 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     p = Path(summary["experiment"])
     for f in ("results.csv", "results.md", "pareto.png", "parallel.png"):
         assert (p / f).stat().st_size > 0
+    html = (p / "parallel.html").read_text()
+    assert 'src="https://cdn.plot.ly' not in html and len(html) > 1_000_000  # plotly.js inside: works offline
     assert summary["best"] is not None and summary["pareto"]
 
 
-def test_grid_sweep_two_trials(ray_session, baseline, tmp_path):
+def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys):
     from tune.search import run
     s = _settings(baseline, tmp_path, name="sw", mode="sweep", grid={"w_bits": [8, 4], "a_bits": [8]})
     summary = run(s)
@@ -158,6 +167,16 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path):
                 "act_ratio", "quantized_fraction"} <= set(t)
     sizes = {t["W_bits"]: t["Comp_MB"] for t in summary["trials"]}
     assert sizes[4] < sizes[8]
+    # compare: side by side, floats to 4 significant digits (39.47, not 39.469999)
+    ids = [t["trial_id"] for t in summary["trials"]]
+    assert main(["compare", summary["experiment"], *ids]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids) and "Accuracy" in out
+    assert not re.search(r"\d\.\d{5,}", out), out
+    # the MLflow hint for an embedded store: the UI command and the runs table's address
+    from bitsearch.cli import _mlflow_hint
+    hint = _mlflow_hint(summary)
+    assert f"bitsearch ui {tmp_path}" in hint and f"#/experiments/{summary['mlflow_experiment_id']}/runs" in hint
 
 
 def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):

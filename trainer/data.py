@@ -17,6 +17,8 @@ Augmentation equals torchvision's RandomCrop(32, padding=4) (zero padding) + Ran
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import io
 import os
@@ -56,6 +58,15 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def with_train_subset(self, k: int, seed: int = 0) -> "Dataset":
+        """The same validation and test images, training on a stratified subset of ``k`` images."""
+        if k >= len(self.train_y):
+            return self
+        if k < self.num_classes:
+            raise DataError(f"subset={k} is too small: need at least one image per class ({self.num_classes})")
+        idx = stratified_indices(self.train_y, k, torch.Generator().manual_seed(seed))
+        return dataclasses.replace(self, train_x=self.train_x[idx], train_y=self.train_y[idx])
 
     def summary(self) -> dict:
         return {"source": self.source, "classes": list(self.classes), "train": len(self.train_y),

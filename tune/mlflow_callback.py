@@ -5,7 +5,8 @@ import warnings
 from ray import tune
 
 from mlflow_server.tracking import SearchLogger
-from tune.space import block_bits, trial_params
+from tune.results import trial_metrics
+from tune.space import block_bits, trial_label, trial_params
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -44,8 +45,9 @@ class MlflowTrialCallback(tune.Callback):
     def _run(self, trial) -> str:
         rid = self._runs.get(trial.trial_id)
         if rid is None:
-            rid = self._lg().child_run(trial.trial_id, str(trial))
-            self._lg().log_trial_params(rid, trial_params(trial.config, self.settings))
+            params = trial_params(trial.config, self.settings)
+            rid = self._lg().child_run(trial.trial_id, trial_label(params))
+            self._lg().log_trial_params(rid, params)
             self._runs[trial.trial_id] = rid
         return rid
 
@@ -53,20 +55,24 @@ class MlflowTrialCallback(tune.Callback):
         self._safe(self._run, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._safe(lambda: self._lg().log_metrics(self._run(trial), result, int(result.get("training_iteration", 0))))
+        self._safe(lambda: self._lg().log_metrics(self._run(trial), *trial_metrics(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ck = trial.checkpoint
 
         def finish():
+            final, step = trial_metrics(trial.last_result or {})
             if ck is None:
-                return self._lg().finish_trial(self._run(trial), trial.last_result or {}, None)
+                return self._lg().finish_trial(self._run(trial), final, None, step=step)
             with ck.as_directory() as d:  # local for a local experiment, downloaded from S3 otherwise
-                self._lg().finish_trial(self._run(trial), trial.last_result or {}, d)
+                self._lg().finish_trial(self._run(trial), final, d, step=step)
         self._safe(finish)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._safe(lambda: self._lg().finish_trial(self._run(trial), trial.last_result or {}, None, "FAILED"))
+        def failed():
+            final, step = trial_metrics(trial.last_result or {})
+            self._lg().finish_trial(self._run(trial), final, None, "FAILED", step=step)
+        self._safe(failed)
 
 
 class ProgressCallback(tune.Callback):

@@ -13,10 +13,36 @@ import pandas as pd
 
 from tune import storage
 from tune.settings import SETTINGS_FILE, load_settings
-from tune.space import BLOCK_PREFIX, block_bits, trial_params
+from tune.space import BLOCK_PREFIX, block_bits, trial_label, trial_params
 
-COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs", "Accuracy", "Val_Acc", "Drop",
-           "Orig_MB", "Comp_MB", "Ratio", "Weight_ratio", "Act_ratio", "status"]
+# Each measured quantity has one name from trial to table: the metric a trial reports to Ray Tune and
+# MLflow (per split, like the trainer's per-epoch history: train_top1 / val_top1 / test_top1), and
+# two fixed labels derived from it here and nowhere else: the reference report's table column and the
+# key of the DESIGN.md JSON contract (the `bitsearch quantize` vocabulary, where top1 is test top-1).
+# (metric, table column or None, JSON key)
+QUANTITIES = (
+    ("test_top1", "Accuracy", "top1"),
+    ("val_top1", "Val_Acc", "val_top1"),
+    ("fp32_top1", None, "fp32_top1"),
+    ("drop", "Drop", "drop"),
+    ("orig_mb", "Orig_MB", "orig_mb"),
+    ("comp_mb", "Comp_MB", "comp_mb"),
+    ("ratio", "Ratio", "ratio"),
+    ("weight_ratio", "Weight_ratio", "weight_ratio"),
+    ("act_ratio", "Act_ratio", "act_ratio"),
+    ("quantized_fraction", None, "quantized_fraction"),
+)
+METRICS = tuple(m for m, _, _ in QUANTITIES)  # what a trial's final report carries (tune/trial.py)
+# everything a trial reports that is a measurement (Ray adds pid, timestamp, time_* ... : not ours)
+TRIAL_METRICS = frozenset((*METRICS, "epoch", "train_loss", "train_top1", "objective", "metadata_overhead",
+                           "over_budget"))
+
+
+def trial_metrics(report: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A trial report as MLflow gets it: bitsearch's own metrics only, and the epoch as the step."""
+    return {k: v for k, v in report.items() if k in TRIAL_METRICS and k != "epoch"}, int(report.get("epoch") or 0)
+COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
+           *(col for _, col, _ in QUANTITIES if col), "status"]
 
 
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
@@ -48,9 +74,7 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
             status = "over budget"
         rows.append({"trial_id": t["trial_id"], "W_bits": w, "A_bits": c.get("a_bits"), "method": c.get("method", "ptq"),
                      "granularity": c.get("granularity", "per_channel"), "lr": c.get("qat_lr"),
-                     "qat_epochs": c.get("qat_epochs"), "Accuracy": f.get("test_top1"), "Val_Acc": f.get("val_top1"),
-                     "Drop": f.get("drop"), "Orig_MB": f.get("orig_mb"), "Comp_MB": f.get("comp_mb"),
-                     "Ratio": f.get("ratio"), "Weight_ratio": f.get("weight_ratio"), "Act_ratio": f.get("act_ratio"),
+                     "qat_epochs": c.get("qat_epochs"), **{col: f.get(m) for m, col, _ in QUANTITIES if col},
                      "status": status, **{k: v for k, v in sorted(blocks.items())}})
     df = pd.DataFrame(rows)
     if df.empty:
@@ -58,15 +82,11 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-QUANTIZE_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio", "act_ratio",
-                 "quantized_fraction")
-
-
 def quantize_keys(t: dict[str, Any]) -> dict[str, Any]:
     """A trial in the `bitsearch quantize` JSON vocabulary (w_bits, a_bits, top1, drop, comp_mb, ...)."""
     c, f = t["config"], t["final"] or {}
     out = {"w_bits": c.get("w_bits"), "a_bits": c.get("a_bits", 8), "method": c.get("method", "ptq"),
-           **{k: f.get("test_top1" if k == "top1" else k) for k in QUANTIZE_KEYS}}
+           **{key: f.get(m) for m, _, key in QUANTITIES}}
     if block_bits(c):
         out["block_w_bits"] = list(block_bits(c).values())
     return {k: v for k, v in out.items() if v is not None}
@@ -134,7 +154,7 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
         import plotly.express as px
         p = px.parallel_coordinates(num.reset_index(drop=True), color="Val_Acc" if "Val_Acc" in num else None)
         files["parallel_html"] = str(out / "parallel.html")
-        p.write_html(files["parallel_html"], include_plotlyjs="cdn")
+        p.write_html(files["parallel_html"], include_plotlyjs=True)  # self-contained: opens offline
     except ImportError:
         pass
     return files
@@ -181,14 +201,15 @@ def sync(path: str | Path) -> dict[str, int]:
     for t in load_trials(path):
         if not t["reports"]:
             continue
-        rid = lg.child_run(t["trial_id"], t["trial_id"])
+        rid = lg.child_run(t["trial_id"], trial_label(t["config"]))
         if lg.is_complete(rid):
             continue
         lg.log_trial_params(rid, t["config"])
         for r in t["reports"]:
-            lg.log_metrics(rid, r, int(r.get("training_iteration", 0)))
+            lg.log_metrics(rid, *trial_metrics(r))
         # a trial ASHA stopped early has no final report: its last report closes the run
-        lg.finish_trial(rid, t["final"] or t["reports"][-1], t["checkpoint"], "FINISHED" if t["final"] else "KILLED")
+        final, step = trial_metrics(t["final"] or t["reports"][-1])
+        lg.finish_trial(rid, final, t["checkpoint"], "FINISHED" if t["final"] else "KILLED", step=step)
         written += 1
     if not lg.search_finished():  # the search ended while the server was offline
         lg.finish_search(list(write_report(s.path)["files"].values()))

@@ -41,6 +41,7 @@ class SearchSettings:
     batch_size: int = 128
     qat_epochs: int = QAT_EPOCHS               # when the space does not search it
     qat_lr: float = QAT_LR
+    finetune_subset: int = 0                   # QAT/LSQ train on a stratified subset of N images (0: all)
     quant_base: dict[str, Any] = field(default_factory=dict)   # fixed QuantConfig fields (keep_fp32, observers, ...)
     tracking_uri: str | None = None
     experiment: str = "bitsearch"
@@ -102,7 +103,8 @@ def validate(s: SearchSettings) -> SearchSettings:
         v = getattr(s, k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
             raise SearchConfigError(f"{k}={v!r} is invalid: a number > 0")
-    for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1)):
+    for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1),
+                  ("finetune_subset", 0)):
         if not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
             raise SearchConfigError(f"{k}={getattr(s, k)!r} is invalid: an integer >= {lo}")
     if s.cpus_per_trial <= 0 or s.gpus_per_trial < 0:

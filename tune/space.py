@@ -166,3 +166,15 @@ def trial_params(config: dict[str, Any], settings=None) -> dict[str, Any]:
         params.setdefault("qat_lr", fixed.get("qat_lr"))
         params.setdefault("qat_epochs", fixed.get("qat_epochs"))
     return params
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    """What a trial is, in a few characters (its MLflow run name): ``W5A6 qat lr=0.037``,
+    ``W4-8A8 ptq`` for a mixed-precision trial (lowest-highest block bits)."""
+    blocks = block_bits(params)
+    w = f"{min(blocks.values())}-{max(blocks.values())}" if blocks else params.get("w_bits", "?")
+    method = str(params.get("method", Method.PTQ))
+    label = f"W{w}A{params.get('a_bits', 8)} {method}"
+    if Method(method).fine_tunes and params.get("qat_lr") is not None:
+        label += f" lr={float(params['qat_lr']):.2g}"
+    return label

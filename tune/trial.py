@@ -20,11 +20,10 @@ from typing import Any, Iterable
 
 from ray import tune
 
+from tune.results import METRICS
 from tune.settings import SearchSettings
 from tune.space import quant_config, trial_hparams
 
-FINAL_KEYS = ("top1", "val_top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio", "act_ratio",
-              "quantized_fraction", "metadata_overhead")
 
 
 @functools.lru_cache(maxsize=2)
@@ -35,9 +34,12 @@ def _baseline(path: str, tracking_uri: str | None):
 
 
 @functools.lru_cache(maxsize=2)
-def _data(path: str, subset: int, val_size: int, seed: int):
+def _data(path: str, subset: int, val_size: int, seed: int, finetune_subset: int = 0):
+    """The baseline's split; with ``finetune_subset`` the training part shrinks to a stratified subset
+    (what QAT/LSQ fine-tune and PTQ calibrate on), validation and test stay whole."""
     from trainer import load_dataset
-    return load_dataset(path, subset=subset, val_size=val_size, seed=seed, download=False)
+    data = load_dataset(path, subset=subset, val_size=val_size, seed=seed, download=False)
+    return data.with_train_subset(finetune_subset, seed) if finetune_subset else data
 
 
 def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float:
@@ -70,7 +72,7 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
     s = settings
     torch.set_num_threads(max(1, int(s.cpus_per_trial)))
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
-    data = _data(s.data, s.subset, s.val_size, s.seed)
+    data = _data(s.data, s.subset, s.val_size, s.seed, s.finetune_subset)
     qcfg = quant_config(config, s.quant_base)
     hp = trial_hparams(config, s)
     budget = s.size_budget_mb
@@ -97,9 +99,13 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
                          callbacks=[_Reporter(work / "qat", comp_mb, budget), *callbacks], resume=resume,
                          export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
     write_result(work / "final", res)
+    from pipeline.export import export_packed
+    export_packed(work / "final" / "model.bsq", work / "final" / "model.onnx")  # beside it, for deployment
     pub = public(res)
-    metrics = {k: pub[k] for k in FINAL_KEYS if pub.get(k) is not None}
-    metrics.update(test_top1=pub["top1"], objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
+    named = {"test_top1": pub["top1"], **{k: pub.get(k) for k in METRICS if k != "test_top1"},
+             "metadata_overhead": pub.get("metadata_overhead")}
+    metrics = {k: v for k, v in named.items() if v is not None}
+    metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
                    resumed=resume, final=True, epoch=hp["qat_epochs"])
     (work / "final" / "metrics.json").write_text(json.dumps(metrics))
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))

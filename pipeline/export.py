@@ -1,0 +1,263 @@
+"""ONNX export of a packed model: a QDQ graph that ONNX Runtime runs, with the integer weights stored as such.
+
+The packed model is traced (torch.fx, quantized layers and torch.nn modules as leaves) and each node is
+written as ONNX (opset 21):
+
+* quantized conv / linear: ``DequantizeLinear(int weight, scale, zero_point, axis=0)`` feeding a
+  Conv / Gemm with the folded FP32 bias; weights at <= 4 bits are INT4 / UINT4 initializers (two codes
+  per byte, 2-3 bit layers included: the smallest integer type ONNX Runtime dequantizes), wider ones
+  INT8 / UINT8. The codes are the packed file's: the export checks that they reproduce its weights.
+* activation quantizer in front of a layer: ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with
+  the quantizer's scale and zero-point), preceded by a Clip to the a_bits range when a_bits < 8, so the
+  values are those of the fake-quant model at a_bits. A quantizer that absorbed the ReLU6 before it
+  (fused_relu6) gets that Clip(0, 6) back first.
+* everything else as itself: Conv + BatchNormalization for FP32 exceptions, Clip(0, 6) for ReLU6, Add,
+  GlobalAveragePool, Flatten, Gemm.
+
+Input ``image``: float32 [N, 3, 32, 32] in [0, 1] (the CIFAR-10 normalisation is the graph's first two
+nodes); output ``logits``: float32 [N, classes].
+"""
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+OPSET = 21
+
+
+class ExportError(RuntimeError):
+    """The model holds something the ONNX export does not know how to write."""
+
+
+def _ints(bits: int, signed: bool):
+    """(ONNX data type, name) of the smallest integer type ONNX Runtime dequantizes that holds ``bits``."""
+    from onnx import TensorProto
+    if bits <= 4:
+        return (TensorProto.INT4, "int4") if signed else (TensorProto.UINT4, "uint4")
+    return (TensorProto.INT8, "int8") if signed else (TensorProto.UINT8, "uint8")
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes: list = []
+        self.inits: list = []
+        self.n = 0
+        self.layers = {"int8": [], "int4": [], "fp32": []}
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def const(self, hint: str, value, dtype=np.float32) -> str:
+        from onnx import numpy_helper
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def int_const(self, hint: str, codes: np.ndarray, bits: int, signed: bool) -> str:
+        """Integer codes as raw bytes of their ONNX type (INT4/UINT4: two per byte)."""
+        import ml_dtypes
+        from onnx import numpy_helper
+        _, kind = _ints(bits, signed)
+        np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}[kind]
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(codes).astype(np.int64).astype(np_type), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        from onnx import helper
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _act_qdq(g: _Graph, x: str, q, hint: str) -> str:
+    """The activation quantizer ``q`` (eval semantics of quantization.modules.FakeQuantizer)."""
+    if q is None or not q.enabled:
+        return x
+    if q.axis is not None or q.scale.numel() != 1:
+        raise ExportError(f"{hint}: per-channel activation quantizers are not exported")
+    if q.fused_relu6:
+        x = g.op("Clip", [x, g.const("zero", 0.0), g.const("six", 6.0)], f"{hint}.relu6")
+    s, z = float(q.scale.reshape(())), int(q.zero_point.reshape(()))
+    signed = q.qmin < 0
+    if q.bits < 8 or (signed and q.qmin > -128):
+        x = g.op("Clip", [x, g.const("lo", (q.qmin - z) * s), g.const("hi", (q.qmax - z) * s)], f"{hint}.range")
+    zp = g.const(f"{hint}.zp", z, np.int8 if signed else np.uint8)
+    sc = g.const(f"{hint}.scale", s)
+    qx = g.op("QuantizeLinear", [x, sc, zp], f"{hint}.q")
+    return g.op("DequantizeLinear", [qx, sc, zp], f"{hint}.dq")
+
+
+def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
+    """The weight as an integer initializer + DequantizeLinear (quantized) or FP32 (not)."""
+    from quantization.primitives import dequantize, quantize
+    wq = m.wq
+    if wq is None:
+        g.layers["fp32"].append(hint)
+        return g.const(f"{hint}.weight", _np(weight))
+    s, z = wq.scale, wq.zero_point
+    codes = quantize(weight, s, z, wq.qmin, wq.qmax, wq.axis)
+    if not torch.equal(dequantize(codes, s, z, wq.axis), weight.float()):
+        raise ExportError(f"{hint}: the weight is not on its quantization grid (export a packed model: load_packed)")
+    signed = wq.qmin < 0
+    _, kind = _ints(wq.bits, signed)
+    g.layers["int4" if kind.endswith("int4") else "int8"].append(hint)
+    w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed)
+    per_ch = wq.axis is not None
+    sc = g.const(f"{hint}.weight_scale", _np(s).reshape(-1) if per_ch else float(s.reshape(())))
+    zarr = _np(z).reshape(-1) if per_ch else np.asarray(int(z.reshape(())))
+    zp = g.int_const(f"{hint}.weight_zp", zarr, wq.bits, signed)
+    return g.op("DequantizeLinear", [w, sc, zp], f"{hint}.weight_dq", **({"axis": 0} if per_ch else {}))
+
+
+def _conv(g: _Graph, x: str, conv: nn.Conv2d, w: str, bias: torch.Tensor | None, hint: str) -> str:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ExportError(f"{hint}: only zero padding given as integers is exported")
+    ph, pw = conv.padding
+    y = g.op("Conv", [x, w], hint, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+             pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
+    return _add_bias(g, y, bias, hint, (1, -1, 1, 1))
+
+
+def _add_bias(g: _Graph, y: str, bias: torch.Tensor | None, hint: str, shape: tuple) -> str:
+    """The FP32 bias as its own Add: given to a Conv / Gemm whose inputs are dequantized, ONNX Runtime
+    would requantize it to int32 on the (activation scale x weight scale) grid, a different model
+    (off by up to half a step per channel: 0.02 on a 3-bit layer of the tests' model)."""
+    if bias is None:
+        return y
+    return g.op("Add", [y, g.const(f"{hint}.bias", _np(bias).reshape(shape))], f"{hint}.bias_add")
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from quantization.modules import QuantConvBn2d, QuantLinear
+        return isinstance(m, (QuantConvBn2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+
+
+def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):
+    """The ONNX ModelProto of ``model`` (eval semantics) and what it stored: {int8, int4, fp32: [layer names]}."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from quantization.modules import QuantConvBn2d, QuantLinear
+    model = model.eval()
+    graph = _Tracer().trace(model)
+    mods = dict(model.named_modules())
+    g = _Graph()
+    env: dict[str, str] = {}
+    out_name = None
+    for node in graph.nodes:
+        a = [env[x.name] if isinstance(x, fx.Node) else x for x in node.args]
+        if node.op == "placeholder":
+            x = g.op("Sub", ["image", g.const("mean", np.asarray(mean, np.float32).reshape(1, 3, 1, 1))], "normalize")
+            env[node.name] = g.op("Div", [x, g.const("std", np.asarray(std, np.float32).reshape(1, 3, 1, 1))], "normalize")
+        elif node.op == "call_module":
+            m, hint = mods[node.target], node.target
+            if isinstance(m, QuantConvBn2d):
+                if m.bn is not None:
+                    raise ExportError(f"{hint}: fold BN first (export a packed model: load_packed)")
+                x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+                env[node.name] = _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint)
+            elif isinstance(m, QuantLinear):
+                x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+                y = g.op("Gemm", [x, _weight(g, m, m.linear.weight, hint)], hint, transB=1)
+                env[node.name] = _add_bias(g, y, m.linear.bias, hint, (1, -1))
+            elif isinstance(m, nn.Conv2d):
+                g.layers["fp32"].append(hint)
+                env[node.name] = _conv(g, a[0], m, g.const(f"{hint}.weight", _np(m.weight)), m.bias, hint)
+            elif isinstance(m, nn.BatchNorm2d):
+                ins = [a[0]] + [g.const(f"{hint}.{k}", _np(t)) for k, t in
+                                (("weight", m.weight), ("bias", m.bias), ("mean", m.running_mean), ("var", m.running_var))]
+                env[node.name] = g.op("BatchNormalization", ins, hint, epsilon=float(m.eps))
+            elif isinstance(m, nn.Linear):
+                g.layers["fp32"].append(hint)
+                ins = [a[0], g.const(f"{hint}.weight", _np(m.weight))] + (
+                    [g.const(f"{hint}.bias", _np(m.bias))] if m.bias is not None else [])
+                env[node.name] = g.op("Gemm", ins, hint, transB=1)
+            elif isinstance(m, nn.ReLU6):
+                env[node.name] = g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)], hint)
+            elif isinstance(m, nn.ReLU):
+                env[node.name] = g.op("Relu", [a[0]], hint)
+            elif isinstance(m, (nn.Identity, nn.Dropout)):
+                env[node.name] = a[0]
+            elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+                env[node.name] = g.op("GlobalAveragePool", [a[0]], hint)
+            else:
+                raise ExportError(f"{hint}: {type(m).__name__} has no ONNX export here")
+        elif node.op == "call_function":
+            if node.target in (operator.add, torch.add) and len(a) == 2 and all(isinstance(v, str) for v in a):
+                env[node.name] = g.op("Add", a)
+            elif node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
+                env[node.name] = g.op("Flatten", [a[0]], axis=1)
+            else:
+                raise ExportError(f"{node.target} has no ONNX export here")
+        elif node.op == "output":
+            out_name = env[node.args[0].name]
+        else:
+            raise ExportError(f"{node.op} {node.target} has no ONNX export here")
+    g.nodes.append(helper.make_node("Identity", [out_name], ["logits"], name="logits"))
+    classes = getattr(model, "num_classes", "classes")
+    gp = helper.make_graph(
+        g.nodes, "bitsearch",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, input_size, input_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], g.inits)
+    proto = helper.make_model(gp, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bitsearch")
+    proto.ir_version = 10
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, g.layers
+
+
+def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the ONNX QDQ model of a packed .bsq file to ``out``; the JSON summary (DESIGN.md keys)."""
+    import onnx
+
+    from quantization.packing import load_packed
+    from trainer import model_from_meta
+    from trainer.data import CIFAR10_MEAN, CIFAR10_STD
+    model = load_packed(packed, model_from_meta)
+    proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(proto, tmp)
+    tmp.replace(out)
+    cfg = model.bitsearch_header["config"]
+    return {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "layers_int8": len(layers["int8"]),
+            "layers_int4": len(layers["int4"]), "layers_fp32": len(layers["fp32"]), "packed": str(packed),
+            "packed_bytes": Path(packed).stat().st_size, "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
+            "layers": layers}
+
+
+def run_onnx(path: str | Path, images: torch.Tensor, batch_size: int = 256, threads: int = 0) -> torch.Tensor:
+    """Logits of the ONNX model at ``path`` (onnxruntime, CPU) for uint8 or [0, 1] images [N, 3, H, W]."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        outs.append(torch.from_numpy(sess.run(["logits"], {"image": x.numpy()})[0]))
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def compare_onnx(model: nn.Module, data, onnx_path: str | Path) -> dict[str, Any]:
+    """Run the ONNX model (onnxruntime, CPU) and ``model`` (the packed model in PyTorch) on ``data``'s
+    test images: both top-1s (%) and the share of images on which their predictions agree (%)."""
+    from trainer import evaluate
+    ref = evaluate(model, data.test_x, data.test_y, device=torch.device("cpu"))
+    pred = run_onnx(onnx_path, data.test_x).argmax(1)
+    n = max(1, len(data.test_y))
+    return {"onnx_top1": 100.0 * (pred == data.test_y).sum().item() / n, "packed_top1": ref["top1"],
+            "agreement": 100.0 * (pred == ref["pred"]).sum().item() / n, "test_images": len(data.test_y)}

@@ -1,0 +1,149 @@
+"""ONNX export of packed models: ONNX Runtime gives the packed model's predictions, weights are stored as
+int8 / int4 initializers, and `bitsearch export` writes, checks and reports it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitsearch.cli import main
+from pipeline import quantize_model
+from quantization import QuantConfig
+from quantization.packing import load_packed
+from trainer import normalize
+from trainer.model import model_from_meta, model_meta
+
+CLASSES = ["c0_r", "c1_g", "c2_b"]  # learnable_data's labels 0, 1, 2 (an image tree sorts its folders)
+
+CONFIGS = {  # each keeps the tiny model's accuracy (> 80%), so agreement is measured between working models
+    "w8a8": QuantConfig(w_bits=8, a_bits=8),
+    "w4a8": QuantConfig(w_bits=4, a_bits=8),
+    "w6a6-asym-per-tensor": QuantConfig(w_bits=6, a_bits=6, w_symmetric=False, a_symmetric=False,
+                                        w_granularity="per_tensor"),
+    "mixed": QuantConfig(w_bits=4, a_bits=8, keep_fp32=("stem.conv",),
+                         overrides=({"pattern": "blocks.1[0-6].*", "w_bits": 3}, {"pattern": "blocks.[2-5].*", "w_bits": 8},
+                                    {"pattern": "classifier", "a_bits": 32})),
+}
+
+
+@pytest.fixture(scope="module")
+def test_set(learnable_data):
+    """learnable_data with 600 fresh test images of the same distribution (agreement measured in 1/600s)."""
+    from trainer.data import Dataset
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(600) % 3
+    x = torch.randint(0, 90, (600, 3, 32, 32), generator=g)
+    for c in range(3):
+        x[y == c, c] += 150
+    d = learnable_data
+    return Dataset(d.train_x, d.train_y, x.clamp(0, 255).to(torch.uint8), y, d.classes, "synthetic")
+
+
+def _packed(trained, data, cfg: QuantConfig, path: Path) -> dict:
+    meta = {**model_meta(trained), "classes": CLASSES}
+    return quantize_model(trained, data, cfg, batch_size=16, device="cpu", export=path, model_meta=meta,
+                          act_memory=False)
+
+
+def _types(onnx_path: Path) -> dict[str, set]:
+    import onnx
+    from onnx import TensorProto
+    m = onnx.load(str(onnx_path))
+    out: dict[str, set] = {}
+    for t in m.graph.initializer:
+        if t.name.split(".")[-1].startswith("weight_q"):
+            out.setdefault(TensorProto.DataType.Name(t.data_type), set()).add(t.name.rsplit(".", 1)[0])
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set, tmp_path, name):
+    """ONNX Runtime and PyTorch convolve with different float rounding; where x / scale sits within that
+    rounding of a tie an activation code flips (~1 value in 10^4), and this tiny model's low-margin
+    images then change class: measured 96-98% agreement on 600 images at W4A8 (2 seeds). A wrong
+    scale, zero-point, layout or missing activation quantizer gives near-chance agreement (33%). The
+    issue's criterion on the real 10,000 test images is measured by bench/onnx_bench.py."""
+    from pipeline.export import compare_onnx, export_packed, run_onnx
+    cfg = CONFIGS[name]
+    learnable_data = test_set
+    q = _packed(trained, learnable_data, cfg, tmp_path / "m.bsq")
+    info = export_packed(tmp_path / "m.bsq", tmp_path / "m.onnx")
+    assert info["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size and info["opset"] == 21
+    model = load_packed(tmp_path / "m.bsq", model_from_meta)
+    x = learnable_data.test_x
+    with torch.no_grad():
+        ref = model(normalize(x))
+    got = run_onnx(tmp_path / "m.onnx", x)
+    assert got.shape == ref.shape == (len(x), 3)
+    # same grid, same integer weights; conv arithmetic differs in the last float bits between the two
+    # runtimes, which flips an activation code where x / scale sits at a rounding tie (~1 in 10^4 values)
+    assert (got - ref).abs().mean() < 0.01 * ref.abs().max()
+    cmp = compare_onnx(model, learnable_data, tmp_path / "m.onnx")
+    assert cmp["test_images"] == 600 and cmp["agreement"] >= 94
+    assert abs(cmp["onnx_top1"] - cmp["packed_top1"]) <= 3 and cmp["packed_top1"] == pytest.approx(q["top1"])
+    assert cmp["onnx_top1"] > 80  # the learned model survives: the comparison is not between two random guessers
+
+    types = _types(tmp_path / "m.onnx")
+    plan = model.bitsearch_plan
+    for layer, p in plan.items():
+        if not p.quantized or p.w_bits == 32:
+            assert not any(layer in v for v in types.values()), layer
+            continue
+        signed = "asym" not in name
+        want = ("INT4" if p.w_bits <= 4 else "INT8") if signed else ("UINT4" if p.w_bits <= 4 else "UINT8")
+        assert layer in types.get(want, set()), (layer, p.w_bits, types.keys())
+    assert info["layers_int4"] == sum(1 for p in plan.values() if p.quantized and p.w_bits <= 4)
+    assert info["layers_int8"] == sum(1 for p in plan.values() if p.quantized and 4 < p.w_bits <= 8)
+
+
+def test_activation_bits_are_applied_in_the_graph(trained, learnable_data, tmp_path):
+    """At A2 the ONNX model sees only 4 distinct values after each activation quantizer (not 256)."""
+    import onnx
+    import onnxruntime as ort
+    from pipeline.export import export_packed
+    _packed(trained, learnable_data, QuantConfig(w_bits=8, a_bits=2), tmp_path / "m.bsq")
+    export_packed(tmp_path / "m.bsq", tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    dq = [n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and ".aq.dq_" in n.name]
+    assert len(dq) >= 10
+    m.graph.output.extend([onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in dq])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(dq, {"image": learnable_data.test_x[:16].float().div(255).numpy()})
+    assert max(len(np.unique(o)) for o in outs) <= 4
+
+
+def test_int4_weights_make_the_file_smaller(trained, learnable_data, tmp_path):
+    from pipeline.export import export_packed
+    sizes = {}
+    for bits in (8, 4):
+        _packed(trained, learnable_data, QuantConfig(w_bits=bits, a_bits=8), tmp_path / f"w{bits}.bsq")
+        sizes[bits] = export_packed(tmp_path / f"w{bits}.bsq", tmp_path / f"w{bits}.onnx")["onnx_bytes"]
+    weights = sum(p.numel() for n, p in trained.named_parameters() if p.ndim > 1)
+    assert sizes[8] - sizes[4] > 0.4 * weights  # ~half a byte per weight saved (stem/classifier stay FP32)
+
+
+def _image_tree(data, root: Path) -> Path:
+    from PIL import Image
+    for split, xs, ys in (("train", data.train_x[:30], data.train_y[:30]), ("test", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            d = root / split / CLASSES[int(y)]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    return root
+
+
+def test_cli_export_writes_checks_and_reports(trained, learnable_data, tmp_path, capsys):
+    _packed(trained, learnable_data, QuantConfig(w_bits=4, a_bits=8), tmp_path / "m.bsq")
+    tree = _image_tree(learnable_data, tmp_path / "tree")
+    out = tmp_path / "deploy" / "m.onnx"
+    assert main(["export", "--packed", str(tmp_path / "m.bsq"), "--out", str(out), "--check", str(tree),
+                 "--no-download", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["out"] == str(out) and res["onnx_bytes"] == out.stat().st_size and res["opset"] == 21
+    assert res["layers_int4"] > 0 and res["layers_int8"] == 0 and res["layers_fp32"] == 2  # stem + classifier
+    assert res["test_images"] == len(learnable_data.test_y)
+    assert res["agreement"] >= 90 and abs(res["onnx_top1"] - res["packed_top1"]) <= 10 and res["packed_top1"] > 80
+    assert not list(out.parent.glob("*.tmp"))

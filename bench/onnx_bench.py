@@ -4,7 +4,7 @@ ONNX Runtime latency / throughput of the FP32 graph and of each QDQ graph on thi
     python bench/onnx_bench.py --baseline runs/cpu/checkpoint.pt --data ../shared/data/cifar10-jpeg.tar.gz \\
         --packed runs/cpu-q/w8a8.bsq runs/cpu-q/w4a8.bsq --threads 2 --out docs/bench/onnx-cpu.json
 
-For every packed file: ONNX (QDQ) written beside --out, test top-1 of ONNX Runtime and of the packed
+For every packed file: ONNX (QDQ) written to --onnx-dir, test top-1 of ONNX Runtime and of the packed
 model in PyTorch on all test images, the share of identical predictions; sizes of the .bsq, the QDQ
 .onnx and the FP32 .onnx; median latency at batch 1 and images/s at batch 128 (interleaved rounds).
 """
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="docs/bench/onnx-cpu.json")
+    ap.add_argument("--onnx-dir", default="runs/onnx-bench", help="where the .onnx files go (not docs/: no models in git)")
     a = ap.parse_args()
 
     import onnx
@@ -59,8 +60,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_dir = out.with_suffix("")
-    onnx_dir.mkdir(exist_ok=True)
+    onnx_dir = Path(a.onnx_dir)
+    onnx_dir.mkdir(parents=True, exist_ok=True)
     fp32, ck = load_baseline(a.baseline)
     data = load_dataset(a.data, download=False)
     models = {}

@@ -144,6 +144,7 @@ CASES = [
     (SEARCH + ["--size-budget-mb", "-1"], "size_budget_mb=-1.0 is invalid"),
     (SEARCH + ["--size-budget-mb", "0.001"], "below the smallest model"),
     (SEARCH + ["--qat-epochs", "0"], "qat_epochs=0 is invalid"),
+    (SWEEP + ["--finetune-subset", "-5"], "finetune_subset=-5 is invalid: an integer >= 0"),
     (SEARCH + ["--metric", "loss"], "unrecognized arguments: --metric loss"),
     (SEARCH + ["--config", "{y}/broken.yaml"], "not valid YAML"),
     (SEARCH + ["--config", "{y}/budgetmulti.yaml"], "single-objective searches only"),

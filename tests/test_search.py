@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def server(tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     line = proc.stdout.readline()  # printed once /health answers
     assert "MLflow UI: http://127.0.0.1:" in line, line
+    # keep reading its log: a full pipe would block the server (and its shutdown) once many runs are logged
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
     yield f"http://127.0.0.1:{port}"
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(30)

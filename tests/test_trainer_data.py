@@ -32,6 +32,20 @@ def test_decoded_arrays_are_cached(tree, monkeypatch):
     assert again.train_x.shape[0] == 36
 
 
+def test_finetune_subset_keeps_validation_and_test_whole():
+    x = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 3, 32, 32).contiguous()
+    y = torch.arange(200) % 4
+    d = D.Dataset(x, y, x[:8], y[:8], ("a", "b", "c", "d"), "s", x[:12], y[:12])
+    sub = d.with_train_subset(40, seed=0)
+    assert len(sub.train_y) == 40 and torch.bincount(sub.train_y).tolist() == [10, 10, 10, 10]
+    assert sub.val_x is d.val_x and sub.test_x is d.test_x  # what trials are measured on does not change
+    assert set(sub.train_x[:, 0, 0, 0].tolist()) <= set(x[:, 0, 0, 0].tolist())
+    assert torch.equal(d.with_train_subset(40, seed=0).train_y, sub.train_y)  # deterministic in the seed
+    assert d.with_train_subset(500) is d
+    with pytest.raises(DataError, match="subset=2 is too small"):
+        d.with_train_subset(2)
+
+
 def test_stratified_subset_and_validation_split(tree):
     d = load_dataset(tree, subset=30, val_size=9, seed=1, download=False)
     assert len(d.train_y) == 21 and len(d.val_y) == 9

@@ -4,7 +4,7 @@ The packed model is traced (torch.fx, quantized layers and torch.nn modules as l
 written as ONNX (opset 21):
 
 * quantized conv / linear: ``DequantizeLinear(int weight, scale, zero_point, axis=0)`` feeding a
-  Conv / Gemm with the folded FP32 bias; weights at <= 4 bits are INT4 / UINT4 initializers (two codes
+  Conv / Gemm, then the folded FP32 bias as its own Add (see _add_bias); weights at <= 4 bits are INT4 / UINT4 initializers (two codes
   per byte, 2-3 bit layers included: the smallest integer type ONNX Runtime dequantizes), wider ones
   INT8 / UINT8. The codes are the packed file's: the export checks that they reproduce its weights.
 * activation quantizer in front of a layer: ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with
@@ -34,12 +34,9 @@ class ExportError(RuntimeError):
     """The model holds something the ONNX export does not know how to write."""
 
 
-def _ints(bits: int, signed: bool):
-    """(ONNX data type, name) of the smallest integer type ONNX Runtime dequantizes that holds ``bits``."""
-    from onnx import TensorProto
-    if bits <= 4:
-        return (TensorProto.INT4, "int4") if signed else (TensorProto.UINT4, "uint4")
-    return (TensorProto.INT8, "int8") if signed else (TensorProto.UINT8, "uint8")
+def _int_type(bits: int, signed: bool) -> str:
+    """The smallest integer type ONNX Runtime dequantizes that holds ``bits``: int4 / uint4 / int8 / uint8."""
+    return ("" if signed else "u") + ("int4" if bits <= 4 else "int8")
 
 
 class _Graph:
@@ -63,8 +60,8 @@ class _Graph:
         """Integer codes as raw bytes of their ONNX type (INT4/UINT4: two per byte)."""
         import ml_dtypes
         from onnx import numpy_helper
-        _, kind = _ints(bits, signed)
-        np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}[kind]
+        np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8,
+                   "uint8": np.uint8}[_int_type(bits, signed)]
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(codes).astype(np.int64).astype(np_type), name))
         return name
@@ -110,8 +107,7 @@ def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
     if not torch.equal(dequantize(codes, s, z, wq.axis), weight.float()):
         raise ExportError(f"{hint}: the weight is not on its quantization grid (export a packed model: load_packed)")
     signed = wq.qmin < 0
-    _, kind = _ints(wq.bits, signed)
-    g.layers["int4" if kind.endswith("int4") else "int8"].append(hint)
+    g.layers["int4" if wq.bits <= 4 else "int8"].append(hint)
     w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed)
     per_ch = wq.axis is not None
     sc = g.const(f"{hint}.weight_scale", _np(s).reshape(-1) if per_ch else float(s.reshape(())))

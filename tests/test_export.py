@@ -68,12 +68,11 @@ def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set,
     issue's criterion on the real 10,000 test images is measured by bench/onnx_bench.py."""
     from pipeline.export import compare_onnx, export_packed, run_onnx
     cfg = CONFIGS[name]
-    learnable_data = test_set
-    q = _packed(trained, learnable_data, cfg, tmp_path / "m.bsq")
+    q = _packed(trained, test_set, cfg, tmp_path / "m.bsq")
     info = export_packed(tmp_path / "m.bsq", tmp_path / "m.onnx")
     assert info["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size and info["opset"] == 21
     model = load_packed(tmp_path / "m.bsq", model_from_meta)
-    x = learnable_data.test_x
+    x = test_set.test_x
     with torch.no_grad():
         ref = model(normalize(x))
     got = run_onnx(tmp_path / "m.onnx", x)
@@ -81,7 +80,7 @@ def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set,
     # same grid, same integer weights; conv arithmetic differs in the last float bits between the two
     # runtimes, which flips an activation code where x / scale sits at a rounding tie (~1 in 10^4 values)
     assert (got - ref).abs().mean() < 0.01 * ref.abs().max()
-    cmp = compare_onnx(model, learnable_data, tmp_path / "m.onnx")
+    cmp = compare_onnx(model, test_set, tmp_path / "m.onnx")
     assert cmp["test_images"] == 600 and cmp["agreement"] >= 94
     assert abs(cmp["onnx_top1"] - cmp["packed_top1"]) <= 3 and cmp["packed_top1"] == pytest.approx(q["top1"])
     assert cmp["onnx_top1"] > 80  # the learned model survives: the comparison is not between two random guessers

@@ -18,7 +18,6 @@ Augmentation equals torchvision's RandomCrop(32, padding=4) (zero padding) + Ran
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import io
 import os

@@ -41,6 +41,8 @@ TRIAL_METRICS = frozenset((*METRICS, "epoch", "train_loss", "train_top1", "objec
 def trial_metrics(report: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """A trial report as MLflow gets it: bitsearch's own metrics only, and the epoch as the step."""
     return {k: v for k, v in report.items() if k in TRIAL_METRICS and k != "epoch"}, int(report.get("epoch") or 0)
+
+
 COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
            *(col for _, col, _ in QUANTITIES if col), "status"]
 

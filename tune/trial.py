@@ -20,10 +20,9 @@ from typing import Any, Iterable
 
 from ray import tune
 
-from tune.results import METRICS
+from tune.results import QUANTITIES
 from tune.settings import SearchSettings
 from tune.space import quant_config, trial_hparams
-
 
 
 @functools.lru_cache(maxsize=2)
@@ -102,7 +101,7 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
     from pipeline.export import export_packed
     export_packed(work / "final" / "model.bsq", work / "final" / "model.onnx")  # beside it, for deployment
     pub = public(res)
-    named = {"test_top1": pub["top1"], **{k: pub.get(k) for k in METRICS if k != "test_top1"},
+    named = {**{metric: pub.get(key) for metric, _, key in QUANTITIES},  # JSON vocabulary -> metric names
              "metadata_overhead": pub.get("metadata_overhead")}
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),

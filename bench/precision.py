@@ -14,11 +14,15 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere, installed or not
 
 
 def _step_time(model, batches, device, steps: int, amp: bool, channels_last: bool) -> float:

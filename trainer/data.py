@@ -343,14 +343,18 @@ def crop_flip(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, flips: t
     return out.permute(0, 3, 1, 2)
 
 
+def augment_params(n: int, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Crop offsets and flips for ``n`` images from the CPU generator ``g`` (so a checkpoint can save and
+    restore it): a [3, n] long tensor of (top, left, flip)."""
+    return torch.stack([torch.randint(0, 2 * pad + 1, (n,), generator=g),
+                        torch.randint(0, 2 * pad + 1, (n,), generator=g),
+                        (torch.rand(n, generator=g) < 0.5).long()])
+
+
 def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) + horizontal flip + normalise a uint8 batch; randomness from
-    the CPU generator ``g`` (so a checkpoint can save and restore it)."""
-    b = x.shape[0]
-    tops = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-    lefts = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-    flips = (torch.rand(b, generator=g) < 0.5).to(x.device)
-    return normalize(crop_flip(x, tops, lefts, flips, pad))
+    """Random crop (zero padding ``pad``) + horizontal flip + normalise a uint8 batch."""
+    tops, lefts, flips = augment_params(x.shape[0], g, pad).to(x.device)
+    return normalize(crop_flip(x, tops, lefts, flips.bool(), pad))
 
 
 class GpuLoader:
@@ -374,14 +378,23 @@ class GpuLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self) * self.batch_size if self.drop_last else len(self.y)
-        order = torch.randperm(len(self.y), generator=self.g).to(self.x.device) if self.train else None
+        order = aug = None
+        if self.train:
+            # one draw per epoch, moved to the device once: a per-batch host-to-device copy of a few
+            # random numbers makes PyTorch synchronise the stream, so a GPU would idle at every step
+            order = torch.randperm(len(self.y), generator=self.g)
+            if self.do_augment:
+                aug = augment_params(len(self.y), self.g).to(self.x.device)
+            order = order.to(self.x.device)
         for i in range(0, n, self.batch_size):
             if order is None:
                 xb, yb = self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
-            else:
-                idx = order[i:i + self.batch_size]
-                xb, yb = self.x[idx], self.y[idx]
-            if self.train and self.do_augment:
-                yield augment(xb, self.g), yb
-            else:
                 yield normalize(xb), yb
+                continue
+            idx = order[i:i + self.batch_size]
+            xb, yb = self.x[idx], self.y[idx]
+            if aug is None:
+                yield normalize(xb), yb
+            else:
+                tops, lefts, flips = aug[:, i:i + self.batch_size]
+                yield normalize(crop_flip(xb, tops, lefts, flips.bool())), yb

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -236,8 +237,11 @@ def add_quantize(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"QAT/LSQ fine-tuning epochs (default {QAT_EPOCHS})")
     p.add_argument("--lr", type=float, default=None, help=f"QAT/LSQ learning rate (default {QAT_LR})")
     p.add_argument("--calib-batches", dest="calib_batches", type=int)
+    p.add_argument("--kd-weight", dest="kd_weight", type=float, default=None,
+                   help="QAT/LSQ: distil from the FP32 baseline, loss = (1-w) label loss + w KD loss (default 0: off)")
+    p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=None, help="distillation temperature (default 4)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
-    p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, ...)")
+    p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, kd: {weight, temperature}, ...)")
     p.add_argument("--export", help="write the bit-packed model file here")
     p.add_argument("--out", help="output directory (default: next to the checkpoint, quant-W<w>A<a>-<method>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -261,6 +265,19 @@ def cmd_quantize(args) -> int:
         yaml_epochs, yaml_lr = int(section.pop("epochs", QAT_EPOCHS)), float(section.pop("lr", QAT_LR))
     except (TypeError, ValueError):
         raise UserError(f"quantize.epochs / quantize.lr in {args.config} must be numbers") from None
+    kd = section.pop("kd", None) or {}
+    if not isinstance(kd, dict) or set(kd) - {"weight", "temperature"}:
+        raise UserError(f"quantize.kd in {args.config} must be a mapping {{weight: W, temperature: T}}")
+    kd_weight = args.kd_weight if args.kd_weight is not None else kd.get("weight", 0.0)
+    kd_temp = args.kd_temperature if args.kd_temperature is not None else kd.get("temperature", 4.0)
+    try:
+        kd_weight, kd_temp = float(kd_weight), float(kd_temp)
+    except (TypeError, ValueError):
+        raise UserError("the distillation weight and temperature must be numbers") from None
+    if not 0 <= kd_weight <= 1:
+        raise UserError(f"--kd-weight={kd_weight} is invalid: allowed [0, 1]")
+    if not (kd_temp > 0 and math.isfinite(kd_temp)):
+        raise UserError(f"--kd-temperature={kd_temp} is invalid: a number > 0")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} is invalid: an integer >= 1")
     if args.export:
@@ -268,6 +285,8 @@ def cmd_quantize(args) -> int:
     qat_epochs = args.epochs if args.epochs is not None else yaml_epochs
     qat_lr = args.lr if args.lr is not None else yaml_lr
     qcfg = QuantConfig.from_dict({**section, **_explicit(args, QUANT_FLAGS)})
+    if kd_weight > 0 and not qcfg.method.fine_tunes:
+        raise UserError(f"--kd-weight={kd_weight} needs a method that fine-tunes (qat or lsq), not {qcfg.method}")
     if qat_epochs < 1 and qcfg.method.fine_tunes:
         raise UserError(f"--epochs={qat_epochs} is invalid: QAT/LSQ need at least 1 epoch")
     if not (qat_lr > 0):
@@ -287,7 +306,7 @@ def cmd_quantize(args) -> int:
     cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method.fine_tunes else []
     res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=args.batch_size,
                          seed=tc.get("seed", 0), device=args.device, out_dir=out, callbacks=cbs,
-                         export=args.export, model_meta=packed_meta(ck))
+                         export=args.export, model_meta=packed_meta(ck), kd_weight=kd_weight, kd_temperature=kd_temp)
     write_result(out, res)
     result = public(res)
     result["out_dir"] = str(out)
@@ -428,6 +447,140 @@ def cmd_export(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # sweep / search / resume / report / compare / sync
 
+def add_sensitivity(sub) -> None:
+    p = sub.add_parser("sensitivity", help="per-layer quantization sensitivity of a baseline (cached beside it)")
+    p.add_argument("--baseline", required=True, help="checkpoint.pt from `bitsearch train` (with a validation split)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--estimator", default="loss", choices=["loss", "hessian", "both"],
+                   help="loss: measured increase of validation loss (weights and inputs); hessian: HAWQ-V2 "
+                        "trace x ||dW||^2 (weights); both: the measured table plus the Hessian scores and their "
+                        "rank correlation")
+    p.add_argument("--images", type=int, default=1000, help="validation images to score on (default 1000)")
+    p.add_argument("--config", help="YAML with a quantize: section: the base config (granularity, exceptions, ...)")
+    p.add_argument("--force", action="store_true", help="recompute even if a cached table exists")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sensitivity)
+    p = sub.add_parser("allocate", help="per-layer bit-widths minimising sensitivity within a packed-size budget")
+    p.add_argument("--sensitivity", required=True, help="the JSON table `bitsearch sensitivity` wrote")
+    p.add_argument("--budget-mb", dest="budget_mb", required=True,
+                   help="packed-file budget in MB (10^6 bytes); a comma-separated list gives the front over budgets")
+    p.add_argument("--a-bits", dest="a_bits", type=int, default=None, help="activation bits for every layer (default: the base config's)")
+    p.add_argument("--estimator", choices=["loss", "hessian"], default=None,
+                   help="which scores to use when the table has both (default: loss)")
+    p.add_argument("--out", help="folder for the quantize YAML(s) (default: beside the table)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_allocate)
+
+
+def _base_qconfig(config: str | None):
+    from quantization import QuantConfig
+    section = dict(load_profile(None, config).get("quantize") or {}) if config else {}
+    for k in ("epochs", "lr"):
+        section.pop(k, None)
+    return QuantConfig.from_dict(section)
+
+
+def cmd_sensitivity(args) -> int:
+    from mlflow_server.tracking import fetch_artifact
+    from pipeline import load_baseline
+    from pipeline.sensitivity import SensitivityError, sensitivity
+    from quantization.api import plan_for
+    from trainer import load_dataset
+    base = _base_qconfig(args.config)
+    if args.images < 1:
+        raise UserError(f"--images={args.images} is invalid: an integer >= 1")
+    path = fetch_artifact(args.baseline)
+    fp32, ck = load_baseline(path)
+    plan_for(fp32, base)
+    tc = ck["config"]
+    if not tc.get("val_size"):
+        raise UserError(f"{args.baseline} was trained without a validation split: sensitivity is scored on validation "
+                        "images, never on test; retrain with --val-size N")
+    con = stderr_console()
+    data = load_dataset(args.data, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
+                        download=not args.no_download, progress=lambda s: con.print(s))
+    desc = {"path": str(Path(args.data).resolve()) if "://" not in args.data else args.data,
+            **{k: tc.get(k, 0) for k in ("subset", "val_size", "seed")}}
+    try:
+        table = sensitivity(path, fp32.eval(), data, base, estimator=args.estimator, images=args.images,
+                            data_desc=desc, progress=lambda s: con.print(s), force=args.force)
+    except SensitivityError as e:
+        raise UserError(str(e)) from None
+    out = {k: table[k] for k in ("file", "estimator", "cached", "images", "seconds") if k in table}
+    out.update({k: table[k] for k in ("fp32_val_loss", "spearman_loss_vs_hessian") if k in table})
+    out["csv"], out["plot"] = str(Path(table["file"]).with_suffix(".csv")), str(Path(table["file"]).with_suffix(".png"))
+    out["layers"] = [{k: r[k] for k in ("name", "params", "w", "a", "w_hessian", "hessian_trace") if k in r}
+                     for r in table["layers"]]
+
+    def human():
+        first = table["layers"][0]
+        kind = "w"
+        worst = sorted(table["layers"], key=lambda r: -float(r[kind][min(r[kind], key=int)]))[:3]
+        print(f"{len(table['layers'])} layers x W{{{','.join(first['w'])}}}"
+              + (f" x A{{{','.join(first['a'])}}}" if first.get("a") else "")
+              + f" ({table['estimator']}{', cached' if table['cached'] else ''}): {table['file']}")
+        print("most sensitive at the lowest weight bits: " + ", ".join(r["name"] for r in worst))
+        if "spearman_loss_vs_hessian" in table:
+            print(f"rank correlation loss vs Hessian estimator: {table['spearman_loss_vs_hessian']:.3f}")
+    emit(out, args.json, human)
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from mlflow_server.tracking import fetch_artifact
+    from pipeline import load_baseline, packed_meta
+    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes
+    from quantization import QuantConfig
+    p = Path(args.sensitivity)
+    try:
+        table = json.loads(p.read_text())
+        assert table.get("format") == FORMAT
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"{args.sensitivity} is not a sensitivity table written by `bitsearch sensitivity`") from None
+    try:
+        budgets = [float(b) for b in str(args.budget_mb).split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: a number of MB, or a comma-separated list") from None
+    if not budgets or any(not (b > 0 and math.isfinite(b)) for b in budgets):
+        raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: every budget must be a number > 0 (MB)")
+    if args.a_bits is not None and not (2 <= args.a_bits <= 8 or args.a_bits == 32):
+        raise UserError(f"--a-bits={args.a_bits} is invalid: allowed 2..8, or 32 for FP32")
+    est = args.estimator or ("hessian" if table["estimator"] == "hessian" else "loss")
+    kind = "w_hessian" if est == "hessian" and table["estimator"] == "both" else "w"
+    if est == "hessian" and table["estimator"] == "loss":
+        raise UserError(f"{args.sensitivity} holds measured (loss) scores only; rerun sensitivity with --estimator both")
+    fp32, ck = load_baseline(fetch_artifact(table["baseline"]))
+    base = QuantConfig.from_dict(table["settings"]["base"])
+    meta = packed_meta(ck)
+    out_dir = writable_dir(args.out or p.parent)
+    layers = [r["name"] for r in table["layers"]]
+    costs = layer_bytes(fp32, base, meta, layers, sorted({int(b) for r in table["layers"] for b in r[kind]}), args.a_bits)
+    rows = []
+    for b in budgets:
+        try:
+            r = allocate(table, fp32, base, meta, b, a_bits=args.a_bits, kind=kind, costs=costs)
+        except SensitivityError as e:
+            raise UserError(str(e)) from None
+        path = out_dir / f"alloc-{b:g}MB.yaml"
+        path.write_text(f"# bitsearch allocate: {b:g} MB budget, {r['predicted_bytes']} bytes packed, "
+                        f"summed {est} sensitivity {r['sensitivity']:.6g}, average {r['avg_w_bits']:.3f} weight bits\n"
+                        + yaml.safe_dump({"quantize": r["config"].to_dict()}, sort_keys=False))
+        a_used = r["config"].a_bits
+        rows.append({"budget_mb": b, "predicted_mb": r["predicted_mb"], "predicted_bytes": r["predicted_bytes"],
+                     "sensitivity": r["sensitivity"], "config": str(path), "avg_w_bits": r["avg_w_bits"],
+                     "layers": {n: {"w_bits": w, "a_bits": a_used} for n, w in r["bits"].items()}})
+    res = dict(rows[0]) if len(rows) == 1 else {"front": rows}
+    res["estimator"] = est
+
+    def human():
+        for r in rows:
+            print(f"{r['budget_mb']:g} MB budget: {r['predicted_bytes']:,} bytes packed, avg {r['avg_w_bits']:.2f} "
+                  f"weight bits, summed sensitivity {r['sensitivity']:.4g} -> {r['config']}")
+    emit(res, args.json, human)
+    return 0
+
+
 def _int_list(text: str) -> list:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -447,10 +600,16 @@ def _common_search_args(p) -> None:
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float)
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="fraction of a GPU, e.g. 0.25")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow server (default: OUT/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment the search logs to (default: bitsearch)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--finetune-subset", dest="finetune_subset", type=int,
                    help="QAT/LSQ fine-tune on a stratified subset of N training images (validation and test stay whole)")
+    p.add_argument("--kd-weight", dest="kd_weight", type=float,
+                   help="QAT/LSQ trials distil from the baseline with this weight (0..1; space key kd_weight samples it)")
+    p.add_argument("--kd-temperature", dest="kd_temperature", type=float, help="distillation temperature (default 4)")
+    p.add_argument("--sensitivity", help="table from `bitsearch sensitivity`: with space key size_budget_mb every trial "
+                   "allocates per-layer weight bits within its sampled budget")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 
@@ -459,7 +618,9 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "gpus_per_trial": "gpus_per_trial", "tracking_uri": "tracking_uri", "address": "address",
                 "batch_size": "batch_size", "device": "device", "num_samples": "num_samples",
                 "objectives": "objectives", "size_budget_mb": "size_budget_mb",
-                "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset"}
+                "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
+                "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
+                "experiment": "experiment"}
 
 
 def add_search(sub) -> None:
@@ -495,17 +656,21 @@ def add_search(sub) -> None:
 def _search_result(summary: dict) -> dict:
     return {"experiment": summary["experiment"], "trials": summary["trials"], "best": summary["best"],
             "pareto": summary["pareto"], "mlflow_experiment_id": summary.get("mlflow_experiment_id"),
-            "files": summary["files"], "seconds": summary.get("seconds")}
+            "files": summary["files"], "seconds": summary.get("seconds"), "registry": summary.get("registry")}
 
 
 def _print_table(summary: dict) -> None:
     import pandas as pd
-    from rich.console import Console
     df = pd.DataFrame(summary["trials"])
     cols = [c for c in ("trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Comp_MB", "Ratio",
                         "status") if c in df]
-    Console(highlight=False).print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(df) else "(no trials)")
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(df) else "(no trials)")
     print(f"report: {summary['files'].get('markdown')}")
+    reg = summary.get("registry") or {}
+    if reg.get("champion_version") is not None:
+        print(f"model registry: {reg['registered_model']} ({len(reg['versions'])} Pareto version(s)), champion = "
+              f"version {reg['champion_version']} (trial {reg['champion_trial']}): "
+              f"mlflow.pyfunc.load_model(\"models:/{reg['registered_model']}@champion\")")
     hint = _mlflow_hint(summary)
     if hint:
         print(hint)
@@ -566,6 +731,12 @@ def cmd_resume(args) -> int:
         summary = resume(_experiment_dir(args.path))
     except SearchConfigError as e:
         raise UserError(str(e)) from None
+    if summary.get("nothing_to_resume"):
+        n = len(summary["trials"])
+        emit({**_search_result(summary), "nothing_to_resume": True}, args.json,
+             lambda: print(f"nothing to resume: all {n} trials of {args.path} have finished; "
+                           f"report: {summary['files'].get('markdown')}"))
+        return 0
     emit(_search_result(summary), args.json, lambda: _print_table(summary))
     return 0
 
@@ -605,7 +776,11 @@ def cmd_compare(args) -> int:
 def cmd_sync(args) -> int:
     from tune.results import sync
     res = sync(_experiment_dir(args.path))
-    emit(res, args.json, lambda: print(f"wrote {res['written']} missing MLflow run(s)"))
+    def text():
+        print(f"wrote {res['written']} missing MLflow run(s)")
+        if res["champion_version"] is not None:
+            print(f"registered model {res['registered_model']}: champion = version {res['champion_version']}")
+    emit(res, args.json, text)
     return 0
 
 
@@ -737,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub)
     add_eval(sub)
     add_export(sub)
+    add_sensitivity(sub)
     add_search(sub)
     add_server(sub)
     add_study(sub)

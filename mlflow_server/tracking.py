@@ -7,6 +7,7 @@ Each child run carries the tag ``bitsearch.trial_id``: logging is idempotent, so
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -18,6 +19,8 @@ import requests
 ARTIFACTS_DIR = "mlartifacts"  # next to an embedded store's mlflow.db: every artifact stays under the search's --out
 TRIAL_TAG = "bitsearch.trial_id"
 SEARCH_TAG = "bitsearch.experiment_path"
+OUTCOME_TAG = "bitsearch.outcome"
+OUTCOMES = {"FINISHED": "done", "KILLED": "stopped", "FAILED": "failed"}  # MLflow run status -> outcome tag
 
 
 class TrackingError(RuntimeError):
@@ -25,9 +28,17 @@ class TrackingError(RuntimeError):
 
 
 def short_retries() -> None:
-    """A tracking server that goes away mid-search must not stall the driver in retries."""
+    """Client settings for a search's driver: a tracking server that goes away mid-search must not
+    stall it in retries; MLflow does not print "View run / View experiment at" for every run it
+    closes (bitsearch prints the experiment's runs-table address once, at the end), nor progress bars
+    for artifact transfers, nor its database-creation log lines."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow.store.db.utils",                      # "Creating initial MLflow database tables"
+                 "mlflow.store.model_registry.abstract_store"):  # "Waiting up to 300 seconds for model version"
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def mlflow_version() -> str:
@@ -149,12 +160,17 @@ class SearchLogger:
         if params:
             c.log_batch(self.parent_run_id, params=params)
 
+    def trial_run(self, trial_id: str) -> str | None:
+        """The run of a trial of this search, or None."""
+        runs = _client(self.uri).search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def child_run(self, trial_id: str, trial_name: str) -> str:
+        rid = self.trial_run(trial_id)
+        if rid is not None:
+            return rid
         c = _client(self.uri)
-        runs = c.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=1)
-        if runs:
-            return runs[0].info.run_id
         return c.create_run(self.experiment_id, run_name=trial_name,
                             tags={TRIAL_TAG: trial_id, "mlflow.parentRunId": self.parent_run_id,
                                   "bitsearch.kind": "trial"}).info.run_id
@@ -171,29 +187,42 @@ class SearchLogger:
         log_metrics(_client(self.uri), run_id, metrics, step)
 
     def is_complete(self, run_id: str) -> bool:
-        """The trial run has its final metrics and artifacts (written once, never twice)."""
-        return _client(self.uri).get_run(run_id).data.tags.get("bitsearch.complete") == "1"
+        """The trial run is closed: final metrics and artifacts written (or its stop or failure noted), once."""
+        return OUTCOME_TAG in _client(self.uri).get_run(run_id).data.tags
 
     def search_finished(self) -> bool:
         return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"
 
-    def finish_trial(self, run_id: str, final: dict[str, Any], artifacts_dir: str | None,
+    def finish_trial(self, run_id: str, final: dict[str, Any] | None, artifacts_dir: str | None,
                      status: str = "FINISHED", step: int = 0) -> None:
-        """The trial's last metrics (at ``step``, its epoch), its artifacts, its end status; once."""
+        """Close a trial run once. FINISHED: its final metrics (at ``step``, its epoch) and artifacts, tag
+        bitsearch.complete=1. KILLED (ASHA stopped it early) and FAILED: no final metrics, only the
+        per-epoch ones already logged, so a stopped trial cannot pass for a finished one. Every closed
+        run has the tag bitsearch.outcome = done | stopped | failed to filter on."""
         c = _client(self.uri)
         if self.is_complete(run_id):
             return
-        self.log_metrics(run_id, final, step=step)
-        if artifacts_dir and Path(artifacts_dir).is_dir():
-            c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
-        c.set_tag(run_id, "bitsearch.complete", "1" if status in ("FINISHED", "KILLED") else "0")
+        if status == "FINISHED":
+            if final:
+                self.log_metrics(run_id, final, step=step)
+            if artifacts_dir and Path(artifacts_dir).is_dir():
+                c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
+            c.set_tag(run_id, "bitsearch.complete", "1")
+        c.set_tag(run_id, OUTCOME_TAG, OUTCOMES[status])
         c.set_terminated(run_id, status)
 
-    def finish_search(self, artifacts: list[str], status: str = "FINISHED") -> None:
+    def finish_search(self, artifacts: list[str], status: str = "FINISHED", metrics: dict[str, Any] | None = None,
+                      note: str | None = None) -> None:
+        """Close the parent run: the search's result files, its summary ``metrics`` (the best trial's),
+        and ``note`` (markdown: the run's description in the UI)."""
         c = _client(self.uri)
         for a in artifacts:
             if Path(a).exists():
                 c.log_artifact(self.parent_run_id, a)
+        if metrics:
+            self.log_metrics(self.parent_run_id, metrics, step=0)
+        if note:
+            c.set_tag(self.parent_run_id, "mlflow.note.content", note)
         c.set_terminated(self.parent_run_id, status)
 
 

@@ -89,10 +89,12 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
                    out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
                    export: str | Path | None = None, fp32_top1: float | None = None,
                    model_meta: dict | None = None, act_memory: bool = True,
-                   prepared: Prepared | None = None) -> dict[str, Any]:
+                   prepared: Prepared | None = None, kd_weight: float = 0.0,
+                   kd_temperature: float = 4.0) -> dict[str, Any]:
     """Quantize ``fp32`` per ``qcfg`` and measure it. ``qat_epochs`` > 0 (methods that fine-tune)
     trains through the trainer's loop (checkpointed in ``out_dir/qat``). ``prepared`` reuses a
-    ``prepare_quantized`` result. Returns the quantize JSON keys."""
+    ``prepare_quantized`` result. ``kd_weight`` > 0: the fine-tuning distils from ``fp32`` (the teacher)
+    at ``kd_temperature``. Returns the quantize JSON keys."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     fp32 = fp32.to(dev).eval()
@@ -107,9 +109,11 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
     if fine_tune:
         tcfg = TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=batch_size, seed=seed, device=dev.type,
                            no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
-                           dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)))
+                           dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)),
+                           kd_weight=kd_weight, kd_temperature=kd_temperature)
         res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
-                    callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False)
+                    callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False,
+                    teacher=fp32 if kd_weight > 0 else None)
         history = res["history"]
         set_act_observing(q, False)
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev), max(qcfg.calib_batches, 16))
@@ -126,9 +130,11 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
         "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "comp_bytes": size["comp_bytes"],
         "header_bytes": size["header_bytes"], "ratio": size["ratio"],
         "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
+        "comp_kb": size["comp_kb"], "avg_w_bits": size["avg_w_bits"], "avg_a_bits": size["avg_a_bits"],
         "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
         "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if fine_tune else 0,
         "qat_lr": qat_lr if fine_tune else 0.0,
+        "kd_weight": kd_weight if fine_tune else 0.0, "kd_temperature": kd_temperature if fine_tune and kd_weight else None,
         "history": history, "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
         "seconds": time.perf_counter() - t0,
     }

@@ -140,6 +140,16 @@ class _QuantLayer(nn.Module):
         self._cache = None
         return super().train(mode)
 
+    @torch.no_grad()
+    def weight_error(self) -> torch.Tensor:
+        """What quantizing does to the trained weight: quantized minus float weight, in the layer's own
+        (unfolded) parametrisation, the one its gradient and Hessian refer to."""
+        w, _ = self.folded()
+        wq, _ = self.quantized_weight_bias()
+        d = wq - w
+        bn = getattr(self, "bn", None)
+        return d / self._bn_factor().reshape(-1, *([1] * (d.ndim - 1))) if bn is not None else d
+
 
 class QuantConvBn2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg, input_relu6: bool = False):

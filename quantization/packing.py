@@ -213,7 +213,10 @@ def size_report(packed: Packed, fp32_model: nn.Module) -> dict[str, Any]:
       and the file's own header (config, tensor table) and checksum. ``comp_bytes`` == ``ls -l``;
     * ``ratio`` = orig / comp; ``weight_ratio``: conv/linear weights at FP32 vs as stored (no metadata);
     * ``metadata_bytes``: scales + zero-points; ``metadata_overhead``: those plus the file header as a
-      fraction of comp; ``quantized_fraction``: share of all parameters stored below 32 bits.
+      fraction of comp; ``quantized_fraction``: share of all parameters stored below 32 bits;
+    * ``avg_w_bits``: bits per stored weight over the quantized conv/linear layers (parameter-weighted;
+      equals w_bits for a uniform config); ``avg_a_bits``: mean activation bit-width over the layers
+      whose input is quantized (32 if none is).
 
     ``layers`` has one row per layer plus one for the file header; their ``total_bytes`` sum to comp.
     """
@@ -249,12 +252,15 @@ def size_report(packed: Packed, fp32_model: nn.Module) -> dict[str, Any]:
     n_wq = sum(e.numel for e in wq)
     n_w = n_wq + sum(e.numel for e in wf)
     w_stored = sum(e.nbytes for e in wq) + sum(e.nbytes for e in wf)
+    a_bits = [r["a_bits"] for r in rows.values() if r["layer"] != FILE_ROW and r["a_bits"] and r["a_bits"] < 32]
     return {
         "orig_bytes": orig_params * 4, "comp_bytes": comp, "header_bytes": overhead,
-        "orig_mb": orig_params * 4 / MB, "comp_mb": comp / MB, "ratio": orig_params * 4 / comp,
+        "orig_mb": orig_params * 4 / MB, "comp_mb": comp / MB, "comp_kb": comp / 1000, "ratio": orig_params * 4 / comp,
         "weight_ratio": n_w * 4 / max(1, w_stored), "metadata_bytes": meta,
         "metadata_overhead": (meta + overhead) / comp,
         "quantized_fraction": n_wq / max(1, orig_params), "params": orig_params,
+        "avg_w_bits": sum(e.numel * e.bits for e in wq) / n_wq if n_wq else 32.0,
+        "avg_a_bits": sum(a_bits) / len(a_bits) if a_bits else 32.0,
         "layers": list(rows.values()),
     }
 

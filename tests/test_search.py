@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from bitsearch.cli import main
 from conftest import make_tree
@@ -133,23 +134,42 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
         tags = {t["key"]: t["value"] for t in c["data"].get("tags", [])}
         params = {p["key"]: p["value"] for p in c["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in c["data"]["metrics"]}
-        assert {"w_bits", "a_bits", "method"} <= set(params)
-        assert ("qat_lr" in params) == (params["method"] != "ptq")  # conditional space
-        assert {"val_top1", "comp_mb", "objective"} <= set(metrics)
+        # the same numeric params for every trial (parallel coordinates without gaps): 0 = no fine-tuning
+        assert {"w_bits", "a_bits", "method", "qat_lr", "qat_epochs", "granularity"} <= set(params)
+        assert (float(params["qat_lr"]) == 0 and int(params["qat_epochs"]) == 0) == (params["method"] == "ptq")
+        # size and bits are known before training: a trial ASHA stopped has them too
+        assert {"val_top1", "comp_mb", "comp_kb", "ratio", "avg_w_bits", "avg_a_bits", "objective"} <= set(metrics)
+        assert metrics["avg_w_bits"] == float(params["w_bits"]) and metrics["avg_a_bits"] == float(params["a_bits"])
+        assert abs(metrics["comp_kb"] - 1000 * metrics["comp_mb"]) < 1e-6
+        # system metrics sampled on the trial's worker, named as MLflow's own (the run's System metrics tab)
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/process_memory_usage_megabytes"} <= set(metrics)
         assert not {"pid", "timestamp", "time_this_iter_s", "iterations_since_restore", "training_iteration",
                     "time_total_s"} & set(metrics)  # Ray's bookkeeping is not a bitsearch metric
         name = c["info"]["run_name"]  # what the trial is, e.g. "W4A8 qat lr=0.012"
         assert name.startswith(f"W{params['w_bits']}A{params['a_bits']} {params['method']}"), name
-        assert c["info"]["status"] == "FINISHED"
         if tags["bitsearch.trial_id"] in done_ids:
-            assert {"ratio", "test_top1"} <= set(metrics)
+            assert c["info"]["status"] == "FINISHED" and tags["bitsearch.outcome"] == "done"
+            assert tags["bitsearch.complete"] == "1" and {"test_top1"} <= set(metrics)
             arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
                                 params={"run_id": c["info"]["run_id"], "path": "trial"}, timeout=30).json()
             names = {Path(f["path"]).name for f in arts.get("files", [])}
             assert {"model.bsq", "model.onnx", "quantize.json"} <= names
+        else:  # stopped by ASHA: marked so, and nothing that looks like a final result
+            assert c["info"]["status"] == "KILLED" and tags["bitsearch.outcome"] == "stopped"
+            assert "bitsearch.complete" not in tags and "test_top1" not in metrics
+    # the parent run: the settings that apply to a search (no grid), the best trial, the Pareto table
+    parent = parents[0]
+    pparams = {p["key"] for p in parent["data"]["params"]}
+    pmetrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    ptags = {t["key"]: t["value"] for t in parent["data"].get("tags", [])}
+    assert "space.w_bits" in pparams and not any(k.startswith("grid.") for k in pparams) and "address" not in pparams
+    assert pmetrics["trials"] == 4 and pmetrics["best_val_top1"] == summary["best"]["val_top1"]
+    assert pmetrics["pareto_trials"] == len(summary["pareto"])
+    assert "Pareto front" in ptags["mlflow.note.content"] and summary["best"]["trial_id"] in ptags["mlflow.note.content"]
     parent_arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
-                               params={"run_id": parents[0]["info"]["run_id"]}, timeout=30).json()
-    assert "results.csv" in {Path(f["path"]).name for f in parent_arts.get("files", [])}
+                               params={"run_id": parent["info"]["run_id"]}, timeout=30).json()
+    assert {"results.csv", "pareto.png", "parallel.png"} <= {Path(f["path"]).name for f in parent_arts.get("files", [])}
     # the report
     p = Path(summary["experiment"])
     for f in ("results.csv", "results.md", "pareto.png", "parallel.png"):
@@ -157,9 +177,27 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     html = (p / "parallel.html").read_text()
     assert 'src="https://cdn.plot.ly' not in html and len(html) > 1_000_000  # plotly.js inside: works offline
     assert summary["best"] is not None and summary["pareto"]
+    # the model registry: every Pareto trial a version, the champion loadable and as accurate as logged
+    reg = summary["registry"]
+    assert reg["registered_model"] == "srv-search-s4" and set(reg["versions"]) == {t["trial_id"] for t in summary["pareto"]}
+    champion = next(t for t in summary["pareto"] if t["trial_id"] == reg["champion_trial"])
+    assert champion["Val_Acc"] == max(t["Val_Acc"] for t in summary["pareto"])
+    import mlflow.pyfunc
+
+    from trainer import load_dataset
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{reg['registered_model']}@champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+    data = load_dataset(baseline[0], download=False)
+    pred = model.predict(data.test_x.numpy())
+    acc = 100.0 * float((torch.as_tensor(pred) == data.test_y).float().mean())
+    assert abs(acc - champion["top1"]) < 1e-6, (acc, champion["top1"])
 
 
-def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys):
+def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypatch):
     from tune.search import run
     s = _settings(baseline, tmp_path, name="sw", mode="sweep", grid={"w_bits": [8, 4], "a_bits": [8]})
     summary = run(s)
@@ -180,6 +218,15 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys):
     from bitsearch.cli import _mlflow_hint
     hint = _mlflow_hint(summary)
     assert f"bitsearch ui {tmp_path}" in hint and f"#/experiments/{summary['mlflow_experiment_id']}/runs" in hint
+    # the embedded store has a model registry too: the Pareto trials registered, a champion chosen
+    assert summary["registry"]["champion_version"] is not None
+    # resume on a finished search: nothing to run, so Ray is not even asked for
+    import tune.search as ts
+    monkeypatch.setattr(ts, "_init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    capsys.readouterr()
+    assert main(["resume", summary["experiment"]]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to resume: all 2 trials" in out, out
 
 
 def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
@@ -189,6 +236,39 @@ def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
     assert len(summary["trials"]) == 3 and len(summary["pareto"]) >= 1
     front_sizes = [p["Comp_MB"] for p in summary["pareto"]]
     assert min(t["Comp_MB"] for t in summary["trials"]) == min(front_sizes)  # the smallest model is never dominated
+
+
+def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_path, capsys):
+    """space.size_budget_mb + a sensitivity table: every trial quantizes with the exact allocation for
+    its sampled budget, fits it, and logs its per-layer bits as MLflow params."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import load_baseline, packed_meta, prepare_quantized
+    from quantization import QuantConfig
+    from tune.search import run
+    tree, ck = baseline
+    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--estimator", "hessian", "--images", "9",
+                 "--no-download", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["file"]
+    fp32, c = load_baseline(str(ck))
+    lo, hi = (prepare_quantized(fp32, QuantConfig(w_bits=b), packed_meta(c)).size["comp_mb"] for b in (2, 8))
+    s = _settings(baseline, tmp_path, name="budget", objectives="multi", num_samples=3, sensitivity=table,
+                  space={"size_budget_mb": [lo + 0.1 * (hi - lo), hi], "method": ["ptq"]})
+    summary = run(s)
+    assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
+    params = {json.loads((Path(summary["experiment"]) / t["trial_id"] / "params.json").read_text())["size_budget_mb"]:
+              t for t in summary["trials"]}
+    for budget, t in params.items():
+        assert t["comp_mb"] <= budget and str(t["W_bits"]).startswith("alloc ")
+        assert 2 <= t["avg_w_bits"] <= 8
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'trial'")
+    assert len(runs) == 3
+    for r in runs:
+        bits = {k: int(v) for k, v in r.data.params.items() if k.startswith("bits.")}
+        assert len(bits) > 20 and set(bits.values()) <= {2, 3, 4, 5, 6, 8}
+        assert r.data.metrics["avg_w_bits"] > 0 and "alloc_sensitivity" in r.data.metrics
+        assert r.info.run_name.startswith("alloc ")
 
 
 class FailOnce:
@@ -225,6 +305,9 @@ def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp
     ({"metric": "val_top1"}, "unknown search option(s) metric"),
     ({"size_budget_mb": 0.001}, "below the smallest model"),
     ({"mode": "sweep", "grid": {"w_bits": []}}, "grid.w_bits"),
+    ({"space": {"kd_weight": [0, 2]}}, "space.kd_weight"),
+    ({"kd_weight": -0.1}, "kd_weight=-0.1 is invalid"),
+    ({"space": {"size_budget_mb": [0.1, 0.2]}}, "give sensitivity: PATH"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts
@@ -393,6 +476,7 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, server, 
 
     def log_then_drop(self, *a, **kw):  # runs on the driver's event loop, so no later trial is logged first
         logged(self, *a, **kw)
+        self.flush()  # the callback logs from a background thread: let the first trial reach the server
         if up[0]:
             relay.stop()  # the server goes away mid-search
             up[0] = False
@@ -451,3 +535,80 @@ def test_experiment_on_s3_compatible_storage(ray_session, s3, server, baseline, 
     assert sorted(t["W_bits"] for t in rep["trials"]) == [4, 8]
     again = resume(f"{s3}/runs/on-s3")  # a finished experiment: nothing reruns
     assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in summary["trials"])
+
+
+def _browser():
+    """Headless Chromium (Debian's package) driven by playwright. Skipped on a machine without them,
+    except where BITSEARCH_BROWSER_TEST=required (.ci/run installs both and sets it)."""
+    import shutil
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if exe is None or sync_playwright is None:
+        if os.environ.get("BITSEARCH_BROWSER_TEST") == "required":
+            pytest.fail("BITSEARCH_BROWSER_TEST=required but chromium or playwright is missing")
+        pytest.skip("needs Debian's chromium package and playwright")
+    return sync_playwright, exe
+
+
+ARTIFACTS = Path(os.environ.get("BITSEARCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def test_mlflow_ui_in_a_real_browser(server, baseline, tmp_path):
+    """A sweep as a user runs it (its own local Ray), then the MLflow UI as a user sees it, in Chromium.
+    The terminal stays plain: bitsearch's progress lines, its table and where to look, nothing from
+    Ray's or MLflow's internals. The address it prints opens the runs table; the search's row expands
+    to trial rows named by their config; comparing the trials draws a parallel-coordinates plot with
+    w_bits and a_bits axes, and val_top1 once picked as a metric. Screenshots: test-artifacts/."""
+    sync_playwright, exe = _browser()
+    tree, ck = baseline
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "bitsearch", "sweep", "--baseline", str(ck), "--data", str(tree),
+                           "--out", str(tmp_path), "--name", "ui", "--w-bits", "8,4,2", "--a-bits", "8,4",
+                           "--batch-size", "16", "--device", "cpu", "--max-concurrent", "2", "--cpus-per-trial", "1",
+                           "--tracking-uri", server, "--experiment", "srv-ui"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, err = proc.stdout, proc.stderr
+    for noise in ("tensorboard", "Token authentication", "View experiment at", "View run", "performance bottleneck",
+                  "Configuration for experiment", "View detailed results", "Downloading artifacts", "Warning",
+                  "WARNING", "INFO"):
+        assert noise.lower() not in (out + err).lower(), (noise, out, err)
+    assert err.count(" done (") == 6 and "sweep: experiment" in err
+    lines = out.strip().splitlines()
+    assert max(len(x) for x in lines[:8]) > 80  # the table is not wrapped at 80 columns
+    url = lines[-1].split("MLflow: ", 1)[1]
+    assert url.startswith(server) and url.endswith("/runs")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(url)
+            page.get_by_text("matching runs").wait_for(timeout=90_000)  # the training runs table
+            page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # expand the search
+            page.get_by_text("W8A4 ptq").first.wait_for(timeout=60_000)
+            rows = page.locator("[role=row]").filter(has_text=" ptq")
+            names = sorted(t.strip() for t in rows.locator("a").all_inner_texts() if "ptq" in t)
+            assert names == sorted(f"W{w}A{a} ptq" for w in (8, 4, 2) for a in (8, 4)), names
+            page.screenshot(path=str(ARTIFACTS / "mlflow-runs.png"))
+            for i in range(rows.count()):
+                rows.nth(i).locator("input.ag-checkbox-input").check()
+            page.get_by_role("button", name="Compare").first.click()
+            page.get_by_text("Parallel Coordinates Plot").first.wait_for(timeout=90_000)
+            page.locator(".parcoords").first.wait_for(timeout=90_000)  # plotly's parallel-coordinates trace
+            axes = lambda: [t.text_content() for t in page.locator(".parcoords .axis-title").all()]  # noqa: E731
+            assert {"w_bits", "a_bits"} <= set(axes()), axes()  # the params that differ, chosen by MLflow
+            metrics = page.get_by_role("combobox").nth(1)
+            metrics.click()
+            metrics.fill("val_top1")
+            page.keyboard.press("Enter")
+            page.keyboard.press("Escape")
+            page.wait_for_function("() => [...document.querySelectorAll('.parcoords .axis-title')]"
+                                   ".some(e => e.textContent === 'val_top1')", timeout=30_000)
+            assert {"w_bits", "a_bits", "val_top1"} <= set(axes()), axes()
+            page.screenshot(path=str(ARTIFACTS / "mlflow-parallel.png"))
+        finally:
+            browser.close()

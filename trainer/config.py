@@ -26,6 +26,8 @@ class TrainConfig:
     no_decay_bn_bias: bool = False  # True: no weight decay on BN parameters and biases
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0     # linear warm-up before the cosine (0 = none, as the reference)
+    kd_weight: float = 0.0         # knowledge distillation: loss = (1 - w) * label loss + w * T^2 * KL(teacher || student)
+    kd_temperature: float = 4.0    # softening temperature T of both logits (needs a teacher passed to train)
     # data
     subset: int = 0               # stratified training subset size (0 = all)
     val_size: int = 0             # images held out of train for validation (0 = none)
@@ -55,6 +57,8 @@ class TrainConfig:
         need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(_finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
+        need(_finite(self.kd_weight) and 0 <= self.kd_weight <= 1, "kd_weight", "must be in [0, 1]")
+        need(_finite(self.kd_temperature) and self.kd_temperature > 0, "kd_temperature", "must be a number > 0")
         need(isinstance(self.subset, int) and self.subset >= 0, "subset", "must be an integer >= 0 (0 = all)")
         need(isinstance(self.val_size, int) and self.val_size >= 0, "val_size", "must be an integer >= 0")
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.data import Dataset, GpuLoader, normalize
 
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
@@ -104,6 +104,13 @@ def cosine_lambda(total_steps: int, warmup_steps: int = 0):
     return f
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, 1), nn.functional.log_softmax(teacher / t, 1),
+                                reduction="batchmean", log_target=True) * t * t
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 100,
              device: torch.device | None = None, amp: bool = False) -> dict[str, Any]:
@@ -151,20 +158,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None,
           callbacks: Iterable[Callback] = (), resume: bool = False, meta: dict[str, Any] | None = None,
-          write_reports: bool = True) -> dict[str, Any]:
+          write_reports: bool = True, teacher: nn.Module | None = None) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``cfg``; returns the final metrics and history.
 
     With ``out_dir``: a checkpoint (model, optimiser, scheduler, RNG states, config, history) is written
     atomically after every epoch to ``out_dir/checkpoint.pt``, so a killed run loses at most the
     current epoch; ``resume=True`` continues from it and ends with the same weights as an
     uninterrupted run. ``meta`` (JSON-able) is stored in the checkpoint (model description etc.).
+    ``teacher`` (with ``cfg.kd_weight`` > 0): knowledge distillation from its logits (it stays in eval
+    mode and is not trained).
     """
+    if cfg.kd_weight > 0 and teacher is None:
+        raise ConfigError(f"kd_weight={cfg.kd_weight} needs a teacher model (distillation from the FP32 baseline)")
     callbacks = list(callbacks)
     device = resolve_device(cfg.device)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     seed_everything(cfg.seed)
-    run = _Run(model, data, cfg, device)
+    run = _Run(model, data, cfg, device, teacher if cfg.kd_weight > 0 else None)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume:
@@ -212,8 +223,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
 class _Run:
     """What one training run works with: model (and its compiled form), optimiser, schedule, loader, RNG."""
 
-    def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device,
+                 teacher: nn.Module | None = None):
         self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.amp, self.channels_last, self.precision = precision(cfg, device)
         model.to(device)
@@ -267,6 +280,11 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
             logits = run.forward(xb)
             loss = run.loss_fn(logits.float(), yb)
+            if run.teacher is not None:
+                with torch.no_grad():
+                    soft = run.teacher(xb).float()
+                loss = (1 - run.cfg.kd_weight) * loss + run.cfg.kd_weight * kd_loss(logits.float(), soft,
+                                                                                    run.cfg.kd_temperature)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()

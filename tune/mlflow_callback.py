@@ -1,25 +1,34 @@
 """Ray Tune callback that mirrors every trial into MLflow (driver side, idempotent)."""
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
+
 from ray import tune
 
 from mlflow_server.tracking import SearchLogger
-from tune.results import trial_metrics
-from tune.space import block_bits, trial_label, trial_params
+from tune.results import alloc_params, trial_metrics
+from tune.space import block_bits, run_params, trial_label
 
 
 class MlflowTrialCallback(tune.Callback):
+    """Logs from one background thread, in the order Ray reported: Ray's event loop never waits on
+    MLflow (a synchronous log of ~0.5 s per result made Ray warn of a performance bottleneck, and slowed
+    the whole search). Each hook captures what it logs when it is called; ``flush()`` (called at the
+    experiment's end) waits until everything is written."""
+
     def __init__(self, settings):
         self.settings = settings
         self.uri, self.experiment, self.experiment_path = settings.tracking_store, settings.experiment, settings.path
         self._runs: dict[str, str] = {}
         self._logger: SearchLogger | None = None
         self._offline = False
+        self._queue: queue.Queue | None = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_logger"], d["_offline"] = None, False  # a resumed search tries the server again
+        d["_logger"], d["_offline"], d["_queue"] = None, False, None  # a resumed search tries the server again
         return d
 
     def _lg(self) -> SearchLogger:
@@ -39,40 +48,71 @@ class MlflowTrialCallback(tune.Callback):
             self._logger = None
             return None
 
-    def setup(self, **info):
-        self._safe(lambda: self._lg().log_search(self.settings.to_dict()))
+    def _submit(self, fn) -> None:
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._drain, args=(self._queue,), name="bitsearch-mlflow", daemon=True).start()
+        self._queue.put(fn)
 
-    def _run(self, trial) -> str:
-        rid = self._runs.get(trial.trial_id)
+    def _drain(self, q: queue.Queue) -> None:
+        while True:
+            fn = q.get()
+            try:
+                self._safe(fn)
+            finally:
+                q.task_done()
+
+    def flush(self) -> None:
+        """Wait until every submitted log call has been written (or has failed)."""
+        if self._queue is not None:
+            self._queue.join()
+
+    def setup(self, **info):
+        self._submit(lambda: self._lg().log_search(self.settings.applicable()))
+
+    def _run(self, trial_id: str, config: dict) -> str:
+        rid = self._runs.get(trial_id)
         if rid is None:
-            params = trial_params(trial.config, self.settings)
-            rid = self._lg().child_run(trial.trial_id, trial_label(params))
+            params = run_params(config, self.settings)
+            rid = self._lg().child_run(trial_id, trial_label(params))
             self._lg().log_trial_params(rid, params)
-            self._runs[trial.trial_id] = rid
+            self._runs[trial_id] = rid
         return rid
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._safe(self._run, trial)
+        tid, config = trial.trial_id, dict(trial.config)
+        self._submit(lambda: self._run(tid, config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._safe(lambda: self._lg().log_metrics(self._run(trial), *trial_metrics(result)))
+        tid, config, (metrics, step), bits = trial.trial_id, dict(trial.config), trial_metrics(result), alloc_params(result)
+
+        def log():
+            rid = self._run(tid, config)
+            self._lg().log_metrics(rid, metrics, step)
+            if bits:  # a budget-search trial's per-layer allocation
+                self._lg().log_trial_params(rid, bits)
+        self._submit(log)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        ck = trial.checkpoint
+        tid, config, ck, last = trial.trial_id, dict(trial.config), trial.checkpoint, dict(trial.last_result or {})
 
         def finish():
-            final, step = trial_metrics(trial.last_result or {})
+            rid = self._run(tid, config)
+            if not last.get("final"):  # ASHA stopped it: its per-epoch metrics are logged, nothing final
+                return self._lg().finish_trial(rid, None, None, "KILLED")
+            final, step = trial_metrics(last)
             if ck is None:
-                return self._lg().finish_trial(self._run(trial), final, None, step=step)
+                return self._lg().finish_trial(rid, final, None, step=step)
             with ck.as_directory() as d:  # local for a local experiment, downloaded from S3 otherwise
-                self._lg().finish_trial(self._run(trial), final, d, step=step)
-        self._safe(finish)
+                self._lg().finish_trial(rid, final, d, step=step)
+        self._submit(finish)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        def failed():
-            final, step = trial_metrics(trial.last_result or {})
-            self._lg().finish_trial(self._run(trial), final, None, "FAILED", step=step)
-        self._safe(failed)
+        tid, config = trial.trial_id, dict(trial.config)
+        self._submit(lambda: self._lg().finish_trial(self._run(tid, config), None, None, "FAILED"))
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
 
 class ProgressCallback(tune.Callback):

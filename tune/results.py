@@ -13,7 +13,8 @@ import pandas as pd
 
 from tune import storage
 from tune.settings import SETTINGS_FILE, load_settings
-from tune.space import BLOCK_PREFIX, block_bits, trial_label, trial_params
+from tune.space import BLOCK_PREFIX, block_bits, run_params, trial_label, trial_params
+from tune.sysmetrics import PREFIX as SYSTEM_PREFIX
 
 # Each measured quantity has one name from trial to table: the metric a trial reports to Ray Tune and
 # MLflow (per split, like the trainer's per-epoch history: train_top1 / val_top1 / test_top1), and
@@ -27,20 +28,33 @@ QUANTITIES = (
     ("drop", "Drop", "drop"),
     ("orig_mb", "Orig_MB", "orig_mb"),
     ("comp_mb", "Comp_MB", "comp_mb"),
+    ("comp_kb", None, "comp_kb"),
     ("ratio", "Ratio", "ratio"),
     ("weight_ratio", "Weight_ratio", "weight_ratio"),
     ("act_ratio", "Act_ratio", "act_ratio"),
     ("quantized_fraction", None, "quantized_fraction"),
+    ("avg_w_bits", None, "avg_w_bits"),
+    ("avg_a_bits", None, "avg_a_bits"),
 )
+# known from the config alone, before any training: every report of a trial carries them, so a trial
+# that ASHA stopped early still has its size on a parallel-coordinates plot
+SIZE_METRICS = ("comp_mb", "comp_kb", "ratio", "avg_w_bits", "avg_a_bits")
 METRICS = tuple(m for m, _, _ in QUANTITIES)  # what a trial's final report carries (tune/trial.py)
 # everything a trial reports that is a measurement (Ray adds pid, timestamp, time_* ... : not ours)
-TRIAL_METRICS = frozenset((*METRICS, "epoch", "train_loss", "train_top1", "objective", "metadata_overhead",
+TRIAL_METRICS = frozenset((*METRICS, "epoch", "train_loss", "train_top1", "objective", "metadata_overhead", "alloc_sensitivity",
                            "over_budget"))
 
 
 def trial_metrics(report: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """A trial report as MLflow gets it: bitsearch's own metrics only, and the epoch as the step."""
-    return {k: v for k, v in report.items() if k in TRIAL_METRICS and k != "epoch"}, int(report.get("epoch") or 0)
+    """A trial report as MLflow gets it: bitsearch's own metrics (and the system/ metrics its worker
+    sampled, tune/sysmetrics.py) only, and the epoch as the step."""
+    ours = {k: v for k, v in report.items() if (k in TRIAL_METRICS or k.startswith(SYSTEM_PREFIX)) and k != "epoch"}
+    return ours, int(report.get("epoch") or 0)
+
+
+def alloc_params(report: dict[str, Any]) -> dict[str, Any]:
+    """A budget-search trial's allocation (per-layer weight bits) as MLflow params ``bits.<layer>``."""
+    return {f"bits.{k}": v for k, v in (report.get("alloc_bits") or {}).items()}
 
 
 COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
@@ -61,6 +75,7 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
         ck = sorted(d.glob("checkpoint_*"))
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
                     "config": trial_params(params, settings), "reports": reports, "final": final,
+                    "failed": final is None and (d / "error.txt").is_file(),  # Ray writes it for a trial that errored
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
 
@@ -71,7 +86,9 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
         c, f = t["config"], t["final"] or {}
         blocks = {k: v for k, v in c.items() if k.startswith(BLOCK_PREFIX)}
         w = f"mixed {min(blocks.values())}-{max(blocks.values())}" if blocks else c.get("w_bits")
-        status = "done" if t["final"] else ("stopped" if t["reports"] else "no result")
+        if "size_budget_mb" in c:  # bits allocated by sensitivity within a sampled budget
+            w = f"alloc {f['avg_w_bits']:.2f}" if f.get("avg_w_bits") is not None else "alloc"
+        status = "done" if t["final"] else "failed" if t.get("failed") else "stopped" if t["reports"] else "no result"
         if f.get("over_budget"):
             status = "over budget"
         rows.append({"trial_id": t["trial_id"], "W_bits": w, "A_bits": c.get("a_bits"), "method": c.get("method", "ptq"),
@@ -111,6 +128,29 @@ def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") 
     return d.loc[keep].sort_values(size)
 
 
+def _label(r) -> str:
+    w = r["W_bits"]
+    w = str(w).replace("mixed ", "") if isinstance(w, str) else f"{w:g}" if isinstance(w, float) else w
+    return f"W{w}A{r['A_bits']} {r['method']}"
+
+
+def _parallel_frame(done: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The numeric axes of a parallel-coordinates plot, one value per trial on every axis: a mixed
+    trial's W_bits is the mean of its block bits, lr and qat_epochs are 0 for PTQ. Axes on which every
+    trial has the same value are returned separately (``fixed``) instead of as a flat line."""
+    blocks = [c for c in done.columns if c.startswith(BLOCK_PREFIX)]
+    wb = pd.to_numeric(done["W_bits"], errors="coerce")
+    if blocks:
+        wb = wb.fillna(done[blocks].apply(pd.to_numeric, errors="coerce").mean(axis=1))
+    num = pd.DataFrame({"W_bits": wb})
+    for c in ("A_bits", "lr", "qat_epochs", "Comp_MB", "Ratio", "Val_Acc", "Accuracy"):
+        num[c] = pd.to_numeric(done[c], errors="coerce")
+    num[["lr", "qat_epochs"]] = num[["lr", "qat_epochs"]].fillna(0.0)  # PTQ does not fine-tune
+    num = num.loc[:, num.notna().all()]
+    fixed = {c: num[c].iloc[0] for c in num.columns if num[c].nunique() == 1 and c != "Val_Acc"}
+    return num.drop(columns=list(fixed)), fixed
+
+
 def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -120,41 +160,48 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     done = df[df["status"] == "done"]
     if done.empty:
         return files
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(done["Comp_MB"], done["Val_Acc"], c="tab:blue", label="trials")
     ax.plot(front["Comp_MB"], front["Val_Acc"], "o-", c="tab:red", label="Pareto front")
-    ax.set(xlabel="compressed size (MB)", ylabel="validation top-1 (%)", title="Accuracy vs size")
+    for _, r in front.iterrows():  # the front's points named, so the plot reads without the table
+        ax.annotate(_label(r), (r["Comp_MB"], r["Val_Acc"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel="packed model size (MB)", ylabel="validation top-1 (%)",
+           title=f"Accuracy vs size: {len(done)} trials, {len(front)} on the Pareto front")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     files["pareto_png"] = str(out / "pareto.png")
     fig.savefig(files["pareto_png"], dpi=110)
     plt.close(fig)
 
-    cols = [c for c in ("A_bits", "lr", "qat_epochs", "Comp_MB", "Ratio", "Val_Acc", "Accuracy") if done[c].notna().any()]
-    wb = pd.to_numeric(done["W_bits"], errors="coerce")
-    num = pd.concat([wb.rename("W_bits"), done[cols].apply(pd.to_numeric, errors="coerce")], axis=1)
-    num = num.loc[:, num.notna().any()]
+    num, fixed = _parallel_frame(done)
     norm = (num - num.min()) / (num.max() - num.min()).replace(0, 1)
-    fig, ax = plt.subplots(figsize=(1.4 * len(num.columns) + 2, 4))
+    fig, ax = plt.subplots(figsize=(1.5 * len(num.columns) + 3, 4.5))
     cmap = plt.get_cmap("viridis")
-    accn = norm["Val_Acc"].fillna(0) if "Val_Acc" in norm else pd.Series(0, index=norm.index)
+    lo, hi = float(num["Val_Acc"].min()), float(num["Val_Acc"].max())
     for i in norm.index:
-        ax.plot(range(len(num.columns)), norm.loc[i].fillna(0.5), c=cmap(float(accn.loc[i])), alpha=0.8)
-    ax.set_xticks(range(len(num.columns)), num.columns)
-    ax.tick_params(axis="x", pad=14)  # room for the per-axis minimum printed under each axis
-    ax.set_yticks([])
+        ax.plot(range(len(num.columns)), norm.loc[i], c=cmap(float(norm.loc[i, "Val_Acc"])), alpha=0.85, lw=1.5)
     for j, c in enumerate(num.columns):
-        ax.text(j, -0.06, f"{num[c].min():.3g}", ha="center", va="top", fontsize=7)
-        ax.text(j, 1.04, f"{num[c].max():.3g}", ha="center", va="bottom", fontsize=7)
-    ax.set_title("Parallel coordinates (colour = validation accuracy)", pad=18)
+        ax.axvline(j, c="0.6", lw=0.8, zorder=0)
+        ax.text(j, -0.05, f"{num[c].min():.3g}", ha="center", va="top", fontsize=8)
+        ax.text(j, 1.03, f"{num[c].max():.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(num.columns)), num.columns)
+    ax.tick_params(axis="x", pad=16)  # room for the per-axis minimum printed under each axis
+    ax.set_yticks([])
+    ax.set_ylim(-0.12, 1.1)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi if hi > lo else lo + 1))
+    fig.colorbar(sm, ax=ax, label="validation top-1 (%)", pad=0.02)
+    title = f"Parallel coordinates: {len(done)} finished trials (colour = validation top-1)"
+    if fixed:
+        title += "\nsame for all: " + ", ".join(f"{k}={v:g}" for k, v in fixed.items())
+    ax.set_title(title, fontsize=10, pad=14)
     fig.tight_layout()
     files["parallel_png"] = str(out / "parallel.png")
     fig.savefig(files["parallel_png"], dpi=110)
     plt.close(fig)
     try:
         import plotly.express as px
-        p = px.parallel_coordinates(num.reset_index(drop=True), color="Val_Acc" if "Val_Acc" in num else None)
+        p = px.parallel_coordinates(num.reset_index(drop=True), color="Val_Acc", color_continuous_scale="Viridis")
         files["parallel_html"] = str(out / "parallel.html")
         p.write_html(files["parallel_html"], include_plotlyjs=True)  # self-contained: opens offline
     except ImportError:
@@ -190,6 +237,37 @@ def write_report(experiment: str | Path) -> dict[str, Any]:
     return summary
 
 
+def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """What the search's parent MLflow run shows: metrics (trial counts, the best trial's measurements)
+    and a markdown note (the best trial and the Pareto front), from a write_report summary."""
+    trials, best, front = summary["trials"], summary.get("best") or {}, summary.get("pareto") or []
+    metrics = {"trials": len(trials), "trials_done": sum(t.get("status") == "done" for t in trials),
+               "pareto_trials": len(front),
+               **{f"best_{m}": best.get(key) for m, _, key in QUANTITIES if best.get(key) is not None}}
+    def row(t):
+        w = t.get("W_bits")
+        return (f"| {t.get('trial_id')} | W{w}A{t.get('A_bits')} {t.get('method')} | {t.get('Val_Acc', float('nan')):.2f} "
+                f"| {t.get('Accuracy', float('nan')):.2f} | {t.get('comp_kb', float('nan')):.1f} | {t.get('Ratio', float('nan')):.2f} |")
+    head = ["| trial | config | val top-1 | test top-1 | size (KB) | ratio |", "|---|---|---|---|---|---|"]
+    note = [f"**bitsearch search** `{summary['experiment']}`: {metrics['trials_done']} of {metrics['trials']} trials done.", ""]
+    if best:
+        note += ["Best trial (validation top-1):", "", *head, row(best), ""]
+    if front:
+        note += ["Pareto front (validation top-1 vs packed size):", "", *head, *map(row, front), ""]
+    note += ["Plots and tables: the Artifacts tab (pareto.png, parallel.png, parallel.html, results.md)."]
+    return metrics, "\n".join(note)
+
+
+def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
+    """The search's Pareto-front trials as versions of its registered model (mlflow_server.registry);
+    the champion alias on the best within the size budget."""
+    from mlflow_server.registry import register_search
+    ckpts = {t["trial_id"]: t["checkpoint"] for t in load_trials(storage.local_copy(s.path))}
+    front = [{**t, "checkpoint": ckpts.get(t["trial_id"])} for t in summary.get("pareto") or []]
+    run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
+    return register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
+
+
 def sync(path: str | Path) -> dict[str, int]:
     """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
     from mlflow_server.tracking import SearchLogger, check_reachable
@@ -203,16 +281,26 @@ def sync(path: str | Path) -> dict[str, int]:
     for t in load_trials(path):
         if not t["reports"]:
             continue
-        rid = lg.child_run(t["trial_id"], trial_label(t["config"]))
+        params = run_params(t["config"], s)
+        rid = lg.child_run(t["trial_id"], trial_label(params))
         if lg.is_complete(rid):
             continue
-        lg.log_trial_params(rid, t["config"])
+        lg.log_trial_params(rid, params)
         for r in t["reports"]:
             lg.log_metrics(rid, *trial_metrics(r))
-        # a trial ASHA stopped early has no final report: its last report closes the run
-        final, step = trial_metrics(t["final"] or t["reports"][-1])
-        lg.finish_trial(rid, final, t["checkpoint"], "FINISHED" if t["final"] else "KILLED", step=step)
+            if alloc_params(r):
+                lg.log_trial_params(rid, alloc_params(r))
+        if t["final"]:
+            final, step = trial_metrics(t["final"])
+            lg.finish_trial(rid, final, t["checkpoint"], step=step)
+        else:  # ASHA stopped it early (or it failed): its per-epoch metrics are all there is
+            lg.finish_trial(rid, None, None, "FAILED" if t["failed"] else "KILLED")
         written += 1
     if not lg.search_finished():  # the search ended while the server was offline
-        lg.finish_search(list(write_report(s.path)["files"].values()))
-    return {"written": written}
+        summary = write_report(s.path)
+        lg.finish_search(list(summary["files"].values()), "FINISHED", *parent_summary(summary))
+    rj = path / "results.json"
+    registry = (register_models(s, json.loads(rj.read_text()), lg) if rj.is_file()  # idempotent
+                else {"registered_model": None, "champion_version": None})
+    return {"written": written, "registered_model": registry["registered_model"],
+            "champion_version": registry["champion_version"]}

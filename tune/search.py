@@ -14,6 +14,7 @@ nothing else.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -34,10 +35,18 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 * 1024 * 1024)
+        # Ray 2.60 turns token authentication on for a new local cluster, and warns that it did on every
+        # start: keep the default, drop the warning
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=200 * 1024 * 1024, logging_level=logging.WARNING)
+        finally:
+            auth_log.setLevel(level)
 
 
 def _trainable(s: SearchSettings, trial_callbacks: tuple = ()):
@@ -54,7 +63,16 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
+    # Ray's default loggers include TensorBoardX, which is not installed: a warning on every search.
+    # bitsearch reads the JSON results (tune/results.py); the CSV stays for Ray's own analysis tools.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Ray Tune's new output engine prints an experiment box and result paths even at verbose=0; the
+    # legacy one is silent at 0. bitsearch prints its own progress (ProgressCallback) and table.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
 
     param_space: dict[str, Any] = {}
     search_alg = scheduler = None
@@ -85,7 +103,8 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
         name=s.name, storage_path=s.out if storage.is_remote(s.out) else str(Path(s.out).resolve()),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[MlflowTrialCallback(s), ProgressCallback(_n_trials(s))], verbose=0)
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), MlflowTrialCallback(s), ProgressCallback(_n_trials(s))],
+        verbose=0)
     return tune.Tuner(_trainable(s, trial_callbacks), param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
@@ -133,6 +152,9 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     s = load_settings(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SearchConfigError(f"{path} holds no Ray Tune state to resume (the search never started?)")
+    if trials_left(path, s) == 0:  # nothing to run: no Ray, just the report as it stands
+        from tune.results import write_report
+        return {**write_report(path), "nothing_to_resume": True}
     _init_ray(s.address, num_cpus)
     t0 = time.time()
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
@@ -140,8 +162,19 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     return finish(s, time.time() - t0)
 
 
+def trials_left(path: str | Path, s: SearchSettings) -> int | None:
+    """Trials of the search not yet terminated (to run, or errored and to resume), from Ray Tune's saved
+    experiment state without starting Ray; None if that state cannot be read."""
+    try:
+        from ray.tune import ExperimentAnalysis
+        statuses = [t.status for t in ExperimentAnalysis(str(path)).trials]
+    except Exception:  # noqa: BLE001 - unreadable: let Tuner.restore decide
+        return None
+    return max(0, _n_trials(s) - sum(st == "TERMINATED" for st in statuses))
+
+
 def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
-    from tune.results import write_report
+    from tune.results import parent_summary, register_models, write_report
     summary = write_report(s.path)
     summary["seconds"] = seconds
     try:
@@ -149,7 +182,9 @@ def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
         lg = SearchLogger(s.tracking_store, s.experiment, str(s.path))
         summary["mlflow_experiment_id"] = lg.experiment_id
         summary["mlflow_parent_run_id"] = lg.parent_run_id
-        lg.finish_search(list(summary["files"].values()))
+        lg.finish_search(list(summary["files"].values()), "FINISHED", *parent_summary(summary))
+        summary["registry"] = register_models(s, summary, lg)
     except Exception as e:  # results stay on disk; `bitsearch sync` fills MLflow in later
-        warnings.warn(f"MLflow parent run not updated: {e}")
+        warnings.warn(f"MLflow not fully updated ({type(e).__name__}: {str(e)[:300]}); "
+                      f"`bitsearch sync {s.path}` writes what is missing")
     return summary

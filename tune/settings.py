@@ -41,6 +41,9 @@ class SearchSettings:
     batch_size: int = 128
     qat_epochs: int = QAT_EPOCHS               # when the space does not search it
     qat_lr: float = QAT_LR
+    kd_weight: float = 0.0                     # distillation from the baseline (when the space does not search it)
+    kd_temperature: float = 4.0
+    sensitivity: str | None = None             # table of `bitsearch sensitivity`: space key size_budget_mb allocates with it
     finetune_subset: int = 0                   # QAT/LSQ train on a stratified subset of N images (0: all)
     quant_base: dict[str, Any] = field(default_factory=dict)   # fixed QuantConfig fields (keep_fp32, observers, ...)
     tracking_uri: str | None = None
@@ -65,6 +68,18 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def applicable(self) -> dict[str, Any]:
+        """The settings that shape this search (the parent run's params): a sweep has no sampled space,
+        ASHA or sample count, a search no grid; only a single-objective search uses ASHA; unset
+        options (None) and the address of the Ray cluster are left out."""
+        d = self.to_dict()
+        drop = {"address"}
+        if self.mode == "sweep":
+            drop |= {"space", "objectives", "num_samples", "asha"}
+        else:
+            drop |= {"grid"} | ({"asha"} if self.objectives == "multi" else set())
+        return {k: v for k, v in d.items() if k not in drop and v is not None and v != {}}
 
 
 class SearchConfigError(ValueError):
@@ -103,6 +118,10 @@ def validate(s: SearchSettings) -> SearchSettings:
         v = getattr(s, k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
             raise SearchConfigError(f"{k}={v!r} is invalid: a number > 0")
+    if isinstance(s.kd_weight, bool) or not isinstance(s.kd_weight, (int, float)) or not 0 <= s.kd_weight <= 1:
+        raise SearchConfigError(f"kd_weight={s.kd_weight!r} is invalid: a number in [0, 1]")
+    if isinstance(s.kd_temperature, bool) or not isinstance(s.kd_temperature, (int, float)) or not 0 < s.kd_temperature < float("inf"):
+        raise SearchConfigError(f"kd_temperature={s.kd_temperature!r} is invalid: a number > 0")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1),
                   ("finetune_subset", 0)):
         if not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
@@ -135,12 +154,27 @@ def validate(s: SearchSettings) -> SearchSettings:
     if int(tc.get("val_size", 0)) <= 0:
         raise SearchConfigError(f"baseline {s.baseline} was trained without a validation split; the search objective "
                                 "needs one: train it with --val-size N")
+    if s.mode == "search" and "size_budget_mb" in s.space:
+        from pipeline.sensitivity import FORMAT
+        try:
+            table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
+        except (OSError, ValueError):
+            table = None
+        if not table or table.get("format") != FORMAT:
+            raise SearchConfigError("space.size_budget_mb allocates bits by sensitivity: give sensitivity: PATH, a table "
+                                    f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
+        unknown = [r["name"] for r in table["layers"] if r["name"] not in plan_for(fp32, quant_config({}, s.quant_base))]
+        if unknown:
+            raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
+        s = dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()))
     hist = ck.get("history") or []
     s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
                             fp32_top1=hist[-1].get("test_top1") if hist else None)  # same test set for every trial
     if s.size_budget_mb is not None:
         if s.mode != "search" or s.objectives != "single":
             raise SearchConfigError("size_budget_mb applies to single-objective searches only")
+        if "size_budget_mb" in s.space:
+            raise SearchConfigError("give either size_budget_mb (one budget) or space.size_budget_mb (a budget range)")
         small = quant_config(smallest_bits(s.space), s.quant_base)
         mb = size_report(convert(prepare(fp32, small), packed_meta(ck)), fp32)["comp_mb"]
         if s.size_budget_mb < mb:

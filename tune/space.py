@@ -6,6 +6,8 @@ A space is a mapping of parameter -> spec::
     a_bits: [4, 8]
     qat_lr: {low: 1e-4, high: 0.1, log: true}
     qat_epochs: [1, 3]
+    kd_weight: [0, 0.9]            # distillation from the FP32 baseline (fine-tuning trials only)
+    size_budget_mb: [0.2, 0.5]     # per-layer weight bits allocated by sensitivity within a sampled budget
     method: [ptq, qat, lsq]        # a list of strings = categorical
     granularity: [per_channel, per_tensor]
     block_w_bits: [2, 8]           # mixed precision: one weight bit-width per inverted-residual block
@@ -22,7 +24,8 @@ from trainer.model import STAGES
 
 NUM_BLOCKS = sum(n for _, _, n, _ in STAGES)  # inverted-residual blocks: blocks.0 .. blocks.16
 INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
-FLOAT_KEYS = {"qat_lr"}
+FLOAT_KEYS = {"qat_lr", "kd_weight", "size_budget_mb"}
+FINE_TUNE_KEYS = ("qat_lr", "qat_epochs", "kd_weight")  # sampled only for trials whose method fine-tunes
 CAT_KEYS = {"method": tuple(Method), "granularity": tuple(Granularity)}
 KNOWN = INT_KEYS | FLOAT_KEYS | set(CAT_KEYS)
 BLOCK_PREFIX = "w_bits_b"  # mixed precision: one sampled weight bit-width per block, w_bits_b00 .. w_bits_b16
@@ -43,9 +46,9 @@ class SpaceError(ValueError):
 
 def _num_range(key: str, spec: Any) -> tuple[float, float, bool]:
     if isinstance(spec, dict):
-        lo, hi, log = spec.get("low"), spec.get("high"), bool(spec.get("log", key in FLOAT_KEYS))
+        lo, hi, log = spec.get("low"), spec.get("high"), bool(spec.get("log", key == "qat_lr"))
     elif isinstance(spec, (list, tuple)) and len(spec) == 2:
-        (lo, hi), log = spec, key in FLOAT_KEYS
+        (lo, hi), log = spec, key == "qat_lr"
     else:
         lo = hi = spec
         log = False
@@ -85,6 +88,10 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
             if key == "qat_epochs" and lo < 1:
                 raise SpaceError(f"space.qat_epochs={spec!r} is invalid: at least 1")
             out[key] = (int(lo), int(hi))
+        elif key == "kd_weight":
+            if not (0 <= lo and hi <= 1) or log:
+                raise SpaceError(f"space.kd_weight={spec!r} is invalid: a linear range within [0, 1]")
+            out[key] = {"low": lo, "high": hi, "log": False}
         else:
             if lo <= 0:
                 raise SpaceError(f"space.{key}={spec!r} is invalid: must be > 0")
@@ -103,7 +110,7 @@ class DefineByRun:
         # conditional space: QAT hyper-parameters exist only for trials that fine-tune
         method = Method(trial.suggest_categorical("method", s["method"]) if "method" in s else Method.PTQ)
         for key, spec in s.items():
-            if key == "method" or (key in ("qat_lr", "qat_epochs") and not method.fine_tunes):
+            if key == "method" or (key in FINE_TUNE_KEYS and not method.fine_tunes):
                 continue
             if key == "block_w_bits":
                 for i in range(NUM_BLOCKS):
@@ -148,12 +155,13 @@ def quant_config(trial_cfg: dict[str, Any], base: dict[str, Any]) -> QuantConfig
 
 
 def trial_hparams(config: dict[str, Any], settings) -> dict[str, Any]:
-    """The fine-tuning a trial does: ``qat_epochs`` and ``qat_lr`` as sampled, else the search's fixed
-    values; both 0 for a method that does not fine-tune."""
+    """The fine-tuning a trial does: ``qat_epochs``, ``qat_lr`` and ``kd_weight`` (distillation) as
+    sampled, else the search's fixed values; all 0 for a method that does not fine-tune."""
     if not Method(config.get("method", settings.quant_base.get("method", Method.PTQ))).fine_tunes:
-        return {"qat_epochs": 0, "qat_lr": 0.0}
+        return {"qat_epochs": 0, "qat_lr": 0.0, "kd_weight": 0.0}
     return {"qat_epochs": int(config.get("qat_epochs", settings.qat_epochs)),
-            "qat_lr": float(config.get("qat_lr", settings.qat_lr))}
+            "qat_lr": float(config.get("qat_lr", settings.qat_lr)),
+            "kd_weight": float(config.get("kd_weight", settings.kd_weight))}
 
 
 def trial_params(config: dict[str, Any], settings=None) -> dict[str, Any]:
@@ -165,7 +173,26 @@ def trial_params(config: dict[str, Any], settings=None) -> dict[str, Any]:
     if Method(params.get("method", Method.PTQ)).fine_tunes:
         params.setdefault("qat_lr", fixed.get("qat_lr"))
         params.setdefault("qat_epochs", fixed.get("qat_epochs"))
+        if fixed.get("kd_weight"):
+            params.setdefault("kd_weight", fixed.get("kd_weight"))
     return params
+
+
+def run_params(config: dict[str, Any], settings) -> dict[str, Any]:
+    """A trial's MLflow params: the same keys, numeric where they can be, for every trial of a search,
+    so that a parallel-coordinates plot has no gaps: qat_lr and qat_epochs are 0 for a method that does
+    not fine-tune, a_bits / method / granularity are filled from the search's fixed settings, and a
+    mixed-precision trial's w_bits is the mean of its block bit-widths (the blocks are params too)."""
+    base = settings.quant_base if settings is not None else {}
+    p = trial_params(config, settings)
+    p.update(trial_hparams(p, settings))
+    p.setdefault("method", str(base.get("method", Method.PTQ)))
+    p.setdefault("a_bits", base.get("a_bits", 8))
+    p.setdefault("granularity", str(base.get("w_granularity", "per_channel")))
+    blocks = block_bits(p)
+    if "size_budget_mb" not in p:  # an allocated trial's bits are its avg_w_bits metric and bits.<layer> params
+        p["w_bits"] = round(sum(blocks.values()) / len(blocks), 2) if blocks else p.get("w_bits", base.get("w_bits", 8))
+    return p
 
 
 def trial_label(params: dict[str, Any]) -> str:
@@ -175,6 +202,10 @@ def trial_label(params: dict[str, Any]) -> str:
     w = f"{min(blocks.values())}-{max(blocks.values())}" if blocks else params.get("w_bits", "?")
     method = str(params.get("method", Method.PTQ))
     label = f"W{w}A{params.get('a_bits', 8)} {method}"
+    if "size_budget_mb" in params:
+        label = f"alloc {float(params['size_budget_mb']):.3g}MB A{params.get('a_bits', 8)} {method}"
     if Method(method).fine_tunes and params.get("qat_lr") is not None:
         label += f" lr={float(params['qat_lr']):.2g}"
+    if Method(method).fine_tunes and params.get("kd_weight"):
+        label += f" kd={float(params['kd_weight']):.2g}"
     return label

@@ -20,8 +20,9 @@ from typing import Any, Iterable
 
 from ray import tune
 
-from tune.results import QUANTITIES
+from tune.results import QUANTITIES, SIZE_METRICS
 from tune.settings import SearchSettings
+from tune.sysmetrics import SystemSampler
 from tune.space import quant_config, trial_hparams
 
 
@@ -30,6 +31,28 @@ def _baseline(path: str, tracking_uri: str | None):
     from mlflow_server.tracking import fetch_artifact
     from pipeline import load_baseline
     return load_baseline(fetch_artifact(path, tracking_uri))
+
+
+def _allocate(table_path: str, baseline: str, tracking_uri: str | None, qcfg, budget_mb: float) -> dict[str, Any]:
+    """The sensitivity allocation of ``budget_mb`` on top of the trial's config (its method, activation
+    bits, granularity); the layer byte costs are computed once per worker and config."""
+    from pipeline import packed_meta
+    from pipeline.sensitivity import allocate
+    fp32, ck = _baseline(baseline, tracking_uri)
+    table, costs = _alloc_inputs(table_path, baseline, tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
+    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, costs=costs)
+
+
+@functools.lru_cache(maxsize=4)
+def _alloc_inputs(table_path: str, baseline: str, tracking_uri: str | None, qcfg_json: str):
+    from pipeline import packed_meta
+    from pipeline.sensitivity import layer_bytes
+    from quantization import QuantConfig
+    fp32, ck = _baseline(baseline, tracking_uri)
+    table = json.loads(Path(table_path).read_text())
+    layers = [r["name"] for r in table["layers"]]
+    bits = sorted({int(b) for r in table["layers"] for b in r["w"]})
+    return table, layer_bytes(fp32, QuantConfig.from_dict(json.loads(qcfg_json)), packed_meta(ck), layers, bits)
 
 
 @functools.lru_cache(maxsize=2)
@@ -52,18 +75,26 @@ def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float
 class _Reporter:
     """trainer Callback: one tune.report per fine-tuning epoch, with the trainer checkpoint."""
 
-    def __init__(self, ckpt_dir: Path, comp_mb: float, budget: float | None):
-        self.ckpt_dir, self.comp_mb, self.budget = ckpt_dir, comp_mb, budget
+    def __init__(self, ckpt_dir: Path, size: dict[str, float], budget: float | None, system: SystemSampler):
+        self.ckpt_dir, self.size, self.budget, self.system = ckpt_dir, size, budget, system
 
     def on_epoch_end(self, epoch, m, state):
         val = m.get("val_top1", 0.0)
         metrics = {"epoch": m["epoch"], "train_loss": m["train_loss"], "train_top1": m["train_top1"],
-                   "val_top1": val, "comp_mb": self.comp_mb, "objective": objective(val, self.comp_mb, self.budget),
-                   "final": False}
+                   "val_top1": val, **self.size, "objective": objective(val, self.size["comp_mb"], self.budget),
+                   "final": False, **self.system.take()}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
 
 
 def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Iterable = ()) -> None:
+    system = SystemSampler()  # CPU / memory / GPU while the trial runs, reported with its metrics
+    try:
+        _run_trial(config, settings, tuple(callbacks), system)
+    finally:
+        system.close()
+
+
+def _run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: tuple, system: SystemSampler) -> None:
     import torch
 
     from pipeline import packed_meta, prepare_quantized, public, quantize_model, write_result
@@ -73,16 +104,26 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     data = _data(s.data, s.subset, s.val_size, s.seed, s.finetune_subset)
     qcfg = quant_config(config, s.quant_base)
+    alloc = None
+    if "size_budget_mb" in config:  # the weight bits of every layer: the exact allocation for this budget
+        alloc = _allocate(s.sensitivity, s.baseline, s.tracking_uri, qcfg, float(config["size_budget_mb"]))
+        qcfg = alloc["config"]
     hp = trial_hparams(config, s)
     budget = s.size_budget_mb
 
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
     prepared = prepare_quantized(fp32, qcfg, packed_meta(ck), s.device)
-    comp_mb = prepared.size["comp_mb"]
+    size = {k: prepared.size[k] for k in SIZE_METRICS}
+    if alloc is not None:
+        size["alloc_sensitivity"] = alloc["sensitivity"]
+        alloc_report = {"alloc_bits": dict(alloc["bits"])}  # per-layer bits: MLflow params (tune/mlflow_callback.py)
+    else:
+        alloc_report = {}
+    comp_mb = size["comp_mb"]
     if budget is not None and comp_mb > budget:
-        tune.report({"objective": objective(0.0, comp_mb, budget), "comp_mb": comp_mb, "val_top1": 0.0,
-                     "over_budget": True, "final": True})
+        tune.report({"objective": objective(0.0, comp_mb, budget), **size, "val_top1": 0.0,
+                     "over_budget": True, "final": True, **system.take()})
         return
 
     resume = False
@@ -95,8 +136,9 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
                 resume = True
     res = quantize_model(fp32, data, qcfg, qat_epochs=hp["qat_epochs"], qat_lr=hp["qat_lr"], batch_size=s.batch_size,
                          seed=s.seed, device=s.device, out_dir=work,
-                         callbacks=[_Reporter(work / "qat", comp_mb, budget), *callbacks], resume=resume,
-                         export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
+                         callbacks=[_Reporter(work / "qat", size, budget, system), *callbacks], resume=resume,
+                         export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared,
+                         kd_weight=hp["kd_weight"], kd_temperature=s.kd_temperature)
     write_result(work / "final", res)
     from pipeline.export import export_packed
     export_packed(work / "final" / "model.bsq", work / "final" / "model.onnx")  # beside it, for deployment
@@ -106,5 +148,7 @@ def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Itera
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
                    resumed=resume, final=True, epoch=hp["qat_epochs"])
+    if alloc is not None:
+        metrics["alloc_sensitivity"] = alloc["sensitivity"]
     (work / "final" / "metrics.json").write_text(json.dumps(metrics))
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))
+    tune.report({**metrics, **system.take(), **alloc_report}, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))

@@ -134,7 +134,7 @@ def test_sensitivity_command_caches_and_ranks_bits(baseline, capsys):
     again = _last_json(capsys)
     assert again["cached"] is True and again["file"] == out["file"] and again["layers"] == out["layers"]
     # another setting: another table
-    assert main([*args[:-4], "--estimator", "loss", "--no-download", "--json"]) == 0
+    assert main([*args[:-4], "--estimator", "hessian", "--no-download", "--json"]) == 0
     assert _last_json(capsys)["file"] != out["file"]
 
 

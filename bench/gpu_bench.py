@@ -120,7 +120,7 @@ def main() -> None:
     # 5. short PTQ + QAT sweep
     s = settings_from({**common, "name": "sweep", "mode": "sweep", "max_concurrent": 2 if tiny else 4,
                        "gpus_per_trial": 0 if tiny else 0.25, "qat_epochs": 1 if tiny else 2,
-                       "grid": ({"w_bits": [8, 2], "a_bits": [8], "method": ["qat"]} if tiny else
+                       "grid": ({"w_bits": [8, 2], "a_bits": [8], "method": ["ptq"]} if tiny else
                                 {"w_bits": [8, 4, 2], "a_bits": [8, 4], "method": ["ptq", "qat"]})})
     summ = run(s)
     res["sweep"] = [{k: t[k] for k in ("W_bits", "A_bits", "method", "Accuracy", "Drop", "Comp_MB", "Ratio", "Act_ratio")}

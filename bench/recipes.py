@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from gpu_bench import tiny_data  # noqa: E402 - the same synthetic smoke data (bench/ is on sys.path)
 
 # name -> changes to configs/cpu.yaml's train section (compile is off here: it changes speed, not accuracy)
 VARIANTS: dict[str, dict] = {
@@ -65,20 +66,6 @@ def child(name: str, changes: dict, data: str, out: Path, tiny: bool) -> None:
            "train_img_s": round(sum(e["images_per_s"] for e in h) / len(h), 1),
            "val_curve": [round(e.get("val_top1", 0.0), 2) for e in h]}
     (out / name / "row.json").write_text(json.dumps(row))
-
-
-def tiny_data(root: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("test", 10)):
-        for ci, c in enumerate(("a", "b", "c")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(rng.normal(60, 30, (32, 32, 3)) + 150 * (np.arange(3) == ci), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
 
 
 def main() -> None:

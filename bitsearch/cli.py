@@ -476,7 +476,7 @@ def add_sensitivity(sub) -> None:
 def _base_qconfig(config: str | None):
     from quantization import QuantConfig
     section = dict(load_profile(None, config).get("quantize") or {}) if config else {}
-    for k in ("epochs", "lr"):
+    for k in ("epochs", "lr", "kd"):  # fine-tuning settings of `quantize`, not QuantConfig fields
         section.pop(k, None)
     return QuantConfig.from_dict(section)
 
@@ -515,8 +515,7 @@ def cmd_sensitivity(args) -> int:
 
     def human():
         first = table["layers"][0]
-        kind = "w"
-        worst = sorted(table["layers"], key=lambda r: -float(r[kind][min(r[kind], key=int)]))[:3]
+        worst = sorted(table["layers"], key=lambda r: -float(r["w"][min(r["w"], key=int)]))[:3]
         print(f"{len(table['layers'])} layers x W{{{','.join(first['w'])}}}"
               + (f" x A{{{','.join(first['a'])}}}" if first.get("a") else "")
               + f" ({table['estimator']}{', cached' if table['cached'] else ''}): {table['file']}")

@@ -163,7 +163,8 @@ def validate(s: SearchSettings) -> SearchSettings:
         if not table or table.get("format") != FORMAT:
             raise SearchConfigError("space.size_budget_mb allocates bits by sensitivity: give sensitivity: PATH, a table "
                                     f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
-        unknown = [r["name"] for r in table["layers"] if r["name"] not in plan_for(fp32, quant_config({}, s.quant_base))]
+        plan = plan_for(fp32, quant_config({}, s.quant_base))
+        unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
         if unknown:
             raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
         s = dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()))

@@ -183,7 +183,7 @@ def run_params(config: dict[str, Any], settings) -> dict[str, Any]:
     so that a parallel-coordinates plot has no gaps: qat_lr and qat_epochs are 0 for a method that does
     not fine-tune, a_bits / method / granularity are filled from the search's fixed settings, and a
     mixed-precision trial's w_bits is the mean of its block bit-widths (the blocks are params too)."""
-    base = settings.quant_base if settings is not None else {}
+    base = settings.quant_base
     p = trial_params(config, settings)
     p.update(trial_hparams(p, settings))
     p.setdefault("method", str(base.get("method", Method.PTQ)))

@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
     from pipeline import load_baseline, packed_meta, public, quantize_model
-    from pipeline.sensitivity import allocate, layer_bytes
+    from pipeline.sensitivity import allocate, layer_bytes, score_kind
     from quantization import QuantConfig
     from trainer import load_dataset
 
@@ -50,7 +50,7 @@ def main() -> None:
                         download=False)
     tune_data = data.with_train_subset(a.finetune_subset, tc.get("seed", 0)) if a.method != "ptq" else data
     table = json.loads(Path(a.sensitivity).read_text())
-    kind = "w_hessian" if a.estimator == "hessian" and table["estimator"] == "both" else "w"
+    est, kind = score_kind(table, a.estimator)
     base = QuantConfig.from_dict({**table["settings"]["base"], "a_bits": a.a_bits, "method": a.method})
     meta = packed_meta(ck)
     layers = [r["name"] for r in table["layers"]]
@@ -68,7 +68,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps({"baseline": a.baseline, "fp32_top1": fp32_top1, "method": a.method,
-                                           "a_bits": a.a_bits, "estimator": kind, "sensitivity": a.sensitivity,
+                                           "a_bits": a.a_bits, "estimator": est, "sensitivity": a.sensitivity,
                                            "epochs": a.epochs if a.method != "ptq" else 0, "lr": a.lr,
                                            "kd_weight": a.kd_weight, "rows": rows}, indent=1))
 

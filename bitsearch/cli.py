@@ -458,6 +458,9 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--images", type=int, default=1000, help="validation images to score on (default 1000)")
     p.add_argument("--config", help="YAML with a quantize: section: the base config (granularity, exceptions, ...)")
     p.add_argument("--force", action="store_true", help="recompute even if a cached table exists")
+    p.add_argument("--tracking-uri", dest="tracking_uri",
+                   help="log the table, CSV and plot to MLflow with the baseline: into the baseline's run for a "
+                        "runs:/<id>/checkpoint.pt baseline, else into a run of the bitsearch-baselines experiment")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
@@ -467,7 +470,7 @@ def add_sensitivity(sub) -> None:
                    help="packed-file budget in MB (10^6 bytes); a comma-separated list gives the front over budgets")
     p.add_argument("--a-bits", dest="a_bits", type=int, default=None, help="activation bits for every layer (default: the base config's)")
     p.add_argument("--estimator", choices=["loss", "hessian"], default=None,
-                   help="which scores to use when the table has both (default: loss)")
+                   help="which scores to allocate with when the table has both (default: hessian, see docs/RESULTS.md section 10)")
     p.add_argument("--out", help="folder for the quantize YAML(s) (default: beside the table)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
@@ -490,7 +493,13 @@ def cmd_sensitivity(args) -> int:
     base = _base_qconfig(args.config)
     if args.images < 1:
         raise UserError(f"--images={args.images} is invalid: an integer >= 1")
-    path = fetch_artifact(args.baseline)
+    if args.tracking_uri:
+        from mlflow_server.tracking import TrackingError, check_reachable
+        try:
+            check_reachable(args.tracking_uri)  # before the work, not after it
+        except TrackingError as e:
+            raise UserError(str(e)) from None
+    path = fetch_artifact(args.baseline, args.tracking_uri)
     fp32, ck = load_baseline(path)
     plan_for(fp32, base)
     tc = ck["config"]
@@ -512,6 +521,9 @@ def cmd_sensitivity(args) -> int:
     out["csv"], out["plot"] = str(Path(table["file"]).with_suffix(".csv")), str(Path(table["file"]).with_suffix(".png"))
     out["layers"] = [{k: r[k] for k in ("name", "params", "w", "a", "w_hessian", "hessian_trace") if k in r}
                      for r in table["layers"]]
+    if args.tracking_uri:
+        from mlflow_server.tracking import log_sensitivity
+        out["mlflow_run_id"] = log_sensitivity(args.tracking_uri, args.baseline, table)
 
     def human():
         first = table["layers"][0]
@@ -522,6 +534,8 @@ def cmd_sensitivity(args) -> int:
         print("most sensitive at the lowest weight bits: " + ", ".join(r["name"] for r in worst))
         if "spearman_loss_vs_hessian" in table:
             print(f"rank correlation loss vs Hessian estimator: {table['spearman_loss_vs_hessian']:.3f}")
+        if "mlflow_run_id" in out:
+            print(f"MLflow: run {out['mlflow_run_id']} at {args.tracking_uri} (artifacts under sensitivity/)")
     emit(out, args.json, human)
     return 0
 
@@ -529,7 +543,7 @@ def cmd_sensitivity(args) -> int:
 def cmd_allocate(args) -> int:
     from mlflow_server.tracking import fetch_artifact
     from pipeline import load_baseline, packed_meta
-    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes
+    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes, score_kind
     from quantization import QuantConfig
     p = Path(args.sensitivity)
     try:
@@ -545,10 +559,10 @@ def cmd_allocate(args) -> int:
         raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: every budget must be a number > 0 (MB)")
     if args.a_bits is not None and not (2 <= args.a_bits <= 8 or args.a_bits == 32):
         raise UserError(f"--a-bits={args.a_bits} is invalid: allowed 2..8, or 32 for FP32")
-    est = args.estimator or ("hessian" if table["estimator"] == "hessian" else "loss")
-    kind = "w_hessian" if est == "hessian" and table["estimator"] == "both" else "w"
-    if est == "hessian" and table["estimator"] == "loss":
-        raise UserError(f"{args.sensitivity} holds measured (loss) scores only; rerun sensitivity with --estimator both")
+    try:
+        est, kind = score_kind(table, args.estimator)
+    except SensitivityError as e:
+        raise UserError(str(e)) from None
     fp32, ck = load_baseline(fetch_artifact(table["baseline"]))
     base = QuantConfig.from_dict(table["settings"]["base"])
     meta = packed_meta(ck)
@@ -609,6 +623,8 @@ def _common_search_args(p) -> None:
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument("--sensitivity", help="table from `bitsearch sensitivity`: with space key size_budget_mb every trial "
                    "allocates per-layer weight bits within its sampled budget")
+    p.add_argument("--estimator", choices=["loss", "hessian"],
+                   help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 
@@ -619,7 +635,7 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "objectives": "objectives", "size_budget_mb": "size_budget_mb",
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
-                "experiment": "experiment"}
+                "estimator": "estimator", "experiment": "experiment"}
 
 
 def add_search(sub) -> None:

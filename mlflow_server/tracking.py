@@ -135,6 +135,48 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None
         client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
+BASELINES_EXPERIMENT = "bitsearch-baselines"
+SENSITIVITY_TAG = "bitsearch.sensitivity"
+
+
+def log_sensitivity(uri: str, baseline: str, table: dict[str, Any]) -> str:
+    """A sensitivity table (JSON, CSV, plot) in MLflow with its baseline: under ``sensitivity/`` of the
+    baseline's own run when the baseline is a ``runs:/<id>/...`` URI, else in a run of its own in the
+    baselines experiment (tags: the baseline path, the table's cache key). Idempotent: the same table
+    goes to the same run. Returns the run id."""
+    import re
+    check_reachable(uri)
+    short_retries()
+    c = _client(uri)
+    key = Path(table["file"]).stem
+    m = re.match(r"runs:/([0-9a-f]+)/", str(baseline))
+    own = m is None
+    if m:
+        run_id = m.group(1)
+    else:
+        exp = ensure_experiment(uri, BASELINES_EXPERIMENT)
+        found = c.search_runs([exp], filter_string=f"tags.`{SENSITIVITY_TAG}` = '{key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = c.create_run(exp, run_name=f"sensitivity-{Path(str(baseline)).parent.name}",
+                                  tags={"bitsearch.kind": "sensitivity", SENSITIVITY_TAG: key,
+                                        "bitsearch.baseline": str(baseline)}).info.run_id
+            from mlflow.entities import Param
+            params = {"estimator": table["estimator"], "images": table["images"], "layers": len(table["layers"]),
+                      **_flat_params(table.get("data") or {}, "data.")}
+            c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    log_metrics(c, run_id, {f"sensitivity_{k}": table.get(k) for k in ("seconds", "spearman_loss_vs_hessian",
+                                                                       "fp32_val_loss")}, 0)
+    f = Path(table["file"])
+    for part in (f, f.with_suffix(".csv"), f.with_suffix(".png")):
+        if part.is_file():
+            c.log_artifact(run_id, str(part), artifact_path="sensitivity")
+    if own:
+        c.set_terminated(run_id)
+    return run_id
+
+
 class SearchLogger:
     """Parent run + idempotent child runs. Holds only strings, so it pickles with the Tune experiment."""
 
@@ -229,7 +271,7 @@ class SearchLogger:
 class TrainRunLogger:
     """trainer Callback: the baseline training as an MLflow run (params, per-epoch metrics, reports)."""
 
-    def __init__(self, uri: str, run_name: str, experiment: str = "bitsearch-baselines"):
+    def __init__(self, uri: str, run_name: str, experiment: str = BASELINES_EXPERIMENT):
         check_reachable(uri)
         self.uri, self.run_name, self.experiment = uri, run_name, experiment
         self.run_id = None

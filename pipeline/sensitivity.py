@@ -322,6 +322,28 @@ def monotone(score: dict[int, float]) -> dict[int, float]:
     return out
 
 
+ESTIMATORS = ("loss", "hessian")
+
+
+def score_kind(table: dict[str, Any], estimator: str | None = None) -> tuple[str, str]:
+    """(estimator, key of its weight scores in the table's layers) for allocating with ``table``.
+
+    Default: the Hessian estimator wherever the table has it. On the cpu model the measured-loss scores
+    of single layers at >= 4 bits sit within the evaluation noise and their allocations collapse the
+    model (docs/RESULTS.md, section 10); the Hessian ones are noise-free and allocate well."""
+    have = table.get("estimator")
+    est = estimator or ("loss" if have == "loss" else "hessian")
+    if est not in ESTIMATORS:
+        raise SensitivityError(f"estimator {est!r} is invalid: allowed {', '.join(ESTIMATORS)}")
+    if est == "hessian" and have == "loss":
+        raise SensitivityError(f"{table.get('file', 'the table')} holds measured (loss) scores only; rerun "
+                               "`bitsearch sensitivity` with --estimator both (or hessian)")
+    if est == "loss" and have == "hessian":
+        raise SensitivityError(f"{table.get('file', 'the table')} holds Hessian scores only; rerun "
+                               "`bitsearch sensitivity` with --estimator both (or loss)")
+    return est, ("w_hessian" if est == "hessian" and have == "both" else "w")
+
+
 def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: dict, budget_mb: float, *,
              a_bits: int | None = None, kind: str = "w", costs: dict | None = None) -> dict[str, Any]:
     """The allocation for ``budget_mb`` (10^6 bytes of packed file): per-layer weight bits, the config,

@@ -269,6 +269,8 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
         assert len(bits) > 20 and set(bits.values()) <= {2, 3, 4, 5, 6, 8}
         assert r.data.metrics["avg_w_bits"] > 0 and "alloc_sensitivity" in r.data.metrics
         assert r.info.run_name.startswith("alloc ")
+    parent = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'search'")[0]
+    assert parent.data.params["estimator"] == "hessian"  # the only scores this table has
 
 
 class FailOnce:
@@ -308,6 +310,7 @@ def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp
     ({"space": {"kd_weight": [0, 2]}}, "space.kd_weight"),
     ({"kd_weight": -0.1}, "kd_weight=-0.1 is invalid"),
     ({"space": {"size_budget_mb": [0.1, 0.2]}}, "give sensitivity: PATH"),
+    ({"estimator": "hessian"}, "estimator chooses the sensitivity scores"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts

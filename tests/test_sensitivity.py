@@ -133,9 +133,63 @@ def test_sensitivity_command_caches_and_ranks_bits(baseline, capsys):
     assert main(args) == 0
     again = _last_json(capsys)
     assert again["cached"] is True and again["file"] == out["file"] and again["layers"] == out["layers"]
+    # allocating from a table with both estimators uses the Hessian scores unless told otherwise
+    assert main(["allocate", "--sensitivity", out["file"], "--budget-mb", "10", "--json"]) == 0
+    assert _last_json(capsys)["estimator"] == "hessian"
+    assert main(["allocate", "--sensitivity", out["file"], "--budget-mb", "10", "--estimator", "loss", "--json"]) == 0
+    assert _last_json(capsys)["estimator"] == "loss"
     # another setting: another table
     assert main([*args[:-4], "--estimator", "hessian", "--no-download", "--json"]) == 0
-    assert _last_json(capsys)["file"] != out["file"]
+    hess = _last_json(capsys)
+    assert hess["file"] != out["file"]
+    assert main(["allocate", "--sensitivity", hess["file"], "--budget-mb", "10", "--estimator", "loss"]) == 2
+    err = capsys.readouterr().err
+    assert "Hessian scores only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_kind_chooses_the_estimator_the_table_has():
+    from pipeline.sensitivity import SensitivityError, score_kind
+    assert score_kind({"estimator": "both"}) == ("hessian", "w_hessian")
+    assert score_kind({"estimator": "both"}, "loss") == ("loss", "w")
+    assert score_kind({"estimator": "hessian"}) == ("hessian", "w")
+    assert score_kind({"estimator": "loss"}) == ("loss", "w")
+    for table, est in (({"estimator": "loss"}, "hessian"), ({"estimator": "hessian"}, "loss"),
+                       ({"estimator": "both"}, "magic")):
+        with pytest.raises(SensitivityError):
+            score_kind(table, est)
+
+
+def test_sensitivity_is_logged_to_mlflow_with_the_baseline(baseline, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+    tree, ck, cfg = baseline
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sensitivity", "--data", str(tree), "--config", str(cfg), "--images", "15", "--no-download",
+            "--tracking-uri", uri, "--json"]
+    # a local baseline: a run of its own in the baselines experiment, the same run when logged again
+    assert main([*args, "--baseline", str(ck)]) == 0
+    first = _last_json(capsys)
+    assert main([*args, "--baseline", str(ck)]) == 0
+    again = _last_json(capsys)
+    assert again["cached"] is True and again["mlflow_run_id"] == first["mlflow_run_id"]
+    c = MlflowClient(tracking_uri=uri)
+    run = c.get_run(first["mlflow_run_id"])
+    assert run.data.tags["bitsearch.kind"] == "sensitivity" and run.data.tags["bitsearch.baseline"] == str(ck)
+    assert c.get_experiment(run.info.experiment_id).name == "bitsearch-baselines"
+    assert run.data.params["estimator"] == "loss" and run.data.metrics["sensitivity_fp32_val_loss"] > 0
+    names = {Path(f.path).name for f in c.list_artifacts(run.info.run_id, "sensitivity")}
+    assert names == {Path(first["file"]).name, Path(first["csv"]).name, Path(first["plot"]).name}
+    # a baseline that lives in MLflow: the table goes into that baseline's run
+    exp = c.create_experiment("trained")
+    base_run = c.create_run(exp).info.run_id
+    c.log_artifact(base_run, str(ck))
+    assert main([*args, "--baseline", f"runs:/{base_run}/checkpoint.pt"]) == 0
+    out = _last_json(capsys)
+    assert out["mlflow_run_id"] == base_run
+    logged = {Path(f.path).name for f in c.list_artifacts(base_run, "sensitivity")}
+    assert Path(out["file"]).name in logged and len(logged) == 3
+    # the downloaded table is the same scores as the local one (same weights, same data)
+    table = json.loads((Path(c.download_artifacts(base_run, f"sensitivity/{Path(out['file']).name}", str(tmp_path)))).read_text())
+    assert [r["w"] for r in table["layers"]] == [r["w"] for r in first["layers"]]
 
 
 def test_allocate_fits_the_budget_exactly_and_quantize_reproduces_the_size(baseline, tmp_path, capsys):

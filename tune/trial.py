@@ -33,14 +33,15 @@ def _baseline(path: str, tracking_uri: str | None):
     return load_baseline(fetch_artifact(path, tracking_uri))
 
 
-def _allocate(table_path: str, baseline: str, tracking_uri: str | None, qcfg, budget_mb: float) -> dict[str, Any]:
+def _allocate(s, qcfg, budget_mb: float) -> dict[str, Any]:
     """The sensitivity allocation of ``budget_mb`` on top of the trial's config (its method, activation
-    bits, granularity); the layer byte costs are computed once per worker and config."""
+    bits, granularity), scored by the search's estimator; the layer byte costs are computed once per
+    worker and config."""
     from pipeline import packed_meta
-    from pipeline.sensitivity import allocate
-    fp32, ck = _baseline(baseline, tracking_uri)
-    table, costs = _alloc_inputs(table_path, baseline, tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
-    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, costs=costs)
+    from pipeline.sensitivity import allocate, score_kind
+    fp32, ck = _baseline(s.baseline, s.tracking_uri)
+    table, costs = _alloc_inputs(s.sensitivity, s.baseline, s.tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
+    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, kind=score_kind(table, s.estimator)[1], costs=costs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -106,7 +107,7 @@ def _run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: tupl
     qcfg = quant_config(config, s.quant_base)
     alloc = None
     if "size_budget_mb" in config:  # the weight bits of every layer: the exact allocation for this budget
-        alloc = _allocate(s.sensitivity, s.baseline, s.tracking_uri, qcfg, float(config["size_budget_mb"]))
+        alloc = _allocate(s, qcfg, float(config["size_budget_mb"]))
         qcfg = alloc["config"]
     hp = trial_hparams(config, s)
     budget = s.size_budget_mb

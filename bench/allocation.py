@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.005, help="QAT/LSQ learning rate")
     ap.add_argument("--kd-weight", type=float, default=0.0)
     ap.add_argument("--finetune-subset", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed (batch order, augmentation)")
     ap.add_argument("--estimator", default=None, choices=["loss", "hessian"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
         t = time.time()
         res = public(quantize_model(fp32, tune_data, cfg, qat_epochs=a.epochs if a.method != "ptq" else 0, qat_lr=a.lr,
                                     fp32_top1=fp32_top1, model_meta=meta, act_memory=False, kd_weight=a.kd_weight,
-                                    device="cpu"))
+                                    seed=a.seed, device="cpu"))
         row = {"label": label, **extra, **{k: res[k] for k in ("top1", "val_top1", "drop", "comp_bytes", "comp_mb",
                                                                "ratio", "avg_w_bits")}, "seconds": round(time.time() - t, 1)}
         rows.append(row)
@@ -70,7 +71,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"baseline": a.baseline, "fp32_top1": fp32_top1, "method": a.method,
                                            "a_bits": a.a_bits, "estimator": est, "sensitivity": a.sensitivity,
                                            "epochs": a.epochs if a.method != "ptq" else 0, "lr": a.lr,
-                                           "kd_weight": a.kd_weight, "rows": rows}, indent=1))
+                                           "kd_weight": a.kd_weight, "seed": a.seed, "rows": rows}, indent=1))
 
     for b in [int(x) for x in a.uniform.split(",") if x]:
         run(f"uniform W{b}", base.replace(w_bits=b), {"kind": "uniform", "w_bits": b})

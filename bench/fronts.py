@@ -47,6 +47,19 @@ def trial_points(exp: Path, scores: dict[str, dict[int, float]]) -> list[dict]:
     return out
 
 
+def rank_corr(points: list[dict]) -> float | None:
+    """Spearman between predicted sensitivity (negated: less is better) and test top-1; None when
+    undefined (fewer than 3 points, or a constant)."""
+    import math
+
+    from pipeline.sensitivity import spearman
+    pts = [p for p in points if p["predicted"] is not None]
+    if len(pts) < 3:
+        return None
+    r = spearman([-p["predicted"] for p in pts], [p["top1"] for p in pts])
+    return None if math.isnan(r) else r
+
+
 def front(points: list[dict], acc: str = "top1") -> list[dict]:
     """Points not dominated in (higher accuracy, fewer bytes), by size."""
     keep = [p for p in points if not any(q[acc] >= p[acc] and q["comp_bytes"] <= p["comp_bytes"]
@@ -64,7 +77,7 @@ def main() -> None:
     ap.add_argument("--plot")
     a = ap.parse_args()
 
-    from pipeline.sensitivity import monotone, score_kind, spearman
+    from pipeline.sensitivity import monotone, score_kind
     table = json.loads(Path(a.sensitivity).read_text())
     est, kind = score_kind(table, a.estimator)
     scores = {r["name"]: monotone({int(b): float(v) for b, v in r[kind].items()}) for r in table["layers"]}
@@ -77,26 +90,24 @@ def main() -> None:
             q = json.loads((Path(path) / p["trial_id"] / "work" / "final" / "quantize.json").read_text())
             fp32 = q.get("fp32_top1", fp32)
         ok = [p for p in pts if fp32 is not None and p["top1"] >= fp32 - a.within]
-        ranked = [p for p in pts if p["predicted"] is not None]
         arms[name] = {"experiment": path, "trials": pts, "front": [p["trial_id"] for p in front(pts)],
                       "best_within": max(ok, key=lambda p: p["ratio"]) if ok else None,
-                      "spearman_predicted_vs_top1": spearman([-p["predicted"] for p in ranked],
-                                                             [p["top1"] for p in ranked]) if len(ranked) > 2 else None}
-    every = [p for arm in arms.values() for p in arm["trials"] if p["predicted"] is not None]
+                      "spearman_predicted_vs_top1": rank_corr(pts)}
+    every = [p for arm in arms.values() for p in arm["trials"]]
     for name, arm in arms.items():  # how many of each other arm's points this arm's front dominates or ties
         mine = [p for p in arm["trials"] if p["trial_id"] in arm["front"]]
         arm["dominates"] = {other: sum(any(m["top1"] >= p["top1"] and m["comp_bytes"] <= p["comp_bytes"] for m in mine)
                                        for p in o["trials"])
                             for other, o in arms.items() if other != name}
     res = {"sensitivity": a.sensitivity, "estimator": est, "fp32_top1": fp32, "within_points": a.within,
-           "spearman_all": spearman([-p["predicted"] for p in every], [p["top1"] for p in every]), "arms": arms}
+           "spearman_all": rank_corr(every), "arms": arms}
     Path(a.out).write_text(json.dumps(res, indent=1))
     for name, arm in arms.items():
         b = arm["best_within"]
         print(f"{name}: {len(arm['trials'])} trials, front {len(arm['front'])}, best within {a.within:g} point: "
               + (f"{b['ratio']:.2f}x ({b['top1']:.2f}%, {b['comp_bytes']:,} B)" if b else "none")
               + f", Spearman {arm['spearman_predicted_vs_top1']}, dominates {arm['dominates']}")
-    print(f"Spearman over all trials (predicted {est} sensitivity vs test top-1): {res['spearman_all']:.3f}")
+    print(f"Spearman over all trials (predicted {est} sensitivity vs test top-1): {res['spearman_all']}")
     if a.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -264,6 +264,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'trial'")
     assert len(runs) == 3
+    runs_by_trial = {r.data.tags["bitsearch.trial_id"]: r for r in runs}
     for r in runs:
         bits = {k: int(v) for k, v in r.data.params.items() if k.startswith("bits.")}
         assert len(bits) > 20 and set(bits.values()) <= {2, 3, 4, 5, 6, 8}
@@ -271,6 +272,18 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
         assert r.info.run_name.startswith("alloc ")
     parent = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'search'")[0]
     assert parent.data.params["estimator"] == "hessian"  # the only scores this table has
+    # bench/fronts.py reads the finished search: every trial scored by the same table, its front, Spearman
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fronts.json"
+    subprocess.run([sys.executable, str(root / "bench" / "fronts.py"), "--sensitivity", table, "--arm",
+                    f"budget={summary['experiment']}", "--out", str(out), "--plot", str(tmp_path / "f.png")],
+                   check=True, capture_output=True, cwd=root)
+    arm = json.loads(out.read_text())["arms"]["budget"]
+    assert len(arm["trials"]) == 3 and set(arm["front"]) <= {t["trial_id"] for t in arm["trials"]}
+    for t in arm["trials"]:  # the predicted score is the allocator's own summed sensitivity
+        assert t["predicted"] == pytest.approx(runs_by_trial[t["trial_id"]].data.metrics["alloc_sensitivity"], rel=1e-6)
+    rho = arm["spearman_predicted_vs_top1"]  # None when the toy model's accuracies are all equal
+    assert (rho is None or -1 <= rho <= 1) and (tmp_path / "f.png").stat().st_size > 0
 
 
 class FailOnce:

@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--kd-weight", type=float, default=0.0)
     ap.add_argument("--finetune-subset", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed (batch order, augmentation)")
+    ap.add_argument("--freeze-bn-epoch", type=int, default=None,
+                    help="QAT: BN statistics update until this epoch (default: the config's, 2; LSQ keeps BN frozen)")
     ap.add_argument("--estimator", default=None, choices=["loss", "hessian"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
     tune_data = data.with_train_subset(a.finetune_subset, tc.get("seed", 0)) if a.method != "ptq" else data
     table = json.loads(Path(a.sensitivity).read_text())
     est, kind = score_kind(table, a.estimator)
-    base = QuantConfig.from_dict({**table["settings"]["base"], "a_bits": a.a_bits, "method": a.method})
+    base = QuantConfig.from_dict({**table["settings"]["base"], "a_bits": a.a_bits, "method": a.method,
+                                  **({} if a.freeze_bn_epoch is None else {"freeze_bn_epoch": a.freeze_bn_epoch})})
     meta = packed_meta(ck)
     layers = [r["name"] for r in table["layers"]]
     costs = layer_bytes(fp32, base, meta, layers, sorted({int(b) for r in table["layers"] for b in r[kind]}))
@@ -71,7 +74,8 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"baseline": a.baseline, "fp32_top1": fp32_top1, "method": a.method,
                                            "a_bits": a.a_bits, "estimator": est, "sensitivity": a.sensitivity,
                                            "epochs": a.epochs if a.method != "ptq" else 0, "lr": a.lr,
-                                           "kd_weight": a.kd_weight, "seed": a.seed, "rows": rows}, indent=1))
+                                           "kd_weight": a.kd_weight, "seed": a.seed,
+                                           "freeze_bn_epoch": base.freeze_bn_epoch, "rows": rows}, indent=1))
 
     for b in [int(x) for x in a.uniform.split(",") if x]:
         run(f"uniform W{b}", base.replace(w_bits=b), {"kind": "uniform", "w_bits": b})

@@ -33,16 +33,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.005, help="QAT/LSQ learning rate")
     ap.add_argument("--kd-weight", type=float, default=0.0)
     ap.add_argument("--finetune-subset", type=int, default=10000)
+    ap.add_argument("--min-bits", type=int, default=None, help="no layer below this many weight bits")
     ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed (batch order, augmentation)")
     ap.add_argument("--freeze-bn-epoch", type=int, default=None,
                     help="QAT: BN statistics update until this epoch (default: the config's, 2; LSQ keeps BN frozen)")
-    ap.add_argument("--estimator", default=None, choices=["loss", "hessian"])
+    ap.add_argument("--estimator", default=None, choices=["loss", "hessian", "max"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
     import torch
     from pipeline import load_baseline, packed_meta, public, quantize_model
-    from pipeline.sensitivity import allocate, layer_bytes, score_kind
+    from pipeline.sensitivity import allocate, layer_bytes, weight_scores
     from quantization import QuantConfig
     from trainer import load_dataset
 
@@ -53,12 +54,12 @@ def main() -> None:
                         download=False)
     tune_data = data.with_train_subset(a.finetune_subset, tc.get("seed", 0)) if a.method != "ptq" else data
     table = json.loads(Path(a.sensitivity).read_text())
-    est, kind = score_kind(table, a.estimator)
+    est, scores = weight_scores(table, a.estimator)
     base = QuantConfig.from_dict({**table["settings"]["base"], "a_bits": a.a_bits, "method": a.method,
                                   **({} if a.freeze_bn_epoch is None else {"freeze_bn_epoch": a.freeze_bn_epoch})})
     meta = packed_meta(ck)
     layers = [r["name"] for r in table["layers"]]
-    costs = layer_bytes(fp32, base, meta, layers, sorted({int(b) for r in table["layers"] for b in r[kind]}))
+    costs = layer_bytes(fp32, base, meta, layers, sorted({b for v in scores.values() for b in v}))
     fp32_top1 = (ck.get("history") or [{}])[-1].get("test_top1")
     rows = []
 
@@ -75,12 +76,13 @@ def main() -> None:
                                            "a_bits": a.a_bits, "estimator": est, "sensitivity": a.sensitivity,
                                            "epochs": a.epochs if a.method != "ptq" else 0, "lr": a.lr,
                                            "kd_weight": a.kd_weight, "seed": a.seed,
-                                           "freeze_bn_epoch": base.freeze_bn_epoch, "rows": rows}, indent=1))
+                                           "freeze_bn_epoch": base.freeze_bn_epoch, "min_bits": a.min_bits,
+                                           "rows": rows}, indent=1))
 
     for b in [int(x) for x in a.uniform.split(",") if x]:
         run(f"uniform W{b}", base.replace(w_bits=b), {"kind": "uniform", "w_bits": b})
     for mb in [float(x) for x in a.budgets.split(",") if x]:
-        alloc = allocate(table, fp32, base, meta, mb, kind=kind, costs=costs)
+        alloc = allocate(table, fp32, base, meta, mb, estimator=est, costs=costs, min_bits=a.min_bits)
         run(f"alloc {mb:g} MB", alloc["config"], {"kind": "allocated", "budget_mb": mb,
                                                    "predicted_bytes": alloc["predicted_bytes"],
                                                    "bits": alloc["bits"], "sensitivity": alloc["sensitivity"]})

@@ -4,7 +4,7 @@ vs per-block TPE vs uniform bit-widths.
 Reads each experiment folder (`bitsearch search/sweep --out OUT --name NAME` -> OUT/NAME), takes every
 finished trial's packed size and test/validation top-1, scores its per-layer weight bits with a
 sensitivity table (the same scores the allocator minimises, so all three arms are ranked by one
-predictor), and writes: the trials, each arm's Pareto front (test top-1 vs packed MB), the best
+predictor; a bit-width the table lacks scores as the next narrower one), and writes: the trials, each arm's Pareto front (test top-1 vs packed MB), the best
 compression within 1 point of FP32 (test top-1), which arm's points the others dominate, and the
 Spearman rank correlation between predicted sensitivity and real test top-1.
 
@@ -38,13 +38,19 @@ def trial_points(exp: Path, scores: dict[str, dict[int, float]]) -> list[dict]:
         r = json.loads(q.read_text())
         layers = r["layers"] if isinstance(r["layers"], list) else ast.literal_eval(r["layers"])
         bits = {x["layer"]: int(x["w_bits"]) for x in layers if x.get("w_bits") is not None}
-        missing = [n for n in scores if n not in bits or bits[n] not in scores[n]]
+        missing = [n for n in scores if n not in bits or bits[n] < min(scores[n])]
         out.append({"trial_id": t["trial_id"], "label": str(labels.get(t["trial_id"])), "a_bits": r["a_bits"],
                     "method": r["method"], "comp_bytes": r["comp_bytes"], "ratio": r["ratio"], "top1": r["top1"],
                     "val_top1": r["val_top1"], "avg_w_bits": t["final"].get("avg_w_bits"),
-                    "predicted": None if missing else sum(scores[n][bits[n]] for n in scores),
+                    "predicted": None if missing else sum(score_at(scores[n], bits[n]) for n in scores),
                     "bits": {n: bits[n] for n in scores if n in bits}})
     return out
+
+
+def score_at(score: dict[int, float], bits: int) -> float:
+    """A layer's score at ``bits``; a width the table lacks (7, when a search sampled it) scores as the
+    next narrower one it has (an upper bound: scores never rise with more bits)."""
+    return score[max(b for b in score if b <= bits)]
 
 
 def rank_corr(points: list[dict]) -> float | None:
@@ -70,17 +76,16 @@ def front(points: list[dict], acc: str = "top1") -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sensitivity", required=True)
-    ap.add_argument("--estimator", choices=["loss", "hessian"], default=None)
+    ap.add_argument("--estimator", choices=["loss", "hessian", "max"], default=None)
     ap.add_argument("--arm", action="append", required=True, help="NAME=EXPERIMENT_FOLDER (repeat)")
     ap.add_argument("--within", type=float, default=1.0, help="points of test top-1 below FP32 (default 1)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
     a = ap.parse_args()
 
-    from pipeline.sensitivity import monotone, score_kind
+    from pipeline.sensitivity import weight_scores
     table = json.loads(Path(a.sensitivity).read_text())
-    est, kind = score_kind(table, a.estimator)
-    scores = {r["name"]: monotone({int(b): float(v) for b, v in r[kind].items()}) for r in table["layers"]}
+    est, scores = weight_scores(table, a.estimator)
     arms = {}
     fp32 = None
     for spec in a.arm:

@@ -469,8 +469,11 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--budget-mb", dest="budget_mb", required=True,
                    help="packed-file budget in MB (10^6 bytes); a comma-separated list gives the front over budgets")
     p.add_argument("--a-bits", dest="a_bits", type=int, default=None, help="activation bits for every layer (default: the base config's)")
-    p.add_argument("--estimator", choices=["loss", "hessian"], default=None,
-                   help="which scores to allocate with when the table has both (default: hessian, see docs/RESULTS.md section 10)")
+    p.add_argument("--estimator", choices=["loss", "hessian", "max"], default=None,
+                   help="which scores to allocate with when the table has both; max: the larger of the two per layer "
+                        "and bit-width (default: hessian, see docs/RESULTS.md section 10)")
+    p.add_argument("--min-bits", dest="min_bits", type=int, default=None,
+                   help="no layer below this many weight bits (default: the table's narrowest, 2)")
     p.add_argument("--out", help="folder for the quantize YAML(s) (default: beside the table)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
@@ -543,7 +546,7 @@ def cmd_sensitivity(args) -> int:
 def cmd_allocate(args) -> int:
     from mlflow_server.tracking import fetch_artifact
     from pipeline import load_baseline, packed_meta
-    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes, score_kind
+    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes, weight_scores
     from quantization import QuantConfig
     p = Path(args.sensitivity)
     try:
@@ -557,10 +560,12 @@ def cmd_allocate(args) -> int:
         raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: a number of MB, or a comma-separated list") from None
     if not budgets or any(not (b > 0 and math.isfinite(b)) for b in budgets):
         raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: every budget must be a number > 0 (MB)")
+    if args.min_bits is not None and not 2 <= args.min_bits <= 8:
+        raise UserError(f"--min-bits={args.min_bits} is invalid: allowed 2..8")
     if args.a_bits is not None and not (2 <= args.a_bits <= 8 or args.a_bits == 32):
         raise UserError(f"--a-bits={args.a_bits} is invalid: allowed 2..8, or 32 for FP32")
     try:
-        est, kind = score_kind(table, args.estimator)
+        est, scores = weight_scores(table, args.estimator)
     except SensitivityError as e:
         raise UserError(str(e)) from None
     fp32, ck = load_baseline(fetch_artifact(table["baseline"]))
@@ -568,11 +573,11 @@ def cmd_allocate(args) -> int:
     meta = packed_meta(ck)
     out_dir = writable_dir(args.out or p.parent)
     layers = [r["name"] for r in table["layers"]]
-    costs = layer_bytes(fp32, base, meta, layers, sorted({int(b) for r in table["layers"] for b in r[kind]}), args.a_bits)
+    costs = layer_bytes(fp32, base, meta, layers, sorted({b for v in scores.values() for b in v}), args.a_bits)
     rows = []
     for b in budgets:
         try:
-            r = allocate(table, fp32, base, meta, b, a_bits=args.a_bits, kind=kind, costs=costs)
+            r = allocate(table, fp32, base, meta, b, a_bits=args.a_bits, estimator=est, costs=costs, min_bits=args.min_bits)
         except SensitivityError as e:
             raise UserError(str(e)) from None
         path = out_dir / f"alloc-{b:g}MB.yaml"
@@ -623,7 +628,7 @@ def _common_search_args(p) -> None:
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument("--sensitivity", help="table from `bitsearch sensitivity`: with space key size_budget_mb every trial "
                    "allocates per-layer weight bits within its sampled budget")
-    p.add_argument("--estimator", choices=["loss", "hessian"],
+    p.add_argument("--estimator", choices=["loss", "hessian", "max"],
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")

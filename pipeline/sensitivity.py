@@ -322,34 +322,48 @@ def monotone(score: dict[int, float]) -> dict[int, float]:
     return out
 
 
-ESTIMATORS = ("loss", "hessian")
+ALLOC_ESTIMATORS = ("loss", "hessian", "max")
 
 
-def score_kind(table: dict[str, Any], estimator: str | None = None) -> tuple[str, str]:
-    """(estimator, key of its weight scores in the table's layers) for allocating with ``table``.
+def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[str, dict[str, dict[int, float]]]:
+    """(estimator, {layer: {bits: score}}): the weight scores the allocator minimises, each layer's made
+    ``monotone``. ``loss`` and ``hessian`` are the table's columns; ``max`` (a table with both) takes
+    per layer and bit-width the larger of the two, so that neither estimator's blind spot is free.
 
-    Default: the Hessian estimator wherever the table has it. On the cpu model the measured-loss scores
-    of single layers at >= 4 bits sit within the evaluation noise and their allocations collapse the
-    model (docs/RESULTS.md, section 10); the Hessian ones are noise-free and allocate well."""
+    Default: the Hessian estimator wherever the table has it. On the cpu model the measured single-layer
+    scores are not additive (a layer alone at W2 can even raise accuracy) and their allocations collapse
+    the model, while the Hessian ones rank well but miss head.conv's cost at 2 bits (docs/RESULTS.md,
+    section 10)."""
     have = table.get("estimator")
     est = estimator or ("loss" if have == "loss" else "hessian")
-    if est not in ESTIMATORS:
-        raise SensitivityError(f"estimator {est!r} is invalid: allowed {', '.join(ESTIMATORS)}")
-    if est == "hessian" and have == "loss":
-        raise SensitivityError(f"{table.get('file', 'the table')} holds measured (loss) scores only; rerun "
-                               "`bitsearch sensitivity` with --estimator both (or hessian)")
-    if est == "loss" and have == "hessian":
-        raise SensitivityError(f"{table.get('file', 'the table')} holds Hessian scores only; rerun "
-                               "`bitsearch sensitivity` with --estimator both (or loss)")
-    return est, ("w_hessian" if est == "hessian" and have == "both" else "w")
+    where = table.get("file", "the table")
+    if est not in ALLOC_ESTIMATORS:
+        raise SensitivityError(f"estimator {est!r} is invalid: allowed {', '.join(ALLOC_ESTIMATORS)}")
+    if (est == "hessian" and have == "loss") or (est == "loss" and have == "hessian") or (est == "max" and have != "both"):
+        raise SensitivityError(f"{where} holds {'Hessian' if have == 'hessian' else 'measured (loss)'} scores only; "
+                               f"estimator {est} needs `bitsearch sensitivity --estimator both`")
+
+    def column(key: str) -> dict[str, dict[int, float]]:
+        return {r["name"]: monotone({int(b): float(v) for b, v in r[key].items()}) for r in table["layers"]}
+    if est == "max":
+        lo, he = column("w"), column("w_hessian")
+        return est, {n: {b: max(lo[n][b], he[n][b]) for b in lo[n]} for n in lo}
+    return est, column("w_hessian" if est == "hessian" and have == "both" else "w")
 
 
 def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: dict, budget_mb: float, *,
-             a_bits: int | None = None, kind: str = "w", costs: dict | None = None) -> dict[str, Any]:
+             a_bits: int | None = None, estimator: str | None = None, costs: dict | None = None,
+             min_bits: int | None = None) -> dict[str, Any]:
     """The allocation for ``budget_mb`` (10^6 bytes of packed file): per-layer weight bits, the config,
-    its exact packed size. SensitivityError when no allocation fits."""
+    its exact packed size. ``min_bits``: no layer narrower than that (the summed scores miss how a few
+    2-3 bit layers interact). SensitivityError when no allocation fits."""
     layers = [r["name"] for r in table["layers"]]
-    scores = {r["name"]: monotone({int(b): float(v) for b, v in r[kind].items()}) for r in table["layers"]}
+    scores = weight_scores(table, estimator)[1]
+    if min_bits is not None:
+        scores = {n: {b: v for b, v in sc.items() if b >= min_bits} for n, sc in scores.items()}
+        if any(not sc for sc in scores.values()):
+            raise SensitivityError(f"min_bits={min_bits} leaves no bit-width the table scores (at most "
+                                   f"{max(b for sc in weight_scores(table, estimator)[1].values() for b in sc)})")
     costs = costs or layer_bytes(fp32, base, meta, layers, sorted({b for s in scores.values() for b in s}), a_bits)
     budget = int(math.floor(budget_mb * MB))
     lo_cfg = allocation_config(base, {n: min(scores[n]) for n in layers}, a_bits)
@@ -377,6 +391,6 @@ def _packed_bytes(fp32: nn.Module, cfg: QuantConfig, meta: dict) -> int:
     return int(size_report(convert(prepare(fp32, cfg), meta), fp32)["comp_bytes"])
 
 
-__all__ = ["A_BITS", "ESTIMATORS", "SensitivityError", "W_BITS", "allocatable_layers", "allocate",
+__all__ = ["A_BITS", "ALLOC_ESTIMATORS", "ESTIMATORS", "SensitivityError", "W_BITS", "allocatable_layers", "allocate",
            "allocation_config", "hessian_traces", "layer_bytes", "loss_scores", "sensitivity", "solve", "spearman",
-           "weight_errors", "write_table_files"]
+           "weight_errors", "weight_scores", "write_table_files"]

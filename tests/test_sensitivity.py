@@ -145,18 +145,26 @@ def test_sensitivity_command_caches_and_ranks_bits(baseline, capsys):
     assert main(["allocate", "--sensitivity", hess["file"], "--budget-mb", "10", "--estimator", "loss"]) == 2
     err = capsys.readouterr().err
     assert "Hessian scores only" in err and len(err.strip().splitlines()) == 1
+    assert main(["allocate", "--sensitivity", out["file"], "--budget-mb", "10", "--estimator", "max", "--json"]) == 0
+    assert _last_json(capsys)["estimator"] == "max"
 
 
-def test_score_kind_chooses_the_estimator_the_table_has():
-    from pipeline.sensitivity import SensitivityError, score_kind
-    assert score_kind({"estimator": "both"}) == ("hessian", "w_hessian")
-    assert score_kind({"estimator": "both"}, "loss") == ("loss", "w")
-    assert score_kind({"estimator": "hessian"}) == ("hessian", "w")
-    assert score_kind({"estimator": "loss"}) == ("loss", "w")
-    for table, est in (({"estimator": "loss"}, "hessian"), ({"estimator": "hessian"}, "loss"),
-                       ({"estimator": "both"}, "magic")):
+def test_weight_scores_choose_the_estimator_the_table_has():
+    from pipeline.sensitivity import SensitivityError, weight_scores
+    # layer a: loss says W2 is costly, Hessian says cheap; layer b the other way round; loss at W3 is
+    # noise (negative, and above W2 for b): monotone makes every column non-increasing and >= 0
+    rows = [{"name": "a", "w": {"2": 0.5, "3": -0.01, "8": 0.0}, "w_hessian": {"2": 0.01, "3": 0.002, "8": 0.0}},
+            {"name": "b", "w": {"2": 0.02, "3": 0.03, "8": 0.001}, "w_hessian": {"2": 0.4, "3": 0.05, "8": 0.0}}]
+    both = {"estimator": "both", "layers": rows}
+    assert weight_scores(both) == ("hessian", {"a": {2: 0.01, 3: 0.002, 8: 0.0}, "b": {2: 0.4, 3: 0.05, 8: 0.0}})
+    assert weight_scores(both, "loss") == ("loss", {"a": {2: 0.5, 3: 0.0, 8: 0.0}, "b": {2: 0.02, 3: 0.02, 8: 0.001}})
+    assert weight_scores(both, "max") == ("max", {"a": {2: 0.5, 3: 0.002, 8: 0.0}, "b": {2: 0.4, 3: 0.05, 8: 0.001}})
+    only = [{"name": r["name"], "w": r["w_hessian"]} for r in rows]
+    assert weight_scores({"estimator": "hessian", "layers": only})[0] == "hessian"
+    assert weight_scores({"estimator": "loss", "layers": only})[0] == "loss"
+    for est, table in (("hessian", "loss"), ("loss", "hessian"), ("max", "hessian"), ("max", "loss"), ("magic", "both")):
         with pytest.raises(SensitivityError):
-            score_kind(table, est)
+            weight_scores({"estimator": table, "layers": only}, est)
 
 
 def test_sensitivity_is_logged_to_mlflow_with_the_baseline(baseline, tmp_path, capsys):
@@ -217,6 +225,19 @@ def test_allocate_fits_the_budget_exactly_and_quantize_reproduces_the_size(basel
     assert {"budget_mb", "predicted_mb", "config", "layers", "avg_w_bits"} <= set(r)
     assert r["predicted_bytes"] <= low and r["avg_w_bits"] < 8
     assert set(r["layers"]) == set(top["layers"]) and min(v["w_bits"] for v in r["layers"].values()) < 8
+    # a floor on the bits: no layer below it (at a cost in summed sensitivity); below the floor's size: an error
+    floor4 = prepare_quantized(fp32, allocation_config(QuantConfig(**FEW), {n: 4 for n in top["layers"]}),
+                               packed_meta(c)).size["comp_bytes"]
+    mid4 = (floor4 + top["predicted_bytes"]) // 2
+    assert main(["allocate", "--sensitivity", table, "--budget-mb", f"{mid4 / 1e6}", "--min-bits", "4", "--out",
+                 str(tmp_path / "floor"), "--json"]) == 0
+    floored = _last_json(capsys)
+    assert min(v["w_bits"] for v in floored["layers"].values()) >= 4 and floored["predicted_bytes"] <= mid4
+    assert main(["allocate", "--sensitivity", table, "--budget-mb", f"{(floor4 - 50) / 1e6}", "--min-bits", "4",
+                 "--out", str(tmp_path / "floor")]) == 2
+    assert "every layer at 4 bits" in capsys.readouterr().err
+    assert main(["allocate", "--sensitivity", table, "--budget-mb", "10", "--min-bits", "9"]) == 2
+    assert "--min-bits=9 is invalid" in capsys.readouterr().err
     # the quantize YAML it wrote gives a packed file of exactly the predicted size
     packed = tmp_path / "alloc.bsq"
     assert main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--config", r["config"], "--export",

@@ -9,7 +9,7 @@ from ray import tune
 
 from mlflow_server.tracking import SearchLogger
 from tune.results import alloc_params, trial_metrics
-from tune.space import block_bits, run_params, trial_label
+from tune.space import run_params, trial_label
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -125,10 +125,7 @@ class ProgressCallback(tune.Callback):
         import sys
         self.done += 1
         r, c = trial.last_result or {}, trial.config
-        desc = " ".join(f"{k}={c[k]}" for k in ("w_bits", "a_bits", "method") if k in c)
-        if block_bits(c):
-            bits = block_bits(c).values()
-            desc += f" block_w_bits={min(bits)}..{max(bits)}"
+        desc = trial_label(c)  # as its MLflow run is named: "W4A8 qat lr=0.01", "alloc 0.51MB A8 ptq", "W2-8A8 ptq"
         val, mb = r.get("val_top1"), r.get("comp_mb")
         of = f"/{self.total}" if self.total else ""
         how = "done" if r.get("final") else "stopped early"

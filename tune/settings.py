@@ -44,7 +44,7 @@ class SearchSettings:
     kd_weight: float = 0.0                     # distillation from the baseline (when the space does not search it)
     kd_temperature: float = 4.0
     sensitivity: str | None = None             # table of `bitsearch sensitivity`: space key size_budget_mb allocates with it
-    estimator: str | None = None               # its scores to allocate with: loss | hessian (default: hessian where present)
+    estimator: str | None = None               # its scores to allocate with: loss | hessian | max (default: hessian where present)
     finetune_subset: int = 0                   # QAT/LSQ train on a stratified subset of N images (0: all)
     quant_base: dict[str, Any] = field(default_factory=dict)   # fixed QuantConfig fields (keep_fp32, observers, ...)
     tracking_uri: str | None = None
@@ -156,7 +156,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         raise SearchConfigError(f"baseline {s.baseline} was trained without a validation split; the search objective "
                                 "needs one: train it with --val-size N")
     if s.mode == "search" and "size_budget_mb" in s.space:
-        from pipeline.sensitivity import FORMAT, SensitivityError, score_kind
+        from pipeline.sensitivity import FORMAT, SensitivityError, weight_scores
         try:
             table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
         except (OSError, ValueError):
@@ -169,7 +169,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         if unknown:
             raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
         try:
-            est, _ = score_kind(table, s.estimator)
+            est, _ = weight_scores(table, s.estimator)
         except SensitivityError as e:
             raise SearchConfigError(str(e)) from None
         s = dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()), estimator=est)

@@ -38,10 +38,10 @@ def _allocate(s, qcfg, budget_mb: float) -> dict[str, Any]:
     bits, granularity), scored by the search's estimator; the layer byte costs are computed once per
     worker and config."""
     from pipeline import packed_meta
-    from pipeline.sensitivity import allocate, score_kind
+    from pipeline.sensitivity import allocate
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     table, costs = _alloc_inputs(s.sensitivity, s.baseline, s.tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
-    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, kind=score_kind(table, s.estimator)[1], costs=costs)
+    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, estimator=s.estimator, costs=costs)
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,9 +4,10 @@ vs per-block TPE vs uniform bit-widths.
 Reads each experiment folder (`bitsearch search/sweep --out OUT --name NAME` -> OUT/NAME), takes every
 finished trial's packed size and test/validation top-1, scores its per-layer weight bits with a
 sensitivity table (the same scores the allocator minimises, so all three arms are ranked by one
-predictor; a bit-width the table lacks scores as the next narrower one), and writes: the trials, each arm's Pareto front (test top-1 vs packed MB), the best
-compression within 1 point of FP32 (test top-1), which arm's points the others dominate, and the
-Spearman rank correlation between predicted sensitivity and real test top-1.
+predictor; a bit-width the table lacks scores as the next narrower one), and writes: the trials, each
+arm's Pareto front (test top-1 vs packed MB), the best compression within 1 point of FP32 (test
+top-1), how many of each other arm's trials an arm's front dominates or ties, and the Spearman rank
+correlation between predicted sensitivity and real test top-1.
 
     python bench/fronts.py --sensitivity runs/cpu-A/sensitivity-KEY.json \\
         --arm budget=runs/i11/budget --arm per-block=runs/i11/perblock --arm uniform=runs/i11/uniform \\

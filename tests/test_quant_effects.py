@@ -47,3 +47,15 @@ def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
              zip(steps, [m.step for m in init.modules() if getattr(m, "lsq", False)])]
     assert sum(moved) > len(moved) // 2
     assert r["top1"] > 90
+
+
+def test_qat_keeps_bn_statistics_frozen_by_default(trained, learnable_data):
+    """Short QAT of a trained model leaves BN's running statistics alone unless told (freeze_bn_epoch)."""
+    def bn_means(model):
+        return torch.cat([m.running_mean.detach().flatten().clone() for m in model.modules()
+                          if isinstance(m, torch.nn.BatchNorm2d)])
+    frozen = _q(trained, learnable_data, w_bits=4, a_bits=8, method="qat", epochs=1, lr=0.01)["_model"]
+    live = _q(trained, learnable_data, w_bits=4, a_bits=8, method="qat", epochs=1, lr=0.01, freeze_bn_epoch=1)["_model"]
+    assert QuantConfig().freeze_bn_epoch == 0
+    assert torch.equal(bn_means(frozen), bn_means(trained))
+    assert not torch.allclose(bn_means(live), bn_means(trained))

@@ -378,7 +378,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
                              "--out", str(tmp_path), "--name", "kr", "--config", str(cfg), "--batch-size", "16",
                              "--device", "cpu", "--tracking-uri", server], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=(tmp_path / "driver.err").open("w"), start_new_session=True)
     exp = tmp_path / "kr"
     first = None
     deadline = time.time() + 240
@@ -388,6 +388,8 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     assert first is not None, "no trial finished in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    err = (tmp_path / "driver.err").read_text()
+    assert "search: experiment" in err and "A new study created" not in err, err  # no Optuna INFO line
     first_reports = first.read_text()
     summary = resume(exp)
     assert len(summary["trials"]) == 3 and all(t["status"] in ("done", "stopped") for t in summary["trials"])

@@ -87,6 +87,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
         from ray.tune.search.optuna import OptunaSearch
 
         from tune.space import DefineByRun
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created in memory" line
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
         if s.objectives == "single":
             searcher = OptunaSearch(space=DefineByRun(s.space), metric="objective", mode="max", sampler=sampler)

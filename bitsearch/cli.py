@@ -630,6 +630,9 @@ def _common_search_args(p) -> None:
                    "allocates per-layer weight bits within its sampled budget")
     p.add_argument("--estimator", choices=["loss", "hessian", "max"],
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
+    p.add_argument("--min-bits", dest="min_bits", type=int,
+                   help="budget trials: no layer below this many weight bits (3 fixed the Hessian allocations' "
+                        "blind spots on the cpu model: docs/RESULTS.md section 10)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 
@@ -640,7 +643,7 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "objectives": "objectives", "size_budget_mb": "size_budget_mb",
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
-                "estimator": "estimator", "experiment": "experiment"}
+                "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment"}
 
 
 def add_search(sub) -> None:

@@ -254,6 +254,16 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     lo, hi = (prepare_quantized(fp32, QuantConfig(w_bits=b), packed_meta(c)).size["comp_mb"] for b in (2, 8))
     s = _settings(baseline, tmp_path, name="budget", objectives="multi", num_samples=3, sensitivity=table,
                   space={"size_budget_mb": [lo + 0.1 * (hi - lo), hi], "method": ["ptq"]})
+    # budgets no allocation fits are refused before Ray starts: below all-2-bit, or below all-3-bit with min_bits 3
+    import dataclasses
+
+    from tune.settings import SearchConfigError, validate
+    for bad in (dataclasses.replace(s, space={**s.space, "size_budget_mb": [0.9 * lo, hi]}),
+                dataclasses.replace(s, min_bits=3)):
+        with pytest.raises(SearchConfigError, match="below the smallest allocation"):
+            validate(bad)
+    with pytest.raises(SearchConfigError, match="min_bits=9 is invalid"):
+        validate(dataclasses.replace(s, min_bits=9))
     summary = run(s)
     assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
     params = {json.loads((Path(summary["experiment"]) / t["trial_id"] / "params.json").read_text())["size_budget_mb"]:
@@ -323,7 +333,8 @@ def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp
     ({"space": {"kd_weight": [0, 2]}}, "space.kd_weight"),
     ({"kd_weight": -0.1}, "kd_weight=-0.1 is invalid"),
     ({"space": {"size_budget_mb": [0.1, 0.2]}}, "give sensitivity: PATH"),
-    ({"estimator": "hessian"}, "estimator chooses the sensitivity scores"),
+    ({"estimator": "hessian"}, "estimator and min_bits choose how"),
+    ({"min_bits": 3}, "estimator and min_bits choose how"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts

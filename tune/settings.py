@@ -45,6 +45,7 @@ class SearchSettings:
     kd_temperature: float = 4.0
     sensitivity: str | None = None             # table of `bitsearch sensitivity`: space key size_budget_mb allocates with it
     estimator: str | None = None               # its scores to allocate with: loss | hessian | max (default: hessian where present)
+    min_bits: int | None = None                # no allocated layer below this many weight bits (default: the table's 2)
     finetune_subset: int = 0                   # QAT/LSQ train on a stratified subset of N images (0: all)
     quant_base: dict[str, Any] = field(default_factory=dict)   # fixed QuantConfig fields (keep_fp32, observers, ...)
     tracking_uri: str | None = None
@@ -172,9 +173,20 @@ def validate(s: SearchSettings) -> SearchSettings:
             est, _ = weight_scores(table, s.estimator)
         except SensitivityError as e:
             raise SearchConfigError(str(e)) from None
+        if s.min_bits is not None and not (isinstance(s.min_bits, int) and 2 <= s.min_bits <= 8):
+            raise SearchConfigError(f"min_bits={s.min_bits!r} is invalid: an integer in 2..8")
+        from pipeline.sensitivity import allocation_config
+        from tune.space import _num_range
+        lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
+        floor = allocation_config(quant_config({}, s.quant_base), {r["name"]: lo_bits for r in table["layers"]})
+        floor_mb = size_report(convert(prepare(fp32, floor), packed_meta(ck)), fp32)["comp_mb"]
+        low = _num_range("size_budget_mb", s.space["size_budget_mb"])[0]
+        if low < floor_mb:
+            raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
+                                    f"({floor_mb:.4f} MB with every layer at {lo_bits} bits): raise the low end")
         s = dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()), estimator=est)
-    elif s.estimator is not None:
-        raise SearchConfigError("estimator chooses the sensitivity scores of space.size_budget_mb; this search has none")
+    elif s.estimator is not None or s.min_bits is not None:
+        raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
     hist = ck.get("history") or []
     s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
                             fp32_top1=hist[-1].get("test_top1") if hist else None)  # same test set for every trial

@@ -41,7 +41,8 @@ def _allocate(s, qcfg, budget_mb: float) -> dict[str, Any]:
     from pipeline.sensitivity import allocate
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     table, costs = _alloc_inputs(s.sensitivity, s.baseline, s.tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
-    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, estimator=s.estimator, costs=costs)
+    return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, estimator=s.estimator, costs=costs,
+                    min_bits=s.min_bits)
 
 
 @functools.lru_cache(maxsize=4)

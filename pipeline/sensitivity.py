@@ -332,8 +332,7 @@ def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[
 
     Default: the Hessian estimator wherever the table has it. On the cpu model the measured single-layer
     scores are not additive (a layer alone at W2 can even raise accuracy) and their allocations collapse
-    the model, while the Hessian ones rank well but miss head.conv's cost at 2 bits (docs/RESULTS.md,
-    section 10)."""
+    the model; the Hessian ones (magnitudes, see below) allocate well (docs/RESULTS.md, section 10)."""
     have = table.get("estimator")
     est = estimator or ("loss" if have == "loss" else "hessian")
     where = table.get("file", "the table")
@@ -343,12 +342,19 @@ def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[
         raise SensitivityError(f"{where} holds {'Hessian' if have == 'hessian' else 'measured (loss)'} scores only; "
                                f"estimator {est} needs `bitsearch sensitivity --estimator both`")
 
-    def column(key: str) -> dict[str, dict[int, float]]:
-        return {r["name"]: monotone({int(b): float(v) for b, v in r[key].items()}) for r in table["layers"]}
+    def column(key: str, magnitude: bool = False) -> dict[str, dict[int, float]]:
+        return {r["name"]: monotone({int(b): abs(float(v)) if magnitude else float(v) for b, v in r[key].items()})
+                for r in table["layers"]}
+    # a negative Hessian score is a negative trace estimate: Hutchinson's estimator could not resolve the
+    # sign of a small, indefinite curvature. Its magnitude is the scale we have; clamped to 0 (as a
+    # measured loss decrease is) the layer looked free, sat at 2 bits in every allocation and cost the
+    # cpu model 1.4 points at 6.05x (docs/RESULTS.md section 10)
     if est == "max":
-        lo, he = column("w"), column("w_hessian")
+        lo, he = column("w"), column("w_hessian", magnitude=True)
         return est, {n: {b: max(lo[n][b], he[n][b]) for b in lo[n]} for n in lo}
-    return est, column("w_hessian" if est == "hessian" and have == "both" else "w")
+    if est == "hessian":
+        return est, column("w_hessian" if have == "both" else "w", magnitude=True)
+    return est, column("w")
 
 
 def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: dict, budget_mb: float, *,

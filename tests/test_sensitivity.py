@@ -157,6 +157,11 @@ def test_weight_scores_choose_the_estimator_the_table_has():
             {"name": "b", "w": {"2": 0.02, "3": 0.03, "8": 0.001}, "w_hessian": {"2": 0.4, "3": 0.05, "8": 0.0}}]
     both = {"estimator": "both", "layers": rows}
     assert weight_scores(both) == ("hessian", {"a": {2: 0.01, 3: 0.002, 8: 0.0}, "b": {2: 0.4, 3: 0.05, 8: 0.0}})
+    # a negative trace estimate scores by its magnitude (a measured loss decrease clamps to 0)
+    neg = {"estimator": "both", "layers": [{"name": "c", "w": {"2": -0.1, "8": 0.0},
+                                            "w_hessian": {"2": -0.02, "8": -0.0001}}]}
+    assert weight_scores(neg) == ("hessian", {"c": {2: 0.02, 8: 0.0001}})
+    assert weight_scores(neg, "loss") == ("loss", {"c": {2: 0.0, 8: 0.0}})
     assert weight_scores(both, "loss") == ("loss", {"a": {2: 0.5, 3: 0.0, 8: 0.0}, "b": {2: 0.02, 3: 0.02, 8: 0.001}})
     assert weight_scores(both, "max") == ("max", {"a": {2: 0.5, 3: 0.002, 8: 0.0}, "b": {2: 0.4, 3: 0.05, 8: 0.001}})
     only = [{"name": r["name"], "w": r["w_hessian"]} for r in rows]

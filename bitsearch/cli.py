@@ -631,8 +631,7 @@ def _common_search_args(p) -> None:
     p.add_argument("--estimator", choices=["loss", "hessian", "max"],
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--min-bits", dest="min_bits", type=int,
-                   help="budget trials: no layer below this many weight bits (3 fixed the Hessian allocations' "
-                        "blind spots on the cpu model: docs/RESULTS.md section 10)")
+                   help="budget trials: no layer below this many weight bits (default: the table's narrowest, 2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 

@@ -192,7 +192,8 @@ def test_sensitivity_is_logged_to_mlflow_with_the_baseline(baseline, tmp_path, c
     names = {Path(f.path).name for f in c.list_artifacts(run.info.run_id, "sensitivity")}
     assert names == {Path(first["file"]).name, Path(first["csv"]).name, Path(first["plot"]).name}
     # a baseline that lives in MLflow: the table goes into that baseline's run
-    exp = c.create_experiment("trained")
+    from mlflow_server.tracking import ensure_experiment
+    exp = ensure_experiment(uri, "trained")  # artifacts beside the database, not ./mlruns of the working directory
     base_run = c.create_run(exp).info.run_id
     c.log_artifact(base_run, str(ck))
     assert main([*args, "--baseline", f"runs:/{base_run}/checkpoint.pt"]) == 0

@@ -62,6 +62,14 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoints(learnable_data, tmp_pa
     train(_model(), learnable_data, cfg, out_dir=tmp_path, write_reports=False)
     with pytest.raises(CheckpointError, match="different configuration: lr=0.05"):
         train(_model(), learnable_data, cfg.replace(lr=0.2), out_dir=tmp_path, resume=True)
+    # a checkpoint from before a setting existed was made with that setting's default: it resumes
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ck["config"]["kd_weight"], ck["config"]["kd_temperature"]
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"different configuration: kd_temperature=4.0 \(now 2.0\)"):
+        train(_model(), learnable_data, cfg.replace(kd_temperature=2.0), out_dir=tmp_path, resume=True)
+    resumed = train(_model(), learnable_data, cfg, out_dir=tmp_path, resume=True, write_reports=False)
+    assert [h["epoch"] for h in resumed["history"]] == [1]
     with pytest.raises(CheckpointError, match="does not fit this model"):
         train(MobileNetV2(num_classes=3, width=0.5), learnable_data, cfg.replace(width=0.25), out_dir=tmp_path,
               resume=True)

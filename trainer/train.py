@@ -248,7 +248,10 @@ def _restore(run: _Run, ckpt_path: Path | None) -> tuple[list[dict], int]:
     if ckpt_path is None or not ckpt_path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
     ck = load_checkpoint(ckpt_path)
-    saved, cfg = ck["config"], run.cfg
+    # a setting the checkpoint does not record came with a later version of bitsearch: the run was made
+    # with its default (new settings default to the old behaviour), so an old checkpoint still resumes
+    saved = {**TrainConfig().to_dict(), **ck["config"]}
+    cfg = run.cfg
     diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
     if diff:
         raise CheckpointError("checkpoint was made with a different configuration: " + ", ".join(

@@ -87,7 +87,7 @@ def main() -> None:
     n_train = 120 if tiny else 45000
     img_s = res["throughput"]["tensor_pipeline_img_s"]
     eval_s = 10000 / max(1.0, res["throughput"]["fp32_eval_img_s"]) if not tiny else 0.5
-    minutes = a.train_minutes if a.train_minutes is not None else (0.1 if tiny else 7.0)
+    minutes = a.train_minutes if a.train_minutes is not None else (0.01 if tiny else 7.0)
     epoch_s = 1.15 * n_train / img_s + eval_s / 5
     epochs = max(1, int(minutes * 60 / epoch_s))
     tcfg = TrainConfig(width=width, epochs=epochs, batch_size=16 if tiny else 128, lr=0.05 if tiny else 0.1,

@@ -1,14 +1,17 @@
 """A search against a 2-node local Ray cluster: `ray start --head` plus a second `ray start --address`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import make_tree
@@ -23,19 +26,39 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_nodes(temp_dir: str) -> None:
+    """Stop this test's Ray nodes only: `ray stop` would stop every Ray on the machine (another test
+    worker's, or the user's own searches). Every node process names its temp dir on its command line."""
+    nodes = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or ())]
+    procs = {p.pid: p for p in nodes}
+    for p in nodes:  # and their children (workers, agents: renamed, no temp dir on their command line)
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+    procs = list(procs.values())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 @pytest.fixture
 def cluster(tmp_path):
     port = _port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # joining nodes must present the token
+    temp_dir = tempfile.mkdtemp(prefix="bsray", dir="/tmp")  # short: Ray's socket paths live under it
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
-                   check=True, capture_output=True, env=env)
     try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
+                        temp_dir, *common], check=True, capture_output=True, env=env)
         subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True,
                        env=env)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+        _stop_nodes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_search_on_two_node_cluster(cluster, tmp_path):

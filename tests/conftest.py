@@ -34,6 +34,18 @@ def make_tree(root: Path, classes=("cat", "dog", "ship"), n_train=12, n_test=4, 
     return root
 
 
+def tiny_baseline(root: Path, epochs: int = 2, val_size: int = 9) -> tuple[Path, Path]:
+    """A tiny image tree under ``root`` and a width-0.25 baseline trained on it with `bitsearch train`:
+    (tree, checkpoint)."""
+    from bitsearch.cli import main
+
+    tree = make_tree(root / "tiny", n_train=20, n_test=6)
+    assert main(["train", "--data", str(tree), "--out", str(root / "base"), "--epochs", str(epochs), "--width", "0.25",
+                 "--batch-size", "16", "--lr", "0.05", "--val-size", str(val_size), "--device", "cpu",
+                 "--no-download"]) == 0
+    return tree, root / "base" / "checkpoint.pt"
+
+
 @pytest.fixture
 def tree(tmp_path) -> Path:
     return make_tree(tmp_path / "tiny")

@@ -18,7 +18,7 @@ import requests
 import torch
 
 from bitsearch.cli import main
-from conftest import make_tree
+from conftest import make_tree, tiny_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -85,11 +85,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    tree = make_tree(root / "tiny", n_train=20, n_test=6)
-    assert main(["train", "--data", str(tree), "--out", str(root / "base"), "--epochs", "2", "--width", "0.25",
-                 "--batch-size", "16", "--lr", "0.05", "--val-size", "9", "--device", "cpu", "--no-download"]) == 0
-    return tree, root / "base" / "checkpoint.pt"
+    return tiny_baseline(tmp_path_factory.mktemp("search"))
 
 
 def _settings(baseline, out, **kw):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bitsearch.cli import main
-from conftest import make_tree
+from conftest import make_tree, tiny_baseline
 
 # a few layers keep these tests fast: blocks 0 and 1 (5 convs) are allocated, the rest stays FP32
 FEW = {"keep_fp32": ["stem.conv", "classifier", "head.conv", "blocks.[2-9].*", "blocks.1[0-9].*"]}
@@ -19,12 +19,10 @@ FEW = {"keep_fp32": ["stem.conv", "classifier", "head.conv", "blocks.[2-9].*", "
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sens")
-    tree = make_tree(root / "tiny", n_train=20, n_test=6)
-    assert main(["train", "--data", str(tree), "--out", str(root / "base"), "--epochs", "6", "--width", "0.25",
-                 "--batch-size", "16", "--lr", "0.05", "--val-size", "15", "--device", "cpu", "--no-download"]) == 0
+    tree, ckpt = tiny_baseline(root, epochs=6, val_size=15)
     cfg = root / "few.yaml"
     cfg.write_text(yaml.safe_dump({"quantize": FEW}))
-    return tree, root / "base" / "checkpoint.pt", cfg
+    return tree, ckpt, cfg
 
 
 def _last_json(capsys) -> dict:

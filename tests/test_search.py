@@ -61,7 +61,7 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3):
+def ray_session(s3, _server_start):
     import ray
     ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
@@ -69,22 +69,29 @@ def ray_session(s3):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _server_start(tmp_path_factory):
+    """The module's MLflow server, started first (Ray and the baseline start while it comes up: ~20 s)."""
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "server", "--root", str(root), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    line = proc.stdout.readline()  # printed once /health answers
-    assert "MLflow UI: http://127.0.0.1:" in line, line
-    # keep reading its log: a full pipe would block the server (and its shutdown) once many runs are logged
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield f"http://127.0.0.1:{port}"
+    yield proc, port
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(30)
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def server(_server_start, baseline):  # the baseline trains while the server comes up
+    proc, port = _server_start
+    line = proc.stdout.readline()  # printed once /health answers
+    assert "MLflow UI: http://127.0.0.1:" in line, line
+    # keep reading its log: a full pipe would block the server (and its shutdown) once many runs are logged
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, _server_start):
     return tiny_baseline(tmp_path_factory.mktemp("search"))
 
 
@@ -227,9 +234,9 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypa
 
 def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
     from tune.search import run
-    s = _settings(baseline, tmp_path, name="mo", objectives="multi", num_samples=3)
+    s = _settings(baseline, tmp_path, name="mo", objectives="multi", num_samples=2)
     summary = run(s)
-    assert len(summary["trials"]) == 3 and len(summary["pareto"]) >= 1
+    assert len(summary["trials"]) == 2 and len(summary["pareto"]) >= 1
     front_sizes = [p["Comp_MB"] for p in summary["pareto"]]
     assert min(t["Comp_MB"] for t in summary["trials"]) == min(front_sizes)  # the smallest model is never dominated
 
@@ -248,7 +255,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["file"]
     fp32, c = load_baseline(str(ck))
     lo, hi = (prepare_quantized(fp32, QuantConfig(w_bits=b), packed_meta(c)).size["comp_mb"] for b in (2, 8))
-    s = _settings(baseline, tmp_path, name="budget", objectives="multi", num_samples=3, sensitivity=table,
+    s = _settings(baseline, tmp_path, name="budget", objectives="multi", num_samples=2, sensitivity=table,
                   space={"size_budget_mb": [lo + 0.1 * (hi - lo), hi], "method": ["ptq"]})
     # budgets no allocation fits are refused before Ray starts: below all-2-bit, or below all-3-bit with min_bits 3
     import dataclasses
@@ -261,7 +268,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     with pytest.raises(SearchConfigError, match="min_bits=9 is invalid"):
         validate(dataclasses.replace(s, min_bits=9))
     summary = run(s)
-    assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
+    assert len(summary["trials"]) == 2 and all(t["status"] == "done" for t in summary["trials"])
     params = {json.loads((Path(summary["experiment"]) / t["trial_id"] / "params.json").read_text())["size_budget_mb"]:
               t for t in summary["trials"]}
     for budget, t in params.items():
@@ -269,7 +276,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
         assert 2 <= t["avg_w_bits"] <= 8
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'trial'")
-    assert len(runs) == 3
+    assert len(runs) == 2
     runs_by_trial = {r.data.tags["bitsearch.trial_id"]: r for r in runs}
     for r in runs:
         bits = {k: int(v) for k, v in r.data.params.items() if k.startswith("bits.")}
@@ -285,7 +292,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
                     f"budget={summary['experiment']}", "--out", str(out), "--plot", str(tmp_path / "f.png")],
                    check=True, capture_output=True, cwd=root)
     arm = json.loads(out.read_text())["arms"]["budget"]
-    assert len(arm["trials"]) == 3 and set(arm["front"]) <= {t["trial_id"] for t in arm["trials"]}
+    assert len(arm["trials"]) == 2 and set(arm["front"]) <= {t["trial_id"] for t in arm["trials"]}
     for t in arm["trials"]:  # the predicted score is the allocator's own summed sensitivity
         assert t["predicted"] == pytest.approx(runs_by_trial[t["trial_id"]].data.metrics["alloc_sensitivity"], rel=1e-6)
     rho = arm["spearman_predicted_vs_top1"]  # None when the toy model's accuracies are all equal

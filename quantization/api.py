@@ -184,7 +184,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 class QATSchedule:
     """trainer Callback for quantization-aware training: BN statistics update until
-    ``cfg.freeze_bn_epoch`` (QAT; LSQ keeps them frozen), activation ranges until
+    ``cfg.freeze_bn_epoch`` (QAT; LSQ keeps them frozen; in QAT layers with fewer weight bits than
+    ``cfg.bn_live_below_bits`` keep them live throughout), activation ranges until
     ``cfg.freeze_observer_epoch`` (then fixed)."""
 
     def __init__(self, cfg: QuantConfig):
@@ -193,6 +194,13 @@ class QATSchedule:
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         # LSQ learns weight steps for the BN-folded weight: moving BN statistics would rescale the folded
         # weight under a fixed step, so LSQ keeps BN frozen from the start.
-        set_bn_frozen(model, epoch >= self.cfg.freeze_bn_epoch or self.cfg.method is Method.LSQ)
+        frozen = epoch >= self.cfg.freeze_bn_epoch or self.cfg.method is Method.LSQ
+        set_bn_frozen(model, frozen)
+        if frozen and self.cfg.method is Method.QAT:  # low-bit layers keep BN live (cfg.bn_live_below_bits)
+            for m in model.modules():
+                if (isinstance(m, QuantConvBn2d) and m.bn is not None and m.wq is not None
+                        and m.wq.bits < self.cfg.bn_live_below_bits):
+                    m.bn_frozen = m.bn.bitsearch_frozen = False
+                    m.bn.train(model.training)
         set_act_observing(model, epoch < self.cfg.freeze_observer_epoch)
 

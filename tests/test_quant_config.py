@@ -15,6 +15,8 @@ from trainer.model import MobileNetV2
     ({"a_granularity": "per-channel"}, "activations have no fixed channel set"),
     ({"a_observer": "max"}, "allowed minmax, ema, percentile, mse"),
     ({"calib_batches": 0}, "calib_batches=0"),
+    ({"bn_live_below_bits": -1}, "bn_live_below_bits=-1 is invalid"),
+    ({"freeze_bn_epoch": 1.5}, "freeze_bn_epoch=1.5 is invalid"),
     ({"percentile": "high"}, "is not a number"),
     ({"colour": 3}, "unknown quantization option"),
     ({"overrides": [{"pattern": "blocks.1.*", "w_bits": 9}]}, "overrides\\[blocks.1.\\*\\].w_bits=9"),

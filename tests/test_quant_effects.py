@@ -31,12 +31,13 @@ def test_activation_bits_take_effect(trained, learnable_data):
 
 def test_qat_recovers_what_ptq_loses_at_2_bit_weights(trained, learnable_data):
     ptq = _q(trained, learnable_data, w_bits=2, a_bits=8)
-    qat = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=4, lr=0.01, freeze_bn_epoch=3)
+    qat = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=4, lr=0.01)  # default BN handling
     assert ptq["drop"] > 30                     # 2-bit PTQ collapses (chance is 33%)
     assert qat["top1"] >= ptq["top1"] + 30      # QAT brings it back
     assert len(qat["history"]) == 4
     bn = lambda m: torch.cat([b.running_mean.flatten() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])  # noqa: E731
-    assert not torch.allclose(bn(qat["_model"]), bn(trained))  # freeze_bn_epoch=3: BN statistics were live
+    # 2-bit layers keep BN live through QAT by default (bn_live_below_bits 4), re-estimated at the end
+    assert not torch.allclose(bn(qat["_model"]), bn(trained)) and qat["bn_recalibration_batches"] > 0
 
 
 def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
@@ -52,11 +53,14 @@ def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
 
 
 def test_qat_keeps_bn_statistics_frozen_by_default(trained, learnable_data):
-    """Short QAT of a trained model leaves BN's running statistics alone unless told (freeze_bn_epoch)."""
+    """Short QAT of a trained model leaves BN's running statistics alone at >= 4 weight bits unless told
+    (freeze_bn_epoch)."""
     def bn_means(model):
         return torch.cat([m.running_mean.detach().flatten().clone() for m in model.modules()
                           if isinstance(m, torch.nn.BatchNorm2d)])
     frozen = _q(trained, learnable_data, w_bits=4, a_bits=8, method="qat", epochs=1, lr=0.01)["_model"]
     assert QuantConfig().freeze_bn_epoch == 0
     assert torch.equal(bn_means(frozen), bn_means(trained))
-    # with freeze_bn_epoch > 0 they do move: test_qat_recovers_what_ptq_loses_at_2_bit_weights checks it
+    # 2-bit weights keep BN live unless bn_live_below_bits says otherwise (the live case: the 2-bit test above)
+    w2 = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=1, lr=0.01, bn_live_below_bits=0)
+    assert torch.equal(bn_means(w2["_model"]), bn_means(trained)) and w2["bn_recalibration_batches"] == 0

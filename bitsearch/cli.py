@@ -971,7 +971,8 @@ def _known_errors() -> tuple[type, ...]:
         from quantization.packing import PackedFileError
         from mlflow_server.tracking import TrackingError
         from pipeline.export import ExportError
-        errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError, ExportError]
+        from pipeline.quantize import DivergedError
+        errs += [QuantConfigError, CalibrationError, PackedFileError, TrackingError, ExportError, DivergedError]
     except ImportError:
         pass
     return tuple(errs)

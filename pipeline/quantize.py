@@ -84,6 +84,19 @@ def prepare_quantized(fp32: torch.nn.Module, qcfg: QuantConfig, model_meta: dict
                     size_report(convert(q, meta), fp32), meta)
 
 
+class DivergedError(ValueError):
+    """The quantized model holds NaN or infinite values (the fine-tuning diverged)."""
+
+
+def _check_finite(q: torch.nn.Module, history: list[dict]) -> None:
+    bad = [n for n, t in [*q.named_parameters(), *q.named_buffers()] if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = " and more" if len(bad) > 1 else ""
+        last = f", last epoch's train top-1 {history[-1]['train_top1']:.2f}%" if history else ""
+        raise DivergedError(f"the quantized model holds NaN or infinite values ({bad[0]}{more}{last}): the fine-tuning "
+                            "diverged; lower the QAT learning rate, or set bn_live_below_bits: 0 to keep BN frozen")
+
+
 def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, qat_epochs: int = 0,
                    qat_lr: float = QAT_LR, batch_size: int = 128, seed: int = 0, device: str = "auto",
                    out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
@@ -119,6 +132,7 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev), max(qcfg.calib_batches, 16))
     freeze(q)
     q.eval()
+    _check_finite(q, history)
     test = evaluate(q, data.test_x, data.test_y, device=dev)
     val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
     am = activation_memory(q) if act_memory else None

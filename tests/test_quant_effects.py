@@ -64,3 +64,11 @@ def test_qat_keeps_bn_statistics_frozen_by_default(trained, learnable_data):
     # 2-bit weights keep BN live unless bn_live_below_bits says otherwise (the live case: the 2-bit test above)
     w2 = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=1, lr=0.01, bn_live_below_bits=0)
     assert torch.equal(bn_means(w2["_model"]), bn_means(trained)) and w2["bn_recalibration_batches"] == 0
+
+
+def test_diverged_fine_tuning_is_one_clear_error(trained, learnable_data):
+    """A fine-tuning that blows up (here: an absurd learning rate) ends with an error naming the cause,
+    not with a packed file full of NaN."""
+    from pipeline.quantize import DivergedError
+    with pytest.raises(DivergedError, match="NaN or infinite values .*the fine-tuning diverged"):
+        _q(trained, learnable_data, w_bits=2, a_bits=2, method="qat", epochs=1, lr=1e12)

@@ -131,6 +131,11 @@ def test_sensitivity_command_caches_and_ranks_bits(baseline, capsys):
     assert main(args) == 0
     again = _last_json(capsys)
     assert again["cached"] is True and again["file"] == out["file"] and again["layers"] == out["layers"]
+    # a fine-tuning-only setting (how QAT treats BN) cannot change the table: still cached
+    qat_cfg = cfg.with_name("few-bn.yaml")
+    qat_cfg.write_text(yaml.safe_dump({"quantize": {**FEW, "bn_live_below_bits": 0}}))
+    assert main([*args[:6], str(qat_cfg), *args[7:]]) == 0
+    assert _last_json(capsys)["file"] == out["file"]
     # allocating from a table with both estimators uses the Hessian scores unless told otherwise
     assert main(["allocate", "--sensitivity", out["file"], "--budget-mb", "10", "--json"]) == 0
     assert _last_json(capsys)["estimator"] == "hessian"

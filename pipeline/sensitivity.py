@@ -161,11 +161,6 @@ def spearman(a: Iterable[float], b: Iterable[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-# QuantConfig settings that only steer QAT and cannot change a sensitivity table: left out of its cache
-# key (tables cached before the setting existed stay valid)
-FINE_TUNING_ONLY = ("bn_live_below_bits",)
-
-
 def sensitivity(baseline: str | Path, fp32: nn.Module, data: Dataset, base: QuantConfig, *, estimator: str = "loss",
                 images: int = 1000, calib_batches: int = 4, samples: int = 8, data_desc: dict | None = None,
                 progress: Callable[[str], None] | None = None, force: bool = False) -> dict[str, Any]:
@@ -180,7 +175,7 @@ def sensitivity(baseline: str | Path, fp32: nn.Module, data: Dataset, base: Quan
         raise SensitivityError("the base quantization config quantizes no layer's weights")
     settings = {"format": FORMAT, "estimator": estimator, "images": images, "calib_batches": calib_batches,
                 "samples": samples, "w_bits": list(W_BITS), "a_bits": list(A_BITS),
-                "base": {k: v for k, v in base.to_dict().items() if k not in FINE_TUNING_ONLY}}
+                "base": base.to_dict(fine_tuning=False)}
     key = cache_key(baseline, data_desc or {}, settings)
     path = Path(baseline).resolve().parent / f"sensitivity-{key}.json"
     if path.is_file() and not force:

@@ -26,6 +26,11 @@ QAT_EPOCHS = 1      # fine-tuning epochs of QAT/LSQ when not given (CLI, searche
 QAT_LR = 0.01       # and their learning rate
 
 
+# Settings that only steer fine-tuning and were added after the packed format: left out of packed-file
+# headers and sensitivity cache keys, so files keep their exact bytes and cached tables stay valid
+LATER_FINE_TUNING_FIELDS = ("bn_live_below_bits",)
+
+
 class QuantConfigError(ValueError):
     """A quantization setting is invalid; the message names it and what is allowed."""
 
@@ -179,8 +184,13 @@ class QuantConfig:
         set_("overrides", tuple(ovs))
 
     # ---------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, fine_tuning: bool = True) -> dict[str, Any]:
+        """JSON-able fields. ``fine_tuning=False`` leaves out LATER_FINE_TUNING_FIELDS (packed headers,
+        sensitivity cache keys)."""
         d = dataclasses.asdict(self)
+        if not fine_tuning:
+            for k in LATER_FINE_TUNING_FIELDS:
+                d.pop(k)
         d["method"], d["w_granularity"] = str(self.method), str(self.w_granularity)
         d["keep_fp32"] = list(self.keep_fp32)
         d["overrides"] = [{k: str(v) if isinstance(v, Granularity) else v for k, v in dataclasses.asdict(o).items()

@@ -10,6 +10,11 @@ from quantization import QuantConfig
 from pipeline import quantize_model
 
 
+def _bn_means(model):
+    return torch.cat([m.running_mean.detach().flatten().clone() for m in model.modules()
+                      if isinstance(m, torch.nn.BatchNorm2d)])
+
+
 def _q(model, data, **kw):
     epochs = kw.pop("epochs", 0)
     lr = kw.pop("lr", 0.05)
@@ -35,9 +40,8 @@ def test_qat_recovers_what_ptq_loses_at_2_bit_weights(trained, learnable_data):
     assert ptq["drop"] > 30                     # 2-bit PTQ collapses (chance is 33%)
     assert qat["top1"] >= ptq["top1"] + 30      # QAT brings it back
     assert len(qat["history"]) == 4
-    bn = lambda m: torch.cat([b.running_mean.flatten() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])  # noqa: E731
     # 2-bit layers keep BN live through QAT by default (bn_live_below_bits 4), re-estimated at the end
-    assert not torch.allclose(bn(qat["_model"]), bn(trained)) and qat["bn_recalibration_batches"] > 0
+    assert not torch.allclose(_bn_means(qat["_model"]), _bn_means(trained)) and qat["bn_recalibration_batches"] > 0
 
 
 def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
@@ -55,15 +59,12 @@ def test_lsq_learns_its_step_sizes_and_keeps_accuracy(trained, learnable_data):
 def test_qat_keeps_bn_statistics_frozen_by_default(trained, learnable_data):
     """Short QAT of a trained model leaves BN's running statistics alone at >= 4 weight bits unless told
     (freeze_bn_epoch)."""
-    def bn_means(model):
-        return torch.cat([m.running_mean.detach().flatten().clone() for m in model.modules()
-                          if isinstance(m, torch.nn.BatchNorm2d)])
     frozen = _q(trained, learnable_data, w_bits=4, a_bits=8, method="qat", epochs=1, lr=0.01)["_model"]
     assert QuantConfig().freeze_bn_epoch == 0
-    assert torch.equal(bn_means(frozen), bn_means(trained))
+    assert torch.equal(_bn_means(frozen), _bn_means(trained))
     # 2-bit weights keep BN live unless bn_live_below_bits says otherwise (the live case: the 2-bit test above)
     w2 = _q(trained, learnable_data, w_bits=2, a_bits=8, method="qat", epochs=1, lr=0.01, bn_live_below_bits=0)
-    assert torch.equal(bn_means(w2["_model"]), bn_means(trained)) and w2["bn_recalibration_batches"] == 0
+    assert torch.equal(_bn_means(w2["_model"]), _bn_means(trained)) and w2["bn_recalibration_batches"] == 0
 
 
 def test_diverged_fine_tuning_is_one_clear_error(trained, learnable_data):

@@ -99,11 +99,10 @@ def settings_from(d: dict[str, Any]) -> SearchSettings:
 def validate(s: SearchSettings) -> SearchSettings:
     """Every check that can fail before Ray starts. Returns the settings to run with: an absolute
     local --out, the normalised space, and the baseline's data split and FP32 test top-1."""
-    from quantization import QuantConfigError, prepare
+    from quantization import QuantConfigError
     from quantization.api import plan_for
-    from quantization.packing import convert, size_report
     from mlflow_server.tracking import fetch_artifact
-    from pipeline import load_baseline, packed_meta
+    from pipeline import load_baseline, packed_meta, prepare_quantized
 
     if not storage.is_remote(s.out):  # resume/sync/report from any working directory
         s = dataclasses.replace(s, out=str(Path(s.out).expanduser().resolve()))
@@ -148,6 +147,7 @@ def validate(s: SearchSettings) -> SearchSettings:
     from trainer.data import source_kind
     source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
     fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
+    packed_mb = lambda cfg: prepare_quantized(fp32, cfg, packed_meta(ck)).size["comp_mb"]  # noqa: E731
     try:
         plan_for(fp32, quant_config({}, s.quant_base))  # the fixed layer patterns match this model
     except QuantConfigError as e:
@@ -179,7 +179,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         from tune.space import _num_range
         lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
         floor = allocation_config(quant_config({}, s.quant_base), {r["name"]: lo_bits for r in table["layers"]})
-        floor_mb = size_report(convert(prepare(fp32, floor), packed_meta(ck)), fp32)["comp_mb"]
+        floor_mb = packed_mb(floor)
         low = _num_range("size_budget_mb", s.space["size_budget_mb"])[0]
         if low < floor_mb:
             raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
@@ -196,7 +196,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         if "size_budget_mb" in s.space:
             raise SearchConfigError("give either size_budget_mb (one budget) or space.size_budget_mb (a budget range)")
         small = quant_config(smallest_bits(s.space), s.quant_base)
-        mb = size_report(convert(prepare(fp32, small), packed_meta(ck)), fp32)["comp_mb"]
+        mb = packed_mb(small)
         if s.size_budget_mb < mb:
             raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "
                                     f"({mb:.4f} MB at {small.w_bits}-bit weights): raise the budget or widen the space")

@@ -1,7 +1,7 @@
 """CPU/GPU precision and layout levers for training steps, one at a time (not a test).
 
 Variants, timed in turn over --rounds rounds (median of each): FP32; channels-last; bf16 autocast;
-bf16 autocast + channels-last; optionally torch.compile of the last. For the FP32 model and, with
+bf16 autocast + channels-last; optionally torch.compile of FP32, channels-last and the last. For the FP32 model and, with
 --fakequant, a W4A4 QAT model with live BN (its quantizers always compute in FP32).
 
     python bench/precision.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 6 --rounds 3 \\
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fakequant", action="store_true", help="also a W4A4 QAT model (live BN)")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile (FP32, and bf16 + channels-last)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (FP32, channels-last, bf16 + channels-last)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/precision.json")
     a = ap.parse_args()
@@ -88,7 +88,8 @@ def main() -> None:
                 mm = mm.to(memory_format=torch.channels_last)
             variants[f"{mname}/{lname}"] = (mm, amp, cl)
         if a.compile:  # torch.compile (inductor) alone, and with bf16 + channels-last; static shapes
-            for lname, (amp, cl) in (("fp32_compiled", (False, False)), ("bf16_channels_last_compiled", (True, True))):
+            for lname, (amp, cl) in (("fp32_compiled", (False, False)), ("channels_last_compiled", (False, True)),
+                                     ("bf16_channels_last_compiled", (True, True))):
                 mm = copy.deepcopy(m)
                 if cl:
                     mm = mm.to(memory_format=torch.channels_last)

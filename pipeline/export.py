@@ -137,7 +137,8 @@ def _add_bias(g: _Graph, y: str, bias: torch.Tensor | None, hint: str, shape: tu
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from quantization.modules import QuantConvBn2d, QuantLinear
-        return isinstance(m, (QuantConvBn2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+        # nn.Conv2d subclasses too (trainer.model.Conv2d: same conv, its own kernel choice under autocast)
+        return isinstance(m, (QuantConvBn2d, QuantLinear, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 
 
 def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):

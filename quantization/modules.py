@@ -175,8 +175,7 @@ class QuantConvBn2d(_QuantLayer):
         return self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * sf
 
     def _conv(self, x, w, b):
-        c = self.conv
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        return self.conv._conv_forward(x, w, b)  # the conv's own kernel choice (trainer.model.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq is not None:

@@ -40,3 +40,47 @@ def test_meta_round_trip():
     m = MobileNetV2(num_classes=7, width=0.5, dropout=0.1)
     m2 = model_from_meta(model_meta(m))
     assert m2.load_state_dict(m.state_dict()) is not None and m2.num_classes == 7
+
+
+def test_strided_depthwise_conv_computes_in_fp32_under_cpu_bf16_autocast(monkeypatch):
+    """Only strided depthwise convs leave bf16 (their CPU backward is slow in bf16): same result as the
+    FP32 conv rounded to bf16, gradients as in FP32; every other conv, and FP32 runs, unchanged; the QAT
+    layers wrapping the model's convs take the same path."""
+    from torch.nn import functional as F
+
+    from quantization import QuantConfig, calibrate, prepare
+    from trainer.model import Conv2d
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    dw = Conv2d(64, 64, 3, 2, 1, groups=64, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dw(x)
+        y_bf16 = F.conv2d(x, dw.weight, None, 2, 1, 1, 64)  # what autocast alone computes
+    ref = F.conv2d(x, dw.weight, None, 2, 1, 1, 64)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref.to(torch.bfloat16))
+    assert not torch.equal(y, y_bf16)  # bf16 inputs round differently: the FP32 path really ran
+    g = torch.randn_like(ref).to(torch.bfloat16).float()  # the incoming gradient passes the bf16 output
+    gx, gw = torch.autograd.grad(y.float(), (x, dw.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, dw.weight), g)
+    assert torch.allclose(gx, rx, rtol=1e-5, atol=1e-6) and torch.allclose(gw, rw, rtol=1e-4, atol=1e-4)
+    for conv in (Conv2d(64, 64, 3, 1, 1, groups=64, bias=False), Conv2d(64, 32, 1, 2, bias=False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # stride 1, or not depthwise: plain autocast
+            assert torch.equal(conv(x), F.conv2d(x, conv.weight, None, conv.stride, conv.padding, 1, conv.groups))
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, None, conv.stride, conv.padding, 1, conv.groups))
+    assert torch.equal(dw(x), ref)  # no autocast: FP32 as always
+
+    m = MobileNetV2(num_classes=3, width=0.25)
+    q = prepare(m.train(), QuantConfig(w_bits=8, a_bits=8, method="qat"))
+    xi = torch.randn(2, 3, 32, 32)
+    calibrate(q, [xi])
+    calls, conv = [], F.conv2d
+    def spy(inp, w, *args):
+        calls.append((args[-1] > 1 and args[1] not in (1, (1, 1)), inp.dtype, torch.is_autocast_enabled("cpu")))
+        return conv(inp, w, *args)
+    monkeypatch.setattr(F, "conv2d", spy)
+    for model in (m, q):
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(xi).sum().backward()
+        assert sum(c[0] for c in calls) == 3 and len(calls) == 52  # 3 strided depthwise among 52 convs
+        assert all(c[1:] == ((torch.float32, False) if c[0] else (c[1], True)) for c in calls)

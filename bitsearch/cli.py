@@ -546,7 +546,7 @@ def cmd_sensitivity(args) -> int:
 def cmd_allocate(args) -> int:
     from mlflow_server.tracking import fetch_artifact
     from pipeline import load_baseline, packed_meta
-    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, layer_bytes, weight_scores
+    from pipeline.sensitivity import FORMAT, SensitivityError, allocate, check_min_bits, layer_bytes, weight_scores
     from quantization import QuantConfig
     p = Path(args.sensitivity)
     try:
@@ -560,11 +560,10 @@ def cmd_allocate(args) -> int:
         raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: a number of MB, or a comma-separated list") from None
     if not budgets or any(not (b > 0 and math.isfinite(b)) for b in budgets):
         raise UserError(f"--budget-mb={args.budget_mb!r} is invalid: every budget must be a number > 0 (MB)")
-    if args.min_bits is not None and not 2 <= args.min_bits <= 8:
-        raise UserError(f"--min-bits={args.min_bits} is invalid: allowed 2..8")
     if args.a_bits is not None and not (2 <= args.a_bits <= 8 or args.a_bits == 32):
         raise UserError(f"--a-bits={args.a_bits} is invalid: allowed 2..8, or 32 for FP32")
     try:
+        check_min_bits(args.min_bits, "--min-bits")
         est, scores = weight_scores(table, args.estimator)
     except SensitivityError as e:
         raise UserError(str(e)) from None

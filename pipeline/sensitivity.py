@@ -358,12 +358,19 @@ def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[
     return est, column("w")
 
 
+def check_min_bits(min_bits: Any, name: str = "min_bits") -> None:
+    """SensitivityError unless ``min_bits`` is None or an integer in 2..8 (the allocator's floor)."""
+    if min_bits is not None and (isinstance(min_bits, bool) or not isinstance(min_bits, int) or not 2 <= min_bits <= 8):
+        raise SensitivityError(f"{name}={min_bits!r} is invalid: an integer in 2..8")
+
+
 def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: dict, budget_mb: float, *,
              a_bits: int | None = None, estimator: str | None = None, costs: dict | None = None,
              min_bits: int | None = None) -> dict[str, Any]:
     """The allocation for ``budget_mb`` (10^6 bytes of packed file): per-layer weight bits, the config,
     its exact packed size. ``min_bits``: no layer narrower than that (the summed scores miss how a few
     2-3 bit layers interact). SensitivityError when no allocation fits."""
+    check_min_bits(min_bits)
     layers = [r["name"] for r in table["layers"]]
     scores = weight_scores(table, estimator)[1]
     if min_bits is not None:

@@ -226,8 +226,10 @@ def write_report(experiment: str | Path) -> dict[str, Any]:
     Path(files["markdown"]).write_text("\n".join(md))
     files.update(_plots(df, front, path))
     done = df[df["status"] == "done"]
-    # each trial: the table's columns plus the `quantize` JSON keys (shared/DESIGN.md contract)
-    keys = {t["trial_id"]: quantize_keys(t) for t in trials}
+    # each trial: the table's columns plus the `quantize` JSON keys (shared/DESIGN.md contract) and the
+    # folder of its last checkpoint (the packed model is in it)
+    keys = {t["trial_id"]: {**quantize_keys(t), **({"checkpoint": t["checkpoint"]} if t["checkpoint"] else {})}
+            for t in trials}
     with_keys = lambda d: [{**r, **keys.get(r["trial_id"], {})} for r in records(d)]  # noqa: E731
     best = with_keys(done.sort_values("Val_Acc", ascending=False).head(1))
     summary = {"experiment": str(experiment), "trials": with_keys(df), "best": best[0] if best else None,
@@ -262,8 +264,7 @@ def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     """The search's Pareto-front trials as versions of its registered model (mlflow_server.registry);
     the champion alias on the best within the size budget."""
     from mlflow_server.registry import register_search
-    ckpts = {t["trial_id"]: t["checkpoint"] for t in load_trials(storage.local_copy(s.path))}
-    front = [{**t, "checkpoint": ckpts.get(t["trial_id"])} for t in summary.get("pareto") or []]
+    front = summary.get("pareto") or []  # each row names its trial's checkpoint folder (write_report)
     run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
     return register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
 

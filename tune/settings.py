@@ -11,7 +11,7 @@ from typing import Any
 
 from quantization.config import QAT_EPOCHS, QAT_LR
 from tune import storage
-from tune.space import SpaceError, quant_config, smallest_bits, validate_space
+from tune.space import SpaceError, num_range, quant_config, smallest_bits, validate_space
 
 SETTINGS_FILE = "bitsearch.json"
 LEGACY_KEYS = ("metric", "fail_once_after_epoch")
@@ -157,7 +157,7 @@ def validate(s: SearchSettings) -> SearchSettings:
         raise SearchConfigError(f"baseline {s.baseline} was trained without a validation split; the search objective "
                                 "needs one: train it with --val-size N")
     if s.mode == "search" and "size_budget_mb" in s.space:
-        from pipeline.sensitivity import FORMAT, SensitivityError, weight_scores
+        from pipeline.sensitivity import FORMAT, SensitivityError, check_min_bits, weight_scores
         try:
             table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
         except (OSError, ValueError):
@@ -171,16 +171,14 @@ def validate(s: SearchSettings) -> SearchSettings:
             raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
         try:
             est, _ = weight_scores(table, s.estimator)
+            check_min_bits(s.min_bits)
         except SensitivityError as e:
             raise SearchConfigError(str(e)) from None
-        if s.min_bits is not None and not (isinstance(s.min_bits, int) and 2 <= s.min_bits <= 8):
-            raise SearchConfigError(f"min_bits={s.min_bits!r} is invalid: an integer in 2..8")
         from pipeline.sensitivity import allocation_config
-        from tune.space import _num_range
         lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
         floor = allocation_config(quant_config({}, s.quant_base), {r["name"]: lo_bits for r in table["layers"]})
         floor_mb = packed_mb(floor)
-        low = _num_range("size_budget_mb", s.space["size_budget_mb"])[0]
+        low = num_range("size_budget_mb", s.space["size_budget_mb"])[0]
         if low < floor_mb:
             raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
                                     f"({floor_mb:.4f} MB with every layer at {lo_bits} bits): raise the low end")

@@ -44,7 +44,8 @@ class SpaceError(ValueError):
     pass
 
 
-def _num_range(key: str, spec: Any) -> tuple[float, float, bool]:
+def num_range(key: str, spec: Any) -> tuple[float, float, bool]:
+    """(low, high, log) of a numeric search parameter given as {low, high, log}, [low, high] or one value."""
     if isinstance(spec, dict):
         lo, hi, log = spec.get("low"), spec.get("high"), bool(spec.get("log", key == "qat_lr"))
     elif isinstance(spec, (list, tuple)) and len(spec) == 2:
@@ -79,7 +80,7 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
             except ValueError as e:
                 raise SpaceError(str(e)) from None
             continue
-        lo, hi, log = _num_range(key, spec)
+        lo, hi, log = num_range(key, spec)
         if key in INT_KEYS:
             if not (lo.is_integer() and hi.is_integer()):
                 raise SpaceError(f"space.{key}={spec!r} is invalid: integers expected")

@@ -2,7 +2,7 @@
 
 Variants, timed in turn over --rounds rounds (median of each): FP32; channels-last; bf16 autocast;
 bf16 autocast + channels-last; optionally torch.compile of FP32, channels-last and the last. For the FP32 model and, with
---fakequant, a W4A4 QAT model with live BN (its quantizers always compute in FP32).
+--fakequant, a W4A4 QAT model with BN live and with BN frozen (its quantizers always compute in FP32).
 
     python bench/precision.py --data ../shared/data/cifar10-jpeg.tar.gz --width 0.5 --steps 6 --rounds 3 \\
         --out docs/bench/precision-cpu.json
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--fakequant", action="store_true", help="also a W4A4 QAT model (live BN)")
+    ap.add_argument("--fakequant", action="store_true", help="also a W4A4 QAT model, BN live and BN frozen")
     ap.add_argument("--compile", action="store_true", help="also torch.compile (FP32, channels-last, bf16 + channels-last)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/precision.json")
@@ -78,6 +78,8 @@ def main() -> None:
         q = prepare(models["fp32"], QuantConfig(w_bits=4, a_bits=4, method="qat")).to(dev)
         calibrate(q, [next(it)[0] for _ in range(2)])
         models["w4a4_qat"] = q
+        from throughput import _Frozen  # keeps BN frozen through .train(): the default at >= 4 weight bits
+        models["w4a4_qat_frozen"] = _Frozen(copy.deepcopy(q))
     levers = {"fp32": (False, False), "channels_last": (False, True), "bf16": (True, False),
               "bf16_channels_last": (True, True)}
     variants = {}

@@ -88,8 +88,9 @@ def trained(learnable_data):
 
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=3, width=0.25)
+    # FP32 on every CPU (auto would pick bf16 on native-bf16 ones): the same reference model everywhere
     train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
-                                         eval_test=False))
+                                         eval_test=False, amp="off", channels_last="off"))
     x = learnable_data.train_x
     recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
     m.eval()

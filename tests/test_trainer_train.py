@@ -1,3 +1,4 @@
+import importlib
 import json
 import shutil
 
@@ -94,16 +95,25 @@ def test_bad_numbers_are_refused(field, value, message):
         TrainConfig.from_dict({field: value})
 
 
-def test_precision_switches_and_cpu_bf16_keeps_quantizers_in_fp32(learnable_data, tmp_path):
-    """--amp/--channels-last apply on CPU too; the run says which; fake-quant arithmetic stays FP32."""
+def test_precision_switches_and_cpu_bf16_keeps_quantizers_in_fp32(learnable_data, tmp_path, monkeypatch):
+    """--amp/--channels-last apply on CPU too; auto = on where the CPU has native bf16; the run says
+    which; fake-quant arithmetic stays FP32."""
+    T = importlib.import_module("trainer.train")  # the module (trainer.train is also the function)
     from quantization import QuantConfig, calibrate, prepare
     from trainer.config import ConfigError
     from trainer.train import precision
     cpu = torch.device("cpu")
-    assert precision(TrainConfig(), cpu)[:2] == (False, False)  # auto: FP32 on CPU
-    amp, cl, line = precision(TrainConfig(amp="on", channels_last=True), cpu)
+    for native in (True, False):
+        monkeypatch.setattr(T, "cpu_has_native_bf16", lambda native=native: native)
+        amp, cl, line = precision(TrainConfig(), cpu)
+        assert (amp, cl) == (native, native)
+        assert f"CPU {'with' if native else 'without'} native bf16" in line and "amp=auto" in line
+        assert precision(TrainConfig(amp="off", channels_last="off"), cpu)[:2] == (False, False)
+    monkeypatch.undo()
+    amp, cl, line = precision(TrainConfig(amp="on", channels_last="off"), cpu)
     assert (amp, cl) == (True, False) and "bf16 autocast on" in line and "channels-last off" in line
     assert TrainConfig(amp=True).amp == "auto" and TrainConfig(amp="no").amp == "off"  # older configs
+    assert TrainConfig(channels_last=True).channels_last == "auto"
     with pytest.raises(ConfigError, match="amp='fast' is invalid: on, off or auto"):
         TrainConfig(amp="fast")
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (static shapes: the last partial batch is dropped)
-    amp: str = "auto"             # bf16 autocast: on | off | auto (= on with CUDA; see train.precision)
+    amp: str = "auto"             # bf16 autocast: on | off | auto (= on with CUDA or a native-bf16 CPU; train.precision)
     channels_last: str = "auto"   # channels-last memory format: on | off | auto (same rule)
     eval_every: int = 1           # evaluate the test set every N epochs (and at the last); val: every epoch
     eval_test: bool = True        # False: validation only (QAT inside a search: test is measured after)

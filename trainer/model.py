@@ -50,30 +50,22 @@ class LayerInfo(NamedTuple):
     relu6_source: str | None   # that ReLU6 module when this layer is its only reader (the quantizer may absorb it)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
-           groups: int) -> torch.Tensor:
-    """``F.conv2d``, except that a strided depthwise conv under CPU bf16 autocast computes in FP32 (and
-    returns the autocast dtype). PyTorch 2.14's CPU backward of a bf16 depthwise conv with stride 2 is
-    6-13x slower than the FP32 one (one conv of width-0.5 MobileNet-v2: 98 vs 24 ms per step; the three
-    of them took ~40% of a bf16 + channels-last training step, bench/precision.py). Same values up to
-    rounding; every other conv keeps bf16."""
-    s = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if (groups > 1 and groups == x.shape[1] and s != (1, 1) and x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")):
-        with torch.autocast("cpu", enabled=False):
-            y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding,
-                         dilation, groups)
-        return y.to(torch.get_autocast_dtype("cpu"))
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` computing through ``conv2d`` above (same parameters, state dict and export)."""
+    """``nn.Conv2d`` (same parameters, state dict and export), except that a strided depthwise conv under
+    CPU bf16 autocast computes in FP32 and hands the autocast dtype on. PyTorch 2.14's CPU backward of a
+    bf16 depthwise conv with stride 2 is 4-13x slower than the FP32 one (98 vs 24 ms per step for one
+    conv of width-0.5 MobileNet-v2; the three of them took about a third of a bf16 + channels-last
+    training step, docs/RESULTS.md section 5). Same values up to rounding; every other conv keeps bf16.
+    QAT layers call this ``_conv_forward`` too."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.padding_mode != "zeros":
-            return super()._conv_forward(input, weight, bias)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if (self.groups > 1 and self.groups == input.shape[1] and self.stride != (1, 1)
+                and self.padding_mode == "zeros" and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            with torch.autocast("cpu", enabled=False):
+                y = F.conv2d(input.float(), weight.float(), None if bias is None else bias.float(), self.stride,
+                             self.padding, self.dilation, self.groups)
+            return y.to(torch.get_autocast_dtype("cpu"))
+        return super()._conv_forward(input, weight, bias)
 
 
 class ConvBNAct(nn.Sequential):

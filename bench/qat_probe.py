@@ -2,8 +2,9 @@
 "QAT instability" table. Positional arguments:
 
     python bench/qat_probe.py CHECKPOINT PRECISION W_BITS A_BITS IMAGES THREADS LR BN_LIVE_BELOW_BITS
-    python bench/qat_probe.py runs/cpu-D/checkpoint.pt on 8 8 10000 1 0.01 4    # collapses
-    python bench/qat_probe.py runs/cpu-D/checkpoint.pt on 8 8 10000 1 0.001 4   # 84.07
+    python bench/qat_probe.py runs/cpu-D/checkpoint.pt on 8 8 10000 2 0.01 4    # 82.58 (collapsed to 10% before
+                                                                                 # frozen-BN QAT trained the fold)
+    python bench/qat_probe.py runs/cpu-D/checkpoint.pt on 4 4 10000 2 0.003 4   # 78.92
 
 PRECISION: on = the default (bf16 autocast on a native-bf16 CPU), off = FP32 (as on a CPU without it).
 IMAGES: stratified fine-tuning subset of the baseline's training split (val 5,000, test 10,000 as always).

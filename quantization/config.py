@@ -23,7 +23,7 @@ from typing import Any, Iterable
 FP32 = 32
 OBSERVERS = ("minmax", "ema", "percentile", "mse")  # range observers (quantization/observers.py)
 QAT_EPOCHS = 1      # fine-tuning epochs of QAT/LSQ when not given (CLI, searches)
-QAT_LR = 0.01       # and their learning rate
+QAT_LR = 0.003      # and their learning rate (chosen on the cpu model, docs/RESULTS.md section 7)
 
 
 # Settings that only steer fine-tuning and were added after the packed format: left out of packed-file

@@ -151,6 +151,23 @@ class _QuantLayer(nn.Module):
         return d / self._bn_factor().reshape(-1, *([1] * (d.ndim - 1))) if bn is not None else d
 
 
+class _FoldStep(torch.autograd.Function):
+    """``w * sf`` forward; backward hands ``w`` the incoming gradient divided by ``sf`` instead of
+    multiplied by it, so an SGD step on ``w`` moves ``w * sf`` as a step on ``w * sf`` itself would (the
+    momentum buffer is linear in the gradient, so this holds with momentum too). Channels whose ``sf``
+    is 0 (gamma 0: the channel outputs a constant) get no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, w, sf):
+        ctx.save_for_backward(sf)
+        return w * sf
+
+    @staticmethod
+    def backward(ctx, g):
+        sf, = ctx.saved_tensors
+        return torch.where(sf.abs() > EPS, g / torch.where(sf.abs() > EPS, sf, 1.0), 0.0), None
+
+
 class QuantConvBn2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg, input_relu6: bool = False):
         super().__init__()
@@ -167,11 +184,22 @@ class QuantConvBn2d(_QuantLayer):
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)   # gamma / sigma, [C]
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """BN folded into the conv: w * gamma/sigma and beta + (b - mu) * gamma/sigma."""
+        """BN folded into the conv: w * gamma/sigma and beta + (b - mu) * gamma/sigma.
+
+        Training with BN frozen the fold is a fixed per-channel scale, and the layer trains as the folded
+        conv would (``_FoldStep``): gamma and the conv's bias get no gradient (they duplicate w's channel
+        scale and beta) and a step moves ``w * gamma/sigma`` by ``lr`` times its own gradient, whatever
+        sigma the baseline ended with. Through the plain product that step would be ``(gamma/sigma)^2``
+        times larger: on a baseline with small BN sigmas (strong weight decay) a learning rate that suits
+        another baseline diverges (docs/RESULTS.md section 7)."""
         if self.bn is None:
             return self.conv.weight, self.conv.bias
         sf = self._bn_factor()
         b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(self.bn.running_mean)
+        if self.training and torch.is_grad_enabled():
+            sf, b = sf.detach(), b.detach()
+            w = _FoldStep.apply(self.conv.weight, sf.reshape(-1, 1, 1, 1))
+            return w, self.bn.bias + (b - self.bn.running_mean) * sf
         return self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * sf
 
     def _conv(self, x, w, b):

@@ -72,6 +72,49 @@ def test_live_bn_gradients_match_the_textbook_form_through_the_ste():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("w_bits, bias", [(32, False), (4, False), (4, True)])
+@pytest.mark.parametrize("k", [1.0, 0.05], ids=["sigma-as-is", "sigma-20x-smaller"])
+def test_frozen_bn_qat_trains_the_folded_conv_whatever_the_bn_scale(w_bits, bias, k):
+    """With BN frozen, SGD (momentum, several steps) on the QAT layer moves the folded weight and bias
+    exactly as SGD on a plain conv holding them: the step does not grow as sigma shrinks (k: the same
+    function with conv weights and sigma k times the original). A channel with gamma 0 stays put."""
+    layer = _layer(w_bits, bias=bias)
+    with torch.no_grad():
+        layer.conv.weight.mul_(k)
+        layer.bn.running_mean.mul_(k)
+        layer.bn.running_var.mul_(k * k)
+        if bias:
+            layer.conv.bias.mul_(k)
+        layer.bn.weight[3] = 0.0
+    layer.bn_frozen = True
+    w0, b0 = (t.detach().clone() for t in layer.folded())
+    ref = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+    with torch.no_grad():
+        ref.weight.copy_(w0)
+        ref.bias.copy_(b0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 8, 6, 6)
+        target = torch.randn(4, 8, 6, 6)
+        for m, o in ((layer, opt), (ref, ref_opt)):
+            o.zero_grad()
+            w = layer.wq(ref.weight) if m is ref and layer.wq is not None else None
+            out = F.conv2d(x, w, ref.bias, padding=1) if w is not None else m(x)
+            ((out - target) ** 2).mean().backward()
+            o.step()
+    assert layer.bn.weight.grad is None and (layer.conv.bias is None or layer.conv.bias.grad is None)
+    w1, b1 = (t.detach() for t in layer.folded())
+    assert not torch.allclose(w1, w0)
+    live = torch.arange(8) != 3
+    for got, want, start in ((w1, ref.weight, w0), (b1, ref.bias, b0)):  # the same step, up to rounding flips
+        step, ref_step = (got - start)[live], (want.detach() - start)[live]
+        assert (step - ref_step).norm() < 0.01 * ref_step.norm()
+    assert torch.isfinite(layer.conv.weight).all()
+    torch.testing.assert_close(w1[3], w0[3])
+
+
 @pytest.mark.parametrize("s, bits", [(0.05, 4), (0.5, 4), (0.03, 8), (1.7, 2), (6 / 255, 8)],
                          ids=["fine", "s*qmax>6", "8bit", "2bit", "clip-at-6"])
 def test_fake_quantize_relu6_equals_relu6_then_fake_quantize(s, bits):

@@ -112,6 +112,9 @@ def start(root: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000
     backend = backend or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{root / 'mlflow.db'}"
     artifacts = artifacts or os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or str(root / "artifacts")
     env, login = dict(os.environ), None
+    # MLflow 3's job runner (seven more Python processes importing mlflow, ~240 MB resident each) serves
+    # GenAI jobs bitsearch never submits: off unless the user turns it on
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if auth:
         extra, login = auth_environment(root)
         env.update(extra)

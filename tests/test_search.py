@@ -76,7 +76,9 @@ def _server_start(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "server", "--root", str(root), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     yield proc, port
-    os.killpg(proc.pid, signal.SIGINT)
+    # SIGTERM, not SIGINT: a suite started in the background by a shell without job control inherits
+    # SIGINT ignored (the shell's rule for background jobs), and the server would outlive the suite
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
 
 

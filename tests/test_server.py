@@ -39,6 +39,26 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+def _descendants(pid: int) -> list[str]:
+    """Command lines of every process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(st.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            out.append((Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return out
+
+
 def test_basic_auth_works_from_a_fresh_install(tmp_path):
     root, port, cwd = tmp_path / "mlf", _free_port(), tmp_path / "cwd"
     cwd.mkdir()
@@ -58,6 +78,8 @@ def test_basic_auth_works_from_a_fresh_install(tmp_path):
         assert requests.post(url, json={"max_results": 5}, auth=("admin", "wrong"), timeout=30).status_code == 401
         assert requests.post(url, json={"max_results": 5}, auth=("admin", password), timeout=30).status_code == 200
         assert (root / "basic_auth.db").is_file() and not list(cwd.iterdir())  # nothing in the working directory
+        procs = _descendants(proc.pid)  # the server, without MLflow's GenAI job runner and its consumers
+        assert any("uvicorn" in c for c in procs) and not any("huey" in c or "_job_runner" in c for c in procs), procs
     finally:
         _stop(proc)
     # a restart reuses the saved secrets (and does not print the password again)

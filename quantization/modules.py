@@ -165,7 +165,8 @@ class _FoldStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         sf, = ctx.saved_tensors
-        return torch.where(sf.abs() > EPS, g / torch.where(sf.abs() > EPS, sf, 1.0), 0.0), None
+        live = sf.abs() > EPS
+        return torch.where(live, g / torch.where(live, sf, 1.0), 0.0), None
 
 
 class QuantConvBn2d(_QuantLayer):

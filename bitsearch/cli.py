@@ -153,7 +153,8 @@ class RichProgress:
 
 TRAIN_FLAGS = {"epochs": "epochs", "width": "width", "batch_size": "batch_size", "lr": "lr", "subset": "subset",
                "val_size": "val_size", "seed": "seed", "device": "device", "weight_decay": "weight_decay",
-               "label_smoothing": "label_smoothing", "compile": "compile", "amp": "amp", "channels_last": "channels_last"}
+               "label_smoothing": "label_smoothing", "compile": "compile", "amp": "amp", "channels_last": "channels_last",
+               "progressive": "progressive"}
 
 
 def add_train(sub) -> None:
@@ -168,6 +169,8 @@ def add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
     p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--progressive", help="train the first epochs at lower resolution (faster): SIZE:EPOCHS[,...], "
+                   "e.g. 24:8 = 8 epochs at 24 px, then 32 px; evaluation is always at 32 px")
     p.add_argument("--subset", type=int, help="stratified subset of N training images")
     p.add_argument("--val-size", dest="val_size", type=int, help="images held out of train for validation")
     p.add_argument("--seed", type=int)

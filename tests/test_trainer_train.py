@@ -130,3 +130,42 @@ def test_precision_switches_and_cpu_bf16_keeps_quantizers_in_fp32(learnable_data
     with torch.autocast("cpu", dtype=torch.bfloat16):
         q(x)
     assert seen == [(torch.bfloat16, torch.float32)]  # a bf16 conv output, quantized in FP32
+
+
+def test_progressive_resizing_trains_early_epochs_small_and_resumes_exactly(learnable_data, tmp_path):
+    """progressive="16:1,24:1": epoch 1 sees 16 px batches, epoch 2 24 px, epoch 3 the stored 32 px;
+    evaluation always sees 32 px; a run killed in the low-resolution phase resumes to the same weights."""
+    from trainer.train import resize_batch
+
+    cfg = TrainConfig(**{**TINY, "epochs": 3, "progressive": "16:1,24:1", "amp": "off", "channels_last": "off"})
+    model = _model()
+    seen: list[tuple[bool, int]] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    res = train(model, learnable_data, cfg, out_dir=tmp_path / "full", write_reports=False)
+    steps = (len(learnable_data.train_y) + 15) // 16
+    train_sizes = [s for training, s in seen if training]
+    assert train_sizes == [16] * steps + [24] * steps + [32] * steps
+    assert {s for training, s in seen if not training} == {32}
+    assert [h["train_px"] for h in res["history"]] == [16.0, 24.0, 32.0]
+    assert res["top1"] > 60.0, res["history"]  # still learns the 3 easy classes
+
+    part = tmp_path / "part"
+    train(_model(), learnable_data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
+    resumed = _model(seed=99)
+    train(resumed, learnable_data, cfg, out_dir=part, resume=True, write_reports=False)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+    # the resize is an antialiased downscale of the whole image: a constant image stays that constant
+    x = torch.full((2, 3, 32, 32), 0.7)
+    x[:, :, :16] = -0.3  # top half darker: the 16 px image keeps the halves
+    small = resize_batch(x, 16)
+    assert small.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(small[:, :, :7], torch.full((2, 3, 7, 16), -0.3))
+    torch.testing.assert_close(small[:, :, 9:], torch.full((2, 3, 7, 16), 0.7))
+
+
+@pytest.mark.parametrize("spec", ["24:3", "32:1", "24", "24:0", "6:1", "a:b"])
+def test_bad_progressive_schedules_are_refused(spec):
+    with pytest.raises(ConfigError, match=rf"progressive='{spec}' is invalid: must be empty or SIZE:EPOCHS"):
+        TrainConfig(epochs=3, progressive=spec)

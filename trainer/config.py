@@ -26,6 +26,7 @@ class TrainConfig:
     no_decay_bn_bias: bool = False  # True: no weight decay on BN parameters and biases
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0     # linear warm-up before the cosine (0 = none, as the reference)
+    progressive: str = ""          # lower training resolution first: "SIZE:EPOCHS,..." e.g. "24:8" (then 32 px)
     kd_weight: float = 0.0         # knowledge distillation: loss = (1 - w) * label loss + w * T^2 * KL(teacher || student)
     kd_temperature: float = 4.0    # softening temperature T of both logits (needs a teacher passed to train)
     # data
@@ -57,6 +58,13 @@ class TrainConfig:
         need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(_finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
+        try:
+            phases = parse_progressive(self.progressive)
+        except ValueError:
+            phases = None
+        need(phases is not None and sum(e for _, e in phases) < self.epochs, "progressive",
+             "must be empty or SIZE:EPOCHS[,SIZE:EPOCHS...] with sizes 8-31 px and fewer epochs in all than "
+             "`epochs` (the last epochs train at full size), e.g. 24:8")
         need(_finite(self.kd_weight) and 0 <= self.kd_weight <= 1, "kd_weight", "must be in [0, 1]")
         need(_finite(self.kd_temperature) and self.kd_temperature > 0, "kd_temperature", "must be a number > 0")
         need(isinstance(self.subset, int) and self.subset >= 0, "subset", "must be an integer >= 0 (0 = all)")
@@ -82,6 +90,18 @@ class TrainConfig:
 
     def replace(self, **kw: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **kw})
+
+
+def parse_progressive(spec: str) -> list[tuple[int, int]]:
+    """"24:8" -> [(24, 8)]; "16:3,24:5" -> [(16, 3), (24, 5)] (image side in pixels, epochs). ValueError if malformed."""
+    phases = []
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        size, _, epochs = part.partition(":")
+        size, epochs = int(size), int(epochs)
+        if not (8 <= size < 32 and epochs >= 1):
+            raise ValueError(part)
+        phases.append((size, epochs))
+    return phases
 
 
 def _switch(name: str, v: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, parse_progressive
 from trainer.data import Dataset, GpuLoader, normalize
 
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
@@ -242,6 +242,15 @@ class _Run:
             self.opt, cosine_lambda(cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps)))
         self.forward = torch.compile(model, dynamic=False) if cfg.compile else model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # progressive resizing: the training image side per epoch (None = as stored); evaluation is full size
+        self.sizes: list[int | None] = [s for s, e in parse_progressive(cfg.progressive) for _ in range(e)]
+        self.sizes += [None] * (cfg.epochs - len(self.sizes))
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Downscale a batch of (normalised) images to size x size: bilinear with antialiasing, the way an
+    image resize would, so a 24 px epoch sees the whole augmented 32 px crop at lower resolution."""
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _restore(run: _Run, ckpt_path: Path | None) -> tuple[list[dict], int]:
@@ -278,7 +287,10 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     seen = 0
+    size = run.sizes[epoch]
     for step, (xb, yb) in enumerate(run.loader):
+        if size is not None:
+            xb = resize_batch(xb, size)
         if run.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
@@ -300,8 +312,11 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    return {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_top1": 100.0 * correct.item() / seen,
-            "lr": run.opt.param_groups[0]["lr"], "epoch_s": train_s, "images_per_s": seen / train_s}
+    m = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_top1": 100.0 * correct.item() / seen,
+         "lr": run.opt.param_groups[0]["lr"], "epoch_s": train_s, "images_per_s": seen / train_s}
+    if run.cfg.progressive:
+        m["train_px"] = float(size or run.data.train_x.shape[-1])
+    return m
 
 
 def _save_checkpoint(run: _Run, path: Path, epoch: int, history: list[dict], meta: dict | None) -> None:

@@ -12,7 +12,8 @@ from typing import Any, Iterable
 
 import torch
 
-from quantization import QAT_LR, QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing
+from quantization import (QAT_LR, QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing,
+                          set_lr_scales)
 from quantization.actmem import activation_memory
 from quantization.packing import convert, save_packed, size_report
 from trainer import (CheckpointError, Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device,
@@ -124,6 +125,7 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
                            no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
                            dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)),
                            kd_weight=kd_weight, kd_temperature=kd_temperature)
+        set_lr_scales(q, qcfg)  # layers that keep BN live: qcfg.live_bn_lr_factor x qat_lr
         res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
                     callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False,
                     teacher=fp32 if kd_weight > 0 else None)

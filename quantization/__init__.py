@@ -8,7 +8,7 @@ from quantization.config import (FP32, QAT_EPOCHS, QAT_LR, Granularity, LayerOve
                                   QuantConfigError)
 
 _API = ("CalibrationError", "QATSchedule", "calibrate", "freeze", "prepare", "quant_layers", "recalibrate_bn",
-        "set_act_observing", "set_bn_frozen")
+        "set_act_observing", "set_bn_frozen", "live_bn_layers", "set_lr_scales")
 
 __all__ = ["FP32", "QAT_EPOCHS", "QAT_LR", "Granularity", "LayerOverride", "Method", "QuantConfig", "QuantConfigError",
            *_API]

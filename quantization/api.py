@@ -182,6 +182,29 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def live_bn_layers(model: nn.Module, cfg: QuantConfig) -> list[QuantConvBn2d]:
+    """The conv+BN layers that keep BN live through the whole QAT fine-tuning: fewer weight bits than
+    ``cfg.bn_live_below_bits`` (QAT only: LSQ keeps every BN frozen)."""
+    if cfg.method is not Method.QAT:
+        return []
+    return [m for m in model.modules() if isinstance(m, QuantConvBn2d) and m.bn is not None and m.wq is not None
+            and m.wq.bits < cfg.bn_live_below_bits]
+
+
+def set_lr_scales(model: nn.Module, cfg: QuantConfig) -> int:
+    """Give the parameters of ``live_bn_layers`` the learning-rate multiple ``cfg.live_bn_lr_factor``
+    (``lr_scale``, which trainer.train's optimiser reads; every other parameter: 1). Call before training.
+    Returns how many parameters were scaled."""
+    for p in model.parameters():
+        p.lr_scale = 1.0
+    n = 0
+    for m in live_bn_layers(model, cfg):
+        for p in m.parameters():
+            p.lr_scale = float(cfg.live_bn_lr_factor)
+            n += 1
+    return n
+
+
 class QATSchedule:
     """trainer Callback for quantization-aware training: BN statistics update until
     ``cfg.freeze_bn_epoch`` (QAT; LSQ keeps them frozen; in QAT layers with fewer weight bits than
@@ -196,11 +219,9 @@ class QATSchedule:
         # weight under a fixed step, so LSQ keeps BN frozen from the start.
         frozen = epoch >= self.cfg.freeze_bn_epoch or self.cfg.method is Method.LSQ
         set_bn_frozen(model, frozen)
-        if frozen and self.cfg.method is Method.QAT:  # low-bit layers keep BN live (cfg.bn_live_below_bits)
-            for m in model.modules():
-                if (isinstance(m, QuantConvBn2d) and m.bn is not None and m.wq is not None
-                        and m.wq.bits < self.cfg.bn_live_below_bits):
-                    m.bn_frozen = m.bn.bitsearch_frozen = False
-                    m.bn.train(model.training)
+        if frozen:  # low-bit layers keep BN live (cfg.bn_live_below_bits)
+            for m in live_bn_layers(model, self.cfg):
+                m.bn_frozen = m.bn.bitsearch_frozen = False
+                m.bn.train(model.training)
         set_act_observing(model, epoch < self.cfg.freeze_observer_epoch)
 

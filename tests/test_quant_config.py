@@ -17,6 +17,7 @@ from trainer.model import MobileNetV2
     ({"calib_batches": 0}, "calib_batches=0"),
     ({"bn_live_below_bits": -1}, "bn_live_below_bits=-1 is invalid"),
     ({"freeze_bn_epoch": 1.5}, "freeze_bn_epoch=1.5 is invalid"),
+    ({"live_bn_lr_factor": 0}, "live_bn_lr_factor=0.0 is invalid: a number > 0"),
     ({"percentile": "high"}, "is not a number"),
     ({"colour": 3}, "unknown quantization option"),
     ({"overrides": [{"pattern": "blocks.1.*", "w_bits": 9}]}, "overrides\\[blocks.1.\\*\\].w_bits=9"),

@@ -73,3 +73,36 @@ def test_diverged_fine_tuning_is_one_clear_error(trained, learnable_data):
     from pipeline.quantize import DivergedError
     with pytest.raises(DivergedError, match="NaN or infinite values .*the fine-tuning diverged"):
         _q(trained, learnable_data, w_bits=2, a_bits=2, method="qat", epochs=1, lr=1e12)
+
+
+def test_layers_that_keep_bn_live_train_at_their_own_learning_rate(trained, learnable_data):
+    """QAT: the layers below bn_live_below_bits (BN live) train at live_bn_lr_factor x the QAT lr; every other
+    parameter at the QAT lr; the cosine schedule scales both; factor 1 (the default) = one learning rate."""
+    from quantization import live_bn_layers
+
+    class Groups:
+        def on_train_start(self, state):
+            self.start = [(g["lr"], {id(p) for p in g["params"]}) for g in state["optimizer"].param_groups]
+
+        def on_epoch_end(self, epoch, m, state):
+            self.mid = [g["lr"] for g in state["optimizer"].param_groups]
+
+    mixed = dict(w_bits=8, a_bits=8, method="qat", overrides=({"pattern": "blocks.1.*", "w_bits": 2},))
+    seen = Groups()
+    r = quantize_model(trained, learnable_data, QuantConfig(**mixed, live_bn_lr_factor=3), qat_epochs=2, qat_lr=0.01,
+                       batch_size=16, device="cpu", act_memory=False, callbacks=[seen])
+    live = live_bn_layers(r["_model"], QuantConfig(**mixed, live_bn_lr_factor=3))
+    assert live and all(m.wq.bits == 2 for m in live)
+    live_ids = {id(p) for m in live for p in m.parameters()}
+    by_lr = {}
+    for lr, ids in seen.start:
+        by_lr.setdefault(round(lr, 12), set()).update(ids)
+    assert set(by_lr) == {0.01, 0.03} and by_lr[0.03] == live_ids
+    fast = [i for i, (_, ids) in enumerate(seen.start) if ids <= live_ids]
+    slow = [i for i in range(len(seen.start)) if i not in fast]
+    assert seen.mid[fast[0]] == pytest.approx(3 * seen.mid[slow[0]]) and seen.mid[slow[0]] < 0.01  # cosine: both
+
+    one = Groups()
+    quantize_model(trained, learnable_data, QuantConfig(**mixed), qat_epochs=1, qat_lr=0.01,
+                   batch_size=16, device="cpu", act_memory=False, callbacks=[one])
+    assert {lr for lr, _ in one.start} == {0.01}

@@ -85,14 +85,24 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
-    if not no_decay_bn_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool, lr: float | None = None) -> list[dict]:
+    """Optimiser groups: weight decay (none on 1-d parameters with ``no_decay_bn_bias``), and a learning rate
+    of ``lr`` times a parameter's ``lr_scale`` attribute where it has one other than 1 (QAT: layers that keep
+    BN live, quantization.set_lr_scales)."""
+    groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)  # BN weights/biases, conv/linear biases, scales
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            wd = 0.0 if no_decay_bn_bias and p.ndim <= 1 else weight_decay  # BN weights/biases, biases, scales
+            groups.setdefault((wd, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    out = []
+    for (wd, scale), ps in groups.items():
+        g = {"params": ps, "weight_decay": wd}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("parameters with an lr_scale need the base learning rate")
+            g["lr"] = lr * scale
+        out.append(g)
+    return out
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int = 0):
@@ -233,7 +243,7 @@ class _Run:
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias), lr=cfg.lr,
+        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias, cfg.lr), lr=cfg.lr,
                                    momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
                                 generator=self.gen, do_augment=cfg.augment, drop_last=cfg.compile)

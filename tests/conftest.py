@@ -10,10 +10,23 @@ import pytest
 import torch
 
 
+# `make test` runs the suite in two pytest-xdist workers, one test file at a time each (--dist loadfile: a
+# module's Ray and MLflow server start once). The suite spends most of its time waiting on servers, Ray and
+# subprocesses, so two workers overlap that waiting; the longest files go first so neither worker is left
+# with one long file at the end.
+LONGEST_FIRST = ("test_search.py", "test_study_and_bench.py", "test_cluster.py", "test_server.py",
+                 "test_sensitivity.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     os.environ["BITSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # also in each xdist worker: the trial processes use 2 as well (same arithmetic)
 
 
 def make_tree(root: Path, classes=("cat", "dog", "ship"), n_train=12, n_test=4, seed=0, size=32) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,21 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     os.environ["BITSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(2)  # also in each xdist worker: the trial processes use 2 as well (same arithmetic)
+    # one compute thread per xdist worker (two workers share the 2 cores; 2 in a plain `pytest` run)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+@contextmanager
+def two_threads():
+    """Compute with 2 threads inside: as the trial and CLI processes do on 2 cores, so a model trained or
+    evaluated here has the same arithmetic as one trained or evaluated there (a tiny model's accuracy can
+    move by a few images with the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_tree(root: Path, classes=("cat", "dog", "ship"), n_train=12, n_test=4, seed=0, size=32) -> Path:
@@ -102,10 +117,11 @@ def trained(learnable_data):
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=3, width=0.25)
     # FP32 on every CPU (auto would pick bf16 on native-bf16 ones): the same reference model everywhere
-    train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
-                                         eval_test=False, amp="off", channels_last="off"))
-    x = learnable_data.train_x
-    recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
+    with two_threads():  # the same reference model in a 1-thread xdist worker
+        train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
+                                             eval_test=False, amp="off", channels_last="off"))
+        x = learnable_data.train_x
+        recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
     m.eval()
     assert evaluate(m, learnable_data.test_x, learnable_data.test_y)["top1"] > 90
     return m

@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import two_threads
 from trainer import CheckpointError, ConfigError, TrainConfig, train
 from trainer.model import MobileNetV2
 
@@ -18,7 +19,8 @@ def _model(seed=0):
 
 def test_learns_and_writes_reports(learnable_data, tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 3})
-    res = train(_model(), learnable_data, cfg, out_dir=tmp_path)
+    with two_threads():
+        res = train(_model(), learnable_data, cfg, out_dir=tmp_path)
     assert res["top1"] > 60.0, res["history"]  # 3 easy classes; chance is 33%
     h = res["history"]
     assert [e["epoch"] for e in h] == [1, 2, 3] and h[-1]["lr"] == pytest.approx(0.0, abs=1e-9)

@@ -191,18 +191,14 @@ def live_bn_layers(model: nn.Module, cfg: QuantConfig) -> list[QuantConvBn2d]:
             and m.wq.bits < cfg.bn_live_below_bits]
 
 
-def set_lr_scales(model: nn.Module, cfg: QuantConfig) -> int:
+def set_lr_scales(model: nn.Module, cfg: QuantConfig) -> None:
     """Give the parameters of ``live_bn_layers`` the learning-rate multiple ``cfg.live_bn_lr_factor``
-    (``lr_scale``, which trainer.train's optimiser reads; every other parameter: 1). Call before training.
-    Returns how many parameters were scaled."""
+    (``lr_scale``, which trainer.train's optimiser reads; every other parameter: 1). Call before training."""
     for p in model.parameters():
         p.lr_scale = 1.0
-    n = 0
     for m in live_bn_layers(model, cfg):
         for p in m.parameters():
             p.lr_scale = float(cfg.live_bn_lr_factor)
-            n += 1
-    return n
 
 
 class QATSchedule:

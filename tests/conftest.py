@@ -33,9 +33,9 @@ def _isolated_cache(tmp_path_factory):
 
 @contextmanager
 def two_threads():
-    """Compute with 2 threads inside: as the trial and CLI processes do on 2 cores, so a model trained or
-    evaluated here has the same arithmetic as one trained or evaluated there (a tiny model's accuracy can
-    move by a few images with the thread count)."""
+    """Compute with 2 threads inside, as a plain `pytest` run on 2 cores does (the 1-thread xdist workers
+    otherwise): the tests that use it were written against that arithmetic, and a tiny model's accuracy
+    can move by a few images with the thread count."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -117,7 +117,7 @@ def trained(learnable_data):
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=3, width=0.25)
     # FP32 on every CPU (auto would pick bf16 on native-bf16 ones): the same reference model everywhere
-    with two_threads():  # the same reference model in a 1-thread xdist worker
+    with two_threads():  # the same reference model as in a plain `pytest` run
         train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
                                              eval_test=False, amp="off", channels_last="off"))
         x = learnable_data.train_x

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from quantization.config import QAT_EPOCHS, QAT_LR, Granularity, Method
+from trainer.allocator import keep_freed_memory
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -946,6 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    keep_freed_memory()  # glibc: keep freed blocks in the process (trainer/allocator.py)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from trainer.allocator import ALLOCATOR_LINES, keep_freed_memory
 from trainer.config import TrainConfig
 from trainer.data import load_dataset
 from trainer.model import MobileNetV2, count_params, model_meta
@@ -29,11 +30,12 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
         progress(f"MobileNet-v2 width {cfg.width}: {params:,} params; {summary['train']} train / "
                  f"{summary['val']} val / {summary['test']} test images")
         progress(precision(cfg, resolve_device(cfg.device))[2])
+        progress(f"allocator: {ALLOCATOR_LINES[keep_freed_memory()]}")
     res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=resume,
                 meta={**model_meta(model), "data": summary})
     result = {"params": params, "epochs": cfg.epochs, "top1": _r(res["top1"]), "train_top1": _r(res["train_top1"]),
               "val_top1": _r(res["val_top1"]), "checkpoint": res["checkpoint"], "out_dir": str(out),
-              "amp": res["amp"], "channels_last": res["channels_last"],
+              "amp": res["amp"], "channels_last": res["channels_last"], "allocator": res["allocator"],
               "reports": res.get("reports", {}), "config": cfg.to_dict(), "data": summary,
               "history": res["history"]}
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from trainer.allocator import keep_freed_memory
 from trainer.config import ConfigError, TrainConfig, parse_progressive
 from trainer.data import Dataset, GpuLoader, normalize
 
@@ -182,6 +183,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     if cfg.kd_weight > 0 and teacher is None:
         raise ConfigError(f"kd_weight={cfg.kd_weight} needs a teacher model (distillation from the FP32 baseline)")
     callbacks = list(callbacks)
+    allocator = keep_freed_memory()  # CPU steps page-fault their activations in every step otherwise
     device = resolve_device(cfg.device)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
@@ -194,7 +196,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
 
     state = {"model": model, "optimizer": run.opt, "device": device, "config": cfg, "steps_per_epoch": run.steps,
              "amp": run.amp, "channels_last": run.channels_last, "precision": run.precision,
-             "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history,
+             "allocator": allocator, "start_epoch": start_epoch, "checkpoint": str(ckpt_path) if ckpt_path else None, "history": history,
              "data": data.summary()}
     _fire(callbacks, "on_train_start", state)
     if out:
@@ -223,6 +225,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
         "train_top1": final.get("train_top1"), "val_top1": final.get("val_top1"),
         "history": history, "checkpoint": str(ckpt_path) if ckpt_path else None,
         "out_dir": str(out) if out else None, "amp": run.amp, "channels_last": run.channels_last,
+        "allocator": allocator,
     }
     if out and write_reports:
         from trainer.analysis import write_reports as _write

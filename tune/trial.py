@@ -101,7 +101,10 @@ def _run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: tupl
 
     from pipeline import packed_meta, prepare_quantized, public, quantize_model, write_result
 
+    from trainer.allocator import keep_freed_memory
+
     s = settings
+    keep_freed_memory()  # before the trial's first large allocation (evaluation, calibration, fine-tuning)
     torch.set_num_threads(max(1, int(s.cpus_per_trial)))
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     data = _data(s.data, s.subset, s.val_size, s.seed, s.finetune_subset)

@@ -10,7 +10,8 @@ with the settings below (docs/RESULTS.md section 5, ``bench/allocator.py``).
 ``keep_freed_memory()`` sets, through ``mallopt``, no mmap for large blocks (``M_MMAP_MAX`` 0) and no
 trimming of the heap top (``M_TRIM_THRESHOLD`` at its maximum), unless the user set glibc's own
 ``MALLOC_*`` variables or ``BITSEARCH_MALLOC=system``. The price: a process keeps the peak of what it
-allocated (training: ~2 GB at width 0.5) until it exits. Not glibc (macOS, musl, Windows): nothing
+allocated (training: ~2.7 GB at width 0.5) until it exits, and its heap can grow by a few blocks before
+freed ones are reused (PyTorch's 64-byte-aligned allocations; bounded, tests/test_allocator.py). Not glibc (macOS, musl, Windows): nothing
 happens. Idempotent; the CLI, the trainer and each Tune trial call it.
 """
 from __future__ import annotations

@@ -132,6 +132,8 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
         history = res["history"]
         set_act_observing(q, False)
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev), max(qcfg.calib_batches, 16))
+    elif qcfg.bn_reestimate_batches:  # PTQ: BN statistics of the quantized model (the FP32 ones miss its shifts)
+        n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev), qcfg.bn_reestimate_batches)
     freeze(q)
     q.eval()
     _check_finite(q, history)

@@ -18,6 +18,7 @@ from trainer.model import MobileNetV2
     ({"bn_live_below_bits": -1}, "bn_live_below_bits=-1 is invalid"),
     ({"freeze_bn_epoch": 1.5}, "freeze_bn_epoch=1.5 is invalid"),
     ({"live_bn_lr_factor": 0}, "live_bn_lr_factor=0.0 is invalid: a number > 0"),
+    ({"bn_reestimate_batches": -1}, "bn_reestimate_batches=-1 is invalid: an integer >= 0"),
     ({"percentile": "high"}, "is not a number"),
     ({"colour": 3}, "unknown quantization option"),
     ({"overrides": [{"pattern": "blocks.1.*", "w_bits": 9}]}, "overrides\\[blocks.1.\\*\\].w_bits=9"),
@@ -44,6 +45,9 @@ def test_round_trip_dict_and_yaml():
     assert QuantConfig.from_dict(c.to_dict()) == c
     assert QuantConfig.from_dict(yaml.safe_load(yaml.safe_dump(c.to_dict()))) == c
     assert QuantConfig.from_dict(yaml.safe_load("w_bits: '3'\na_bits: 32\n")) == QuantConfig(w_bits=3, a_bits=32)
+    # packed headers and sensitivity cache keys leave out the settings added later that only steer the procedure
+    later = {"bn_live_below_bits", "live_bn_lr_factor", "bn_reestimate_batches"}
+    assert later <= set(c.to_dict()) and not later & set(c.to_dict(fine_tuning=False))
 
 
 def test_plan_resolves_exceptions_overrides_and_mixed_precision():

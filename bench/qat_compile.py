@@ -1,6 +1,7 @@
-"""QAT training step (W4A4, BN frozen: the default at >= 4 bits) vs the FP32 step, eager and with
-torch.compile (inductor), interleaved rounds, width 0.5, batch 128 (not a test). The step and the
-frozen-BN wrapper are bench/throughput.py's.
+"""QAT training steps (W4A4) vs the FP32 step, eager and with torch.compile (inductor), interleaved
+rounds, width 0.5, batch 128 (not a test): BN statistics live (the first ``freeze_bn_epoch`` epochs, and
+layers below ``bn_live_below_bits`` throughout) and frozen (the folded form). The step and the frozen-BN
+wrapper are bench/throughput.py's; glibc keeps freed memory as in training (trainer.allocator).
 
     python bench/qat_compile.py --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/qat-compile-cpu.json
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from onnx_bench import _cpu_name
 from throughput import _forever, _Frozen, _steps  # importing it also puts the repository on sys.path
 
 
@@ -28,7 +30,9 @@ def main() -> None:
 
     from quantization import QuantConfig, calibrate, prepare
     from trainer import GpuLoader, MobileNetV2, load_dataset
+    from trainer.allocator import keep_freed_memory
 
+    keep_freed_memory()
     dev = torch.device("cpu")
     data = load_dataset(a.data, download=False)
     it = _forever(GpuLoader(data.train_x[:4096], data.train_y[:4096], 128, train=True))
@@ -36,8 +40,11 @@ def main() -> None:
     fp = MobileNetV2(width=0.5)
     q = prepare(fp, QuantConfig(w_bits=4, a_bits=4, method="qat"))
     calibrate(q, [next(it)[0] for _ in range(2)])
-    variants = {"fp32_eager": copy.deepcopy(fp), "qat_frozen_eager": _Frozen(copy.deepcopy(q))}
-    for name, model in (("fp32_compiled", copy.deepcopy(fp)), ("qat_frozen_compiled", _Frozen(copy.deepcopy(q)))):
+    variants = {"fp32_eager": copy.deepcopy(fp), "qat_live_eager": copy.deepcopy(q),
+                "qat_frozen_eager": _Frozen(copy.deepcopy(q))}
+    compile_s: dict[str, float] = {}
+    for name, model in (("fp32_compiled", copy.deepcopy(fp)), ("qat_live_compiled", copy.deepcopy(q)),
+                        ("qat_frozen_compiled", _Frozen(copy.deepcopy(q)))):
         t0 = time.perf_counter()
         compiled = torch.compile(model.train(), dynamic=False)
         try:
@@ -46,17 +53,22 @@ def main() -> None:
             print(f"compile {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
         variants[name] = compiled
-        print(f"compiled {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        compile_s[name] = round(time.perf_counter() - t0, 1)
+        print(f"compiled {name} in {compile_s[name]:.0f} s", flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(a.rounds):
         for k, m in variants.items():
             times[k].append(_steps(m, it, dev, a.steps)[1])
             print(f"round {r + 1} {k}: {128 / times[k][-1]:.0f} img/s", flush=True)
-    res: dict = {k: {"img_s": 128 / statistics.median(v)} for k, v in times.items()}
+    res: dict = {k: {"img_s": 128 / statistics.median(v), "rounds_img_s": [round(128 / t, 1) for t in v]}
+                 for k, v in times.items()}
     for k in times:
         base = "fp32_compiled" if k.endswith("compiled") and "fp32_compiled" in times else "fp32_eager"
         res[k]["vs_fp32_same_mode"] = statistics.median(t / b for t, b in zip(times[k], times[base]))
-    res.update(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads())
+        res[k]["vs_fp32_eager"] = statistics.median(t / b for t, b in zip(times[k], times["fp32_eager"]))
+    res["compile_seconds"] = compile_s
+    res.update(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(), cpu=_cpu_name(),
+               allocator=keep_freed_memory())
     print(json.dumps(res, indent=2))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

@@ -175,3 +175,27 @@ def test_prepare_fuses_relu6_into_the_next_quantizer_without_changing_the_model(
     grads = dict(plain.named_parameters())
     for n, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("w_symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_a_qat_layer_traces_as_one_graph_for_torch_compile(w_symmetric):
+    """Nothing in a QAT layer's training step reads a tensor's value (no graph break): BN live and frozen,
+    the fused ReLU6 + activation quantizer, per-channel weight ranges recomputed each step, zero-points."""
+    torch.manual_seed(0)
+    cfg = QuantConfig(w_bits=2, a_bits=4, method="qat", w_symmetric=w_symmetric)
+    plan = SimpleNamespace(w_bits=2, a_bits=4, w_granularity="per_channel")
+    layer = QuantConvBn2d(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), plan, cfg, input_relu6=True)
+    layer.aq.fused_relu6, layer.aq.enabled = True, True
+    x = torch.randn(4, 8, 6, 6)
+    layer.aq.observe(F.relu6(x))
+    layer.aq.observing = False
+    eager = copy.deepcopy(layer).train()
+    compiled = torch.compile(layer.train(), backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    for frozen in (False, True):
+        layer.bn_frozen = eager.bn_frozen = frozen
+        out, ref = compiled(x), eager(x)
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        torch.testing.assert_close(layer.conv.weight.grad, eager.conv.weight.grad)
+        torch.testing.assert_close(layer.bn.running_var, eager.bn.running_var)

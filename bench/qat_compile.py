@@ -4,6 +4,7 @@ layers below ``bn_live_below_bits`` throughout) and frozen (the folded form). Th
 wrapper are bench/throughput.py's; glibc keeps freed memory as in training (trainer.allocator).
 
     python bench/qat_compile.py --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/qat-compile-cpu.json
+    python bench/qat_compile.py --data ../shared/data/cifar10-jpeg.tar.gz --eager-only --out docs/bench/qat-eager-cpu-amd.json
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/qat-compile.json")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--eager-only", action="store_true", help="skip the torch.compile variants")
     a = ap.parse_args()
 
     from quantization import QuantConfig, calibrate, prepare
@@ -43,8 +45,9 @@ def main() -> None:
     variants = {"fp32_eager": copy.deepcopy(fp), "qat_live_eager": copy.deepcopy(q),
                 "qat_frozen_eager": _Frozen(copy.deepcopy(q))}
     compile_s: dict[str, float] = {}
-    for name, model in (("fp32_compiled", copy.deepcopy(fp)), ("qat_live_compiled", copy.deepcopy(q)),
-                        ("qat_frozen_compiled", _Frozen(copy.deepcopy(q)))):
+    to_compile = () if a.eager_only else (("fp32_compiled", copy.deepcopy(fp)), ("qat_live_compiled", copy.deepcopy(q)),
+                                          ("qat_frozen_compiled", _Frozen(copy.deepcopy(q))))
+    for name, model in to_compile:
         t0 = time.perf_counter()
         compiled = torch.compile(model.train(), dynamic=False)
         try:

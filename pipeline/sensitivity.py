@@ -175,7 +175,7 @@ def sensitivity(baseline: str | Path, fp32: nn.Module, data: Dataset, base: Quan
         raise SensitivityError("the base quantization config quantizes no layer's weights")
     settings = {"format": FORMAT, "estimator": estimator, "images": images, "calib_batches": calib_batches,
                 "samples": samples, "w_bits": list(W_BITS), "a_bits": list(A_BITS),
-                "base": base.to_dict(fine_tuning=False)}
+                "base": base.to_dict(procedure=False)}
     key = cache_key(baseline, data_desc or {}, settings)
     path = Path(baseline).resolve().parent / f"sensitivity-{key}.json"
     if path.is_file() and not force:

@@ -200,11 +200,11 @@ class QuantConfig:
         set_("overrides", tuple(ovs))
 
     # ---------------------------------------------------------------------------------------------
-    def to_dict(self, fine_tuning: bool = True) -> dict[str, Any]:
-        """JSON-able fields. ``fine_tuning=False`` leaves out LATER_PROCEDURE_FIELDS (packed headers,
+    def to_dict(self, procedure: bool = True) -> dict[str, Any]:
+        """JSON-able fields. ``procedure=False`` leaves out LATER_PROCEDURE_FIELDS (packed headers,
         sensitivity cache keys)."""
         d = dataclasses.asdict(self)
-        if not fine_tuning:
+        if not procedure:
             for k in LATER_PROCEDURE_FIELDS:
                 d.pop(k)
         d["method"], d["w_granularity"] = str(self.method), str(self.w_granularity)

@@ -16,9 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantization.config import Granularity, Method
-from quantization.observers import MinMaxObserver, make_observer
-from quantization.primitives import (EPS, choose_qparams, fake_quantize, fake_quantize_relu6, lsq_fake_quantize, qrange,
-                                     reduce_minmax)
+from quantization.observers import make_observer
+from quantization.primitives import EPS, choose_qparams, fake_quantize, fake_quantize_relu6, lsq_fake_quantize, qrange
 
 RELU6_MAX = 6.0
 
@@ -59,15 +58,10 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        if self.dynamic and type(self.observer) is MinMaxObserver:
-            # a weight's range is its own min / max: no running state to branch on (torch.compile traces it)
-            lo, hi = reduce_minmax(x.detach().float(), self.axis)
-            self.observer.min_val, self.observer.max_val = lo, hi
-        else:
-            if self.dynamic:
-                self.observer.reset()
-            self.observer(x)
-            lo, hi = self.observer.range(self.bits, self.symmetric, self.signed)
+        if self.dynamic:
+            self.observer.reset()
+        self.observer(x)
+        lo, hi = self.observer.range(self.bits, self.symmetric, self.signed)
         if self.max_clip is not None:
             hi = torch.clamp(hi, max=self.max_clip)
         if not self.signed:

@@ -34,8 +34,10 @@ class Observer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> None:
         lo, hi = reduce_minmax(x.detach().float(), self.axis)
-        self.min_val = torch.minimum(self.min_val, lo) if self.seen else lo
-        self.max_val = torch.maximum(self.max_val, hi) if self.seen else hi
+        # from +-inf (nothing seen yet) the first batch gives its own range; no branch on the values, so a
+        # weight quantizer's per-step range traces under torch.compile
+        self.min_val = torch.minimum(self.min_val, lo)
+        self.max_val = torch.maximum(self.max_val, hi)
 
     def range(self, bits: int, symmetric: bool, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val, self.max_val

@@ -131,7 +131,7 @@ class Packed:
     plan: dict | None = None
 
     def header(self) -> bytes:
-        doc = {"format": "bitsearch-packed", "model": self.model_meta, "config": self.config.to_dict(fine_tuning=False),
+        doc = {"format": "bitsearch-packed", "model": self.model_meta, "config": self.config.to_dict(procedure=False),
                "tensors": [e.row() for e in self.entries]}
         return zlib.compress(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), 9)
 

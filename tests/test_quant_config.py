@@ -47,7 +47,7 @@ def test_round_trip_dict_and_yaml():
     assert QuantConfig.from_dict(yaml.safe_load("w_bits: '3'\na_bits: 32\n")) == QuantConfig(w_bits=3, a_bits=32)
     # packed headers and sensitivity cache keys leave out the settings added later that only steer the procedure
     later = {"bn_live_below_bits", "live_bn_lr_factor", "bn_reestimate_batches"}
-    assert later <= set(c.to_dict()) and not later & set(c.to_dict(fine_tuning=False))
+    assert later <= set(c.to_dict()) and not later & set(c.to_dict(procedure=False))
 
 
 def test_plan_resolves_exceptions_overrides_and_mixed_precision():

@@ -59,8 +59,9 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         if self.dynamic:
-            self.observer.reset()
-        self.observer(x)
+            self.observer.fresh(x)
+        else:
+            self.observer(x)
         lo, hi = self.observer.range(self.bits, self.symmetric, self.signed)
         if self.max_clip is not None:
             hi = torch.clamp(hi, max=self.max_clip)

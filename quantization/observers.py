@@ -28,6 +28,11 @@ class Observer(nn.Module):
         self.min_val = torch.tensor(float("inf"), device=self.min_val.device)
         self.max_val = torch.tensor(float("-inf"), device=self.max_val.device)
 
+    def fresh(self, x: torch.Tensor) -> None:
+        """Forget what was seen and observe ``x`` alone (a weight's range, recomputed every training step)."""
+        self.reset()
+        self(x)
+
     @property
     def seen(self) -> bool:
         return bool(torch.isfinite(self.min_val).all())
@@ -44,7 +49,10 @@ class Observer(nn.Module):
 
 
 class MinMaxObserver(Observer):
-    pass
+    def fresh(self, x: torch.Tensor) -> None:
+        # the same as reset() + forward(), in one reduction and no +-inf tensors: it runs for every
+        # quantized layer's weight at every QAT step
+        self.min_val, self.max_val = reduce_minmax(x.detach().float(), self.axis)
 
 
 class EMAObserver(Observer):
@@ -67,6 +75,10 @@ class PercentileObserver(Observer):
         super().__init__(axis)
         self.q = percentile / 100.0
         self.register_buffer("count", torch.tensor(0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.count = torch.zeros_like(self.count)  # else the next range averages with the reset +-inf
 
     def forward(self, x: torch.Tensor) -> None:
         flat = channel_rows(x.detach().float(), self.axis)

@@ -59,9 +59,8 @@ def channel_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 def reduce_minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor (axis None) or per-channel min and max."""
     if axis is None:
-        return x.min(), x.max()
-    flat = channel_rows(x, axis)
-    return flat.min(1).values, flat.max(1).values
+        return torch.aminmax(x)
+    return torch.aminmax(channel_rows(x, axis), dim=1)  # one pass (and one kernel call) for both
 
 
 def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool,
@@ -80,14 +79,14 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symm
     >>> round(s.item(), 6), z.item()
     (0.4, 0)
     """
-    min_val = torch.clamp(min_val.float(), max=0.0)
-    max_val = torch.clamp(max_val.float(), min=0.0)
-    if symmetric:
+    min_val, max_val = min_val.float(), max_val.float()
+    if symmetric:  # the range widened to include 0: max(-min, max, 0), or max(max, 0) unsigned
         qmin, qmax = qrange(bits, signed, True)
-        amax = torch.maximum(-min_val, max_val) if signed else max_val
-        scale = torch.clamp(amax / qmax, min=EPS)
+        amax = (torch.maximum(-min_val, max_val) if signed else max_val).clamp(min=0.0)
+        scale = amax.div_(qmax).clamp_(min=EPS)
         zp = torch.zeros_like(scale, dtype=torch.int32)
     else:
+        min_val, max_val = torch.clamp(min_val, max=0.0), torch.clamp(max_val, min=0.0)
         qmin, qmax = qrange(bits, signed=False)
         scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=EPS)
         zp = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
@@ -129,6 +128,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     s = _bcast(scale.detach(), x, axis)
     z = None if zero_point is None else _bcast(zero_point, x, axis)
     if x.requires_grad and torch.is_grad_enabled():
+        if axis is None and _read_ok(s):
+            return _FakeQuantRangeSTE.apply(x, s, 0 if z is None else int(z), qmin, qmax)
         return _FakeQuantSTE.apply(x, s, z, qmin, qmax)
     # inference: in place on one buffer, bit-identical to dequantize(quantize(x))
     if z is None:
@@ -156,6 +157,29 @@ class _FakeQuantSTE(torch.autograd.Function):
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         return torch.where(inside, grad, 0.0), None, None, None, None
+
+
+class _FakeQuantRangeSTE(torch.autograd.Function):
+    """Per-tensor fake-quant on a CPU in eager mode (scale and zero-point read as numbers): the codes
+    clamped to ``[qmin - z, qmax - z]`` before the zero-point would be added (the same values, two passes
+    fewer), and, like ``_FakeQuantReLU6STE``, it keeps ``x`` and the backward is ReLU6's kernel with the
+    range's limits: the gradient passes where ``s * (qmin - z - 0.5) < x < s * (qmax - z + 0.5)``, one
+    pass, and no mask built in the forward. That is the straight-through mask of ``_FakeQuantSTE`` except
+    at a rounding tie exactly on a limit (which ``torch.round`` may send inside: half to even) and within
+    an ulp of one (``x < s * k`` against ``x / s < k``)."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax):
+        s = float(s)
+        lo, hi = qmin - z, qmax - z
+        ctx.limits = (s * (lo - 0.5), s * (hi + 0.5))
+        ctx.save_for_backward(x)
+        return (x / s).round_().clamp_(lo, hi).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.limits), None, None, None, None
 
 
 def fake_quantize_relu6(x: torch.Tensor, scale: torch.Tensor, qmax: int, top: float = 6.0) -> torch.Tensor:

@@ -43,6 +43,33 @@ def test_ste_gradient_is_one_inside_zero_outside():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("bits,symmetric,z", [(4, True, 0), (2, True, 0), (8, True, 0), (4, False, 3), (4, False, 8),
+                                             (3, False, 0), (8, False, 131)])
+def test_per_tensor_range_path_equals_the_mask_path(bits, symmetric, z, monkeypatch):
+    """On a CPU in eager mode a per-tensor fake-quant clamps the codes to [qmin - z, qmax - z] and its
+    backward is hardtanh_backward with the range's limits; the bool-mask form (GPU, torch.compile) and
+    torch's own op give the same values and the same gradient, codes exactly at qmin / qmax included."""
+    qmin, qmax = P.qrange(bits, True, True) if symmetric else P.qrange(bits, False)
+    x = _boundary_inputs(0.37, qmin, qmax, z, seed=bits + z)
+    s, zt = torch.tensor(0.37), (None if symmetric else torch.tensor(z, dtype=torch.int32))
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grads, outs = [], []
+    for read_ok in (True, False):
+        monkeypatch.setattr(P, "_read_ok", lambda t, ok=read_ok: ok)
+        xg = x.clone().requires_grad_()
+        out = P.fake_quantize(xg, s, zt, qmin, qmax)
+        (out * up).sum().backward()
+        outs.append(out.detach())
+        grads.append(xg.grad)
+    xr = x.clone().requires_grad_()
+    ref = torch.fake_quantize_per_tensor_affine(xr, 0.37, z, qmin, qmax)
+    (ref * up).sum().backward()
+    for out, g in zip(outs, grads):
+        torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(g, xr.grad, rtol=0, atol=0)
+    assert 0 < int((grads[0] == 0).sum()) < len(x)  # both sides of the range are exercised
+
+
 def test_lsq_scale_gets_scaled_gradient():
     x = torch.randn(100) * 2
     s = torch.tensor(0.3, requires_grad=True)
@@ -105,6 +132,28 @@ def test_observers_bracket_the_data(name):
         o2 = make_observer(name, None)
         o2(torch.cat([torch.randn(4096), torch.tensor([50.0])]))
         assert o2.range(4, False, False)[1] < mm.range(4, False, False)[1]
+
+
+@pytest.mark.parametrize("name", ["minmax", "ema", "percentile", "mse"])
+def test_a_weight_range_is_recomputed_each_step_with_every_observer(name):
+    """A QAT weight quantizer observes each step's weight afresh: the second step's scale is the first
+    step's (same weight), with every observer. (The percentile observer kept its batch count through
+    reset(), so from the second step on it averaged with the reset +-inf: scale 1e-8, weights 0.)"""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    fq = FakeQuantizer(4, True, axis=0, channels=6, observer=name, dynamic=True)
+    first = fq(w).clone()
+    s1 = fq.scale.clone()
+    assert torch.equal(fq(w), first) and torch.equal(fq.scale, s1) and bool((s1 > 1e-3).all())
+    fq(w * 2)  # the range follows the weight, nothing is remembered from before
+    assert torch.allclose(fq.scale, 2 * s1)
+    # calibrating an activation quantizer again (reset, then new batches) forgets the first calibration
+    obs = make_observer(name, None)
+    obs(torch.randn(4096) * 10)
+    obs.reset()
+    obs(torch.randn(4096))
+    lo, hi = obs.range(8, False, False)
+    assert -5 < lo < 0 < hi < 5
 
 
 def test_per_channel_observer_shape():

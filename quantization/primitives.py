@@ -119,8 +119,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """quantize -> dequantize in float, differentiable with the straight-through estimator: the
     gradient wrt ``x`` is 1 where ``x`` lies inside the representable range and 0 where it is clipped
     (as in torch.fake_quantize_per_tensor_affine). ``scale`` is treated as a constant. ``zero_point``
-    None: all zero (symmetric grids), two passes fewer; a zero-point tensor is always added, never read
-    to decide (torch.compile traces either without a graph break).
+    None: all zero (symmetric grids), two passes fewer; under torch.compile and on a GPU a zero-point
+    tensor is added, never read to decide (no graph break, no wait). Training per-tensor on a CPU in eager
+    mode, scale and zero-point are read as numbers (``_FakeQuantRangeSTE``: fewer passes).
 
     >>> fake_quantize(torch.tensor([0.26, -3.0]), torch.tensor(0.5), torch.tensor(0), -1, 1).tolist()
     [0.5, -0.5]

@@ -15,6 +15,8 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -160,6 +162,34 @@ class _FakeQuantSTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None, None
 
 
+# Large tensors on a CPU (eager): the four passes of ``(x / s).round_().clamp_(lo, hi).mul_(s)`` as one
+# torch.compile'd (inductor) loop, about a ReLU6's cost (1M elements: the tests' tiny models stay eager)
+COMPILED_MIN_NUMEL = 1 << 20
+_compiled_kernel = None  # built on first use; False once building it failed (e.g. no C++ compiler)
+
+
+def _codes_times_scale_math(x, s, lo, hi):
+    return torch.clamp(torch.round(x / s), lo, hi) * s
+
+
+def clamped_codes_times_scale(x: torch.Tensor, s: float, lo: float, hi: float) -> torch.Tensor:
+    """``round(x / s)`` clamped to ``[lo, hi]``, times ``s``: the forward of the CPU straight-through
+    quantizers. Eagerly that is four full-size passes; for tensors of ``COMPILED_MIN_NUMEL`` elements or
+    more it runs as one inductor kernel compiled once per process (``dynamic=True``: every shape, scale and
+    bound share it; the same values: tested) unless ``BITSEARCH_FUSED_QUANT=0`` or compiling failed."""
+    global _compiled_kernel
+    if x.numel() >= COMPILED_MIN_NUMEL and _compiled_kernel is not False and os.environ.get("BITSEARCH_FUSED_QUANT") != "0":
+        try:
+            if _compiled_kernel is None:
+                _compiled_kernel = torch.compile(_codes_times_scale_math, dynamic=True)
+            return _compiled_kernel(x, torch.tensor(s), torch.tensor(float(lo)), torch.tensor(float(hi)))
+        except Exception as e:  # noqa: BLE001 - any failure to build the kernel: the eager passes
+            warnings.warn(f"compiling the fused quantizer kernel failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "quantizers run eagerly")
+            _compiled_kernel = False
+    return (x / s).round_().clamp_(lo, hi).mul_(s)
+
+
 class _FakeQuantRangeSTE(torch.autograd.Function):
     """Per-tensor fake-quant on a CPU in eager mode (scale and zero-point read as numbers): the codes
     clamped to ``[qmin - z, qmax - z]`` before the zero-point would be added (the same values, two passes
@@ -175,7 +205,7 @@ class _FakeQuantRangeSTE(torch.autograd.Function):
         lo, hi = qmin - z, qmax - z
         ctx.limits = (s * (lo - 0.5), s * (hi + 0.5))
         ctx.save_for_backward(x)
-        return (x / s).round_().clamp_(lo, hi).mul_(s)
+        return clamped_codes_times_scale(x, s, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
@@ -228,7 +258,10 @@ class _FakeQuantReLU6STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, qmax, top):
         ctx.limit = _relu6_pass_limit(s, qmax, top)
-        ctx.save_for_backward(x if isinstance(ctx.limit, float) else (x > 0) & (x < ctx.limit))
+        if isinstance(ctx.limit, float):  # a CPU in eager mode
+            ctx.save_for_backward(x)
+            return clamped_codes_times_scale(x, float(s), *_relu6_codes(s, qmax, top))
+        ctx.save_for_backward((x > 0) & (x < ctx.limit))
         return (x / s).round_().clamp_(*_relu6_codes(s, qmax, top)).mul_(s)
 
     @staticmethod

@@ -220,3 +220,47 @@ def test_lsq_gradients_match_torch_learnable_fake_quant_per_channel(bits):
     codes = torch.round(w.detach() / scales.reshape(-1, 1, 1))
     inside = (codes >= qmin) & (codes <= qmax)
     assert (w.grad[inside] == up[inside]).all()
+
+
+def test_the_compiled_quantizer_kernel_gives_the_eager_values_and_gradients(monkeypatch):
+    """Large CPU activations go through one torch.compile'd kernel (round, clamp, scale in one pass): the
+    same values and gradients as the eager passes, for the fused ReLU6 and the per-tensor signed quantizer."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 24, 24) * 3
+    up = torch.randn_like(x)
+    s, z = torch.tensor(0.37), torch.tensor(5, dtype=torch.int32)
+
+    def run(fused: bool):
+        monkeypatch.setattr(P, "COMPILED_MIN_NUMEL", 1 if fused else x.numel() + 1)
+        outs = []
+        for f in (lambda v: P.fake_quantize_relu6(v, s, 15), lambda v: P.fake_quantize(v, s, z, 0, 15),
+                  lambda v: P.fake_quantize(v, s, None, -7, 7)):
+            xg = x.clone().requires_grad_()
+            out = f(xg)
+            (out * up).sum().backward()
+            outs.append((out.detach(), xg.grad))
+        return outs
+
+    eager = run(False)
+    fused = run(True)
+    assert P._compiled_kernel not in (None, False)  # the kernel was built and used
+    for (a, ga), (b, gb) in zip(eager, fused):
+        assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert len({a.unique().numel() for a, _ in eager}) > 1  # three different grids
+
+
+def test_without_a_compiler_the_quantizer_kernel_falls_back_to_eager(monkeypatch):
+    """Where inductor cannot build the kernel (no C++ compiler, say) one warning, then the eager passes."""
+    def no_compiler(fn, **kw):
+        def fail(*a):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(P, "_compiled_kernel", None)
+    monkeypatch.setattr(P, "COMPILED_MIN_NUMEL", 1)
+    monkeypatch.setattr(P.torch, "compile", no_compiler)
+    x = torch.randn(1000)
+    with pytest.warns(UserWarning, match="quantizers run eagerly"):
+        out = P.clamped_codes_times_scale(x, 0.1, -7, 7)
+    assert torch.equal(out, (x / 0.1).round().clamp(-7, 7) * 0.1) and P._compiled_kernel is False
+    P.clamped_codes_times_scale(x, 0.1, -7, 7)  # no second warning: it stays eager

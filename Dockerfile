@@ -1,6 +1,8 @@
 # bitsearch application image: the CLI, Ray and the MLflow client/server.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
+# g++: torch.compile (inductor) builds its CPU kernels with it: the cpu profile's compiled training step
+# (`compile: true`) needs it, and the quantizers' fused kernel would fall back to eager without it
+RUN apt-get update && apt-get install -y --no-install-recommends curl g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bitsearch bitsearch

@@ -1,8 +1,8 @@
 """PTQ and its BN statistics on a trained checkpoint (not a test): the FP32 model's statistics (plain PTQ);
 statistics re-estimated on the quantized model over 16 augmented training batches (``bn_reestimate_batches``,
-what ``quantize_model`` does since it learned that augmentation matters); and over 16 un-augmented ones
-(what it did before). Also the FP32 model itself with its statistics re-estimated both ways. Test top-1
-on the 10,000 test images; one JSON line per config.
+what ``quantize_model`` does now); and over 16 un-augmented ones (what it did before, 2026-12-01 morning).
+Also the FP32 model itself with its statistics re-estimated both ways. Test top-1 on the 10,000 test
+images; one JSON line per config.
 
     python bench/ptq_bn.py runs/cpu-F/checkpoint.pt w4a8,w4a4,w8a4,w2a8 [DATA] > docs/bench/cpu-profile-F/ptq-bn.jsonl
 """

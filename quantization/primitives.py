@@ -136,7 +136,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         return _FakeQuantSTE.apply(x, s, z, qmin, qmax)
     # inference: in place on one buffer, bit-identical to dequantize(quantize(x))
     if z is None:
-        return (x / s).round_().clamp_(qmin, qmax).mul_(s)
+        return _codes_times_scale_eager(x, s, qmin, qmax)
     return (x / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
 
@@ -172,6 +172,11 @@ def _codes_times_scale_math(x, s, lo, hi):
     return torch.clamp(torch.round(x / s), lo, hi) * s
 
 
+def _codes_times_scale_eager(x, s, lo, hi):
+    """The same values in four passes on one new buffer (bounds and scale: numbers or tensors)."""
+    return (x / s).round_().clamp_(lo, hi).mul_(s)
+
+
 def clamped_codes_times_scale(x: torch.Tensor, s: float, lo: float, hi: float) -> torch.Tensor:
     """``round(x / s)`` clamped to ``[lo, hi]``, times ``s``: the forward of the CPU straight-through
     quantizers. Eagerly that is four full-size passes; for tensors of ``COMPILED_MIN_NUMEL`` elements or
@@ -187,7 +192,7 @@ def clamped_codes_times_scale(x: torch.Tensor, s: float, lo: float, hi: float) -
             warnings.warn(f"compiling the fused quantizer kernel failed ({type(e).__name__}: {str(e)[:200]}); "
                           "quantizers run eagerly")
             _compiled_kernel = False
-    return (x / s).round_().clamp_(lo, hi).mul_(s)
+    return _codes_times_scale_eager(x, s, lo, hi)
 
 
 class _FakeQuantRangeSTE(torch.autograd.Function):
@@ -225,7 +230,7 @@ def fake_quantize_relu6(x: torch.Tensor, scale: torch.Tensor, qmax: int, top: fl
     s = scale.detach()
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantReLU6STE.apply(x, s, qmax, top)
-    return (x / s).round_().clamp_(*_relu6_codes(s, qmax, top)).mul_(s)
+    return _codes_times_scale_eager(x, s, *_relu6_codes(s, qmax, top))
 
 
 def _relu6_codes(s: torch.Tensor, qmax: int, top: float) -> tuple:
@@ -262,7 +267,7 @@ class _FakeQuantReLU6STE(torch.autograd.Function):
             ctx.save_for_backward(x)
             return clamped_codes_times_scale(x, float(s), *_relu6_codes(s, qmax, top))
         ctx.save_for_backward((x > 0) & (x < ctx.limit))
-        return (x / s).round_().clamp_(*_relu6_codes(s, qmax, top)).mul_(s)
+        return _codes_times_scale_eager(x, s, *_relu6_codes(s, qmax, top))
 
     @staticmethod
     def backward(ctx, grad):

@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantization.config import Granularity, Method
-from quantization.observers import make_observer
-from quantization.primitives import EPS, choose_qparams, fake_quantize, fake_quantize_relu6, lsq_fake_quantize, qrange
+from quantization.observers import MinMaxObserver, make_observer
+from quantization.primitives import (EPS, choose_qparams, fake_quantize, fake_quantize_relu6, folded_weight_fake_quantize,
+                                     lsq_fake_quantize, qrange)
 
 RELU6_MAX = 6.0
 
@@ -71,6 +72,19 @@ class FakeQuantizer(nn.Module):
         self.scale, self.zero_point = s.to(self.scale.device), z.to(self.scale.device)
         if self.lsq:
             self.step.copy_(s)
+
+    def fold_quantize(self, w: torch.Tensor, gamma: torch.Tensor, var: torch.Tensor, eps: float, frozen: bool = False):
+        """``self(w * gamma / sqrt(var + eps))`` and the fold factor, in one autograd node
+        (``folded_weight_fake_quantize``; ``frozen``: the gradient of a frozen fold), for a weight quantizer
+        that takes a fresh minmax range on a signed symmetric grid (the default); None for any other kind:
+        the caller takes the general path."""
+        if not (self.enabled and self.dynamic and self.symmetric and self.signed and self.max_clip is None
+                and type(self.observer) is MinMaxObserver):
+            return None
+        out, sf, lo, hi, s = folded_weight_fake_quantize(w, gamma, var, eps, self.bits, self.axis is not None, frozen)
+        self.observer.min_val, self.observer.max_val = lo, hi
+        self.scale = s
+        return out, sf
 
     def effective_scale(self) -> torch.Tensor:
         return self.step.detach().abs() + EPS if self.lsq else self.scale
@@ -205,6 +219,16 @@ class QuantConvBn2d(_QuantLayer):
             return w, self.bn.bias + (b - self.bn.running_mean) * sf
         return self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * sf
 
+    def quantized_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.bn is not None and self.wq is not None and self.training and torch.is_grad_enabled():
+            # training with BN frozen: folded() and the weight quantizer in one autograd node where it can
+            fused = self.wq.fold_quantize(self.conv.weight, self.bn.weight, self.bn.running_var, self.bn.eps, frozen=True)
+            if fused is not None:
+                wq, sf = fused
+                b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros_like(self.bn.running_mean)
+                return wq, self.bn.bias + (b - self.bn.running_mean) * sf
+        return super().quantized_weight_bias()
+
     def _conv(self, x, w, b):
         return self.conv._conv_forward(x, w, b)  # the conv's own kernel choice (trainer.model.Conv2d)
 
@@ -229,19 +253,27 @@ class QuantConvBn2d(_QuantLayer):
         running statistics and gradients against the textbook form.
         """
         bn, conv = self.bn, self.conv
-        sf = self._bn_factor()  # gamma also learns through q(w * sf), as in the textbook form
-        w = conv.weight * sf.reshape(-1, 1, 1, 1)
-        b = None if conv.bias is None else conv.bias * sf
-        y = self._conv(x, self.wq(w) if self.wq is not None else w, b)
+        # gamma also learns through q(w * sf), as in the textbook form
+        fused = None if self.wq is None or conv.bias is not None else self.wq.fold_quantize(
+            conv.weight, bn.weight, bn.running_var, bn.eps)
+        if fused is not None:  # the default weight quantizer: fold and quantize in one autograd node
+            wq, sfd = fused
+            y = self._conv(x, wq, None)
+        else:
+            sf = self._bn_factor()
+            w = conv.weight * sf.reshape(-1, 1, 1, 1)
+            b = None if conv.bias is None else conv.bias * sf
+            y = self._conv(x, self.wq(w) if self.wq is not None else w, b)
+            sfd = sf.detach()
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        with torch.no_grad():
-            sfd = sf.detach()
-            rm, rv = bn.running_mean * sfd, bn.running_var * sfd * sfd
+        with torch.no_grad():  # to the conv output's units and back (new tensors: batch_norm saves them)
+            sf2 = sfd.square()
+            rm, rv = bn.running_mean * sfd, bn.running_var * sf2
         out = F.batch_norm(y, rm, rv, bn.weight, bn.bias, True, momentum, bn.eps)
         with torch.no_grad():
-            bn.running_mean.copy_(rm / sfd)
-            bn.running_var.copy_(rv / (sfd * sfd))
+            torch.div(rm, sfd, out=bn.running_mean)
+            torch.div(rv, sf2, out=bn.running_var)
         return out
 
     @torch.no_grad()

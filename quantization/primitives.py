@@ -218,6 +218,52 @@ class _FakeQuantRangeSTE(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, *ctx.limits), None, None, None, None
 
 
+def folded_weight_fake_quantize(w: torch.Tensor, gamma: torch.Tensor, var: torch.Tensor, eps: float, bits: int,
+                                per_channel: bool, frozen: bool = False):
+    """``fake_quantize(w * sf)``, ``sf = gamma / sqrt(var + eps)`` (a conv weight with its BN folded in), on the
+    signed symmetric ``bits``-bit grid whose range is the folded weight's own min/max (per output channel
+    or per tensor): what a QAT step does for each layer's weight (a fresh minmax observer), as one autograd
+    node with half the operations. With the range taken from the tensor itself no value is clipped
+    (``|w sf| / s <= qmax`` up to rounding), so the straight-through gradient is the identity and the scale
+    is held constant, as in ``fake_quantize``. BN live: ``w`` gets ``g * sf`` and ``gamma``
+    ``sum(g * w) / sigma`` per channel. ``frozen``: the fold is a fixed scale that the folded conv trains
+    through, ``w`` gets ``g / sf`` (0 where ``sf`` is 0) and ``gamma`` nothing (``_FoldStep``).
+    Returns the quantized folded weight, then ``sf``, the folded weight's min and max and the scale (not
+    differentiable)."""
+    return _FoldedWeightFQ.apply(w, gamma, var, float(eps), bits, per_channel, frozen)
+
+
+class _FoldedWeightFQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, gamma, var, eps, bits, per_channel, frozen):
+        sigma = torch.sqrt(var + eps)
+        sf = gamma / sigma
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        wf = w * sf.reshape(shape)
+        lo, hi = reduce_minmax(wf, 0 if per_channel else None)
+        s, _ = choose_qparams(lo, hi, bits, True, True)
+        qmin, qmax = qrange(bits, True, True)
+        out = wf.div_(s.reshape(shape) if per_channel else s).round_().clamp_(qmin, qmax).mul_(s.reshape(shape) if per_channel else s)
+        ctx.save_for_backward(w, sf, sigma)
+        ctx.frozen = frozen
+        ctx.mark_non_differentiable(sf, lo, hi, s)
+        ctx.set_materialize_grads(False)  # no zero tensors built for the four outputs without a gradient
+        return out, sf, lo, hi, s
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        w, sf, sigma = ctx.saved_tensors
+        if g is None:
+            return (None,) * 7
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        if ctx.frozen:
+            live = sf.abs() > EPS
+            return g * torch.where(live, 1.0 / torch.where(live, sf, 1.0), 0.0).reshape(shape), *(None,) * 6
+        gw = g * sf.reshape(shape) if ctx.needs_input_grad[0] else None
+        gg = (g * w).sum(dim=tuple(range(1, w.ndim))).div_(sigma) if ctx.needs_input_grad[1] else None
+        return gw, gg, *(None,) * 5
+
+
 def fake_quantize_relu6(x: torch.Tensor, scale: torch.Tensor, qmax: int, top: float = 6.0) -> torch.Tensor:
     """``fake_quantize(relu6(x))`` on the unsigned per-tensor grid ``[0, qmax]`` (zero-point 0) in one
     step, so a quantized layer can absorb the ReLU6 in front of it. Clamping the codes to

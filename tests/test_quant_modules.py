@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantization import QuantConfig, api, calibrate, prepare, primitives
-from quantization.modules import QuantConvBn2d
+from quantization.modules import QuantConvBn2d, _FoldStep
 from quantization.primitives import fake_quantize, fake_quantize_relu6
 from trainer.model import MobileNetV2
 
@@ -70,6 +70,42 @@ def test_live_bn_gradients_match_the_textbook_form_through_the_ste():
     assert set(ref_grads) == {"conv.weight", "bn.weight", "bn.bias"}
     for n, p in layer.named_parameters():  # gamma included: it also learns through q(w * sf)
         torch.testing.assert_close(p.grad, ref_grads[n], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn-live", "bn-frozen"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+def test_fold_and_quantize_in_one_node_equals_the_general_weight_path(granularity, w_bits, frozen):
+    """The QAT weight path's one autograd node (``FakeQuantizer.fold_quantize``) gives what folding and then
+    the weight quantizer give: the same values, scales, observed range and gradients for w and gamma (BN
+    live: through w * sf; frozen: ``_FoldStep``'s, gamma none), gamma 0 in one channel included;
+    quantizers of another kind (asymmetric, percentile, LSQ) decline."""
+    torch.manual_seed(1)
+    plan = SimpleNamespace(w_bits=w_bits, a_bits=32, w_granularity=granularity)
+    layer = QuantConvBn2d(nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(8), plan, QuantConfig(w_bits=w_bits, method="qat"))
+    w = (torch.randn(8, 4, 3, 3) * torch.linspace(0.1, 2, 8).reshape(-1, 1, 1, 1)).requires_grad_()
+    gamma = torch.linspace(-1.5, 2.0, 8).index_fill(0, torch.tensor([5]), 0.0).requires_grad_()
+    var = torch.rand(8) * 3 + 0.05
+    g = torch.randn(8, 4, 3, 3)
+    ref_q = copy.deepcopy(layer.wq)
+    sf_ref = (gamma / torch.sqrt(var + 1e-5)).reshape(-1, 1, 1, 1)
+    ref = ref_q(_FoldStep.apply(w, sf_ref.detach()) if frozen else w * sf_ref)
+    ref_gw, ref_gg = torch.autograd.grad((ref * g).sum(), (w, gamma), allow_unused=True)
+    out, sf = layer.wq.fold_quantize(w, gamma, var, 1e-5, frozen=frozen)
+    gw, gg = torch.autograd.grad((out * g).sum(), (w, gamma), allow_unused=True)
+    assert (gg is None) == frozen == (ref_gg is None)
+    assert torch.equal(out, ref) and torch.equal(layer.wq.scale, ref_q.scale)
+    assert torch.equal(layer.wq.observer.min_val, ref_q.observer.min_val)
+    assert torch.equal(layer.wq.observer.max_val, ref_q.observer.max_val)
+    torch.testing.assert_close(sf, gamma.detach() / torch.sqrt(var + 1e-5))
+    torch.testing.assert_close(gw, ref_gw)
+    if not frozen:
+        torch.testing.assert_close(gg, ref_gg)
+    assert len(out.unique()) >= 3  # a real grid: not all weights rounded to zero
+    for other in (dict(w_symmetric=False), dict(w_observer="percentile"), dict(method="lsq")):
+        cfg = QuantConfig(**{"w_bits": w_bits, "method": "qat", **other})
+        assert QuantConvBn2d(nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(8), plan, cfg).wq.fold_quantize(
+            w, gamma, var, 1e-5) is None
 
 
 @pytest.mark.parametrize("w_bits, bias", [(32, False), (4, False), (4, True)])

@@ -2,10 +2,14 @@
 statistics re-estimated on the quantized model over 16 augmented training batches (``bn_reestimate_batches``,
 what ``quantize_model`` does now); and over 16 un-augmented ones (what it did before, 2026-12-01 morning).
 Also the FP32 model itself with its statistics re-estimated both ways. Test top-1 on the 10,000 test
-images; one JSON line per config.
+images; one JSON line per config. ``--seeds``: repeats with other calibration / re-estimation batches
+(``quantize_model``'s seed), the spread of each figure.
 
     python bench/ptq_bn.py runs/cpu-F/checkpoint.pt w4a8,w4a4,w8a4,w2a8 [DATA] > docs/bench/cpu-profile-F/ptq-bn.jsonl
+    python bench/ptq_bn.py runs/cpu-F/checkpoint.pt w8a8,w8a4,w8a2,w4a8,w4a4,w4a2,w2a8,w2a4,w2a2 --seeds 0,1 \
+        --no-unaugmented > docs/bench/cpu-profile-F/ptq-bn-grid.jsonl
 """
+import argparse
 import copy
 import json
 import sys
@@ -32,10 +36,16 @@ def unaugmented(fp32, data, w: int, a: int) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("configs", nargs="?", default="w8a8,w4a8,w8a4,w4a4")
+    ap.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+    ap.add_argument("--seeds", default="0", help="comma list of quantize_model seeds (calibration and re-estimation batches)")
+    ap.add_argument("--no-unaugmented", action="store_true", help="skip the un-augmented re-estimation (the old form)")
+    a = ap.parse_args()
     torch.set_num_threads(2)
-    src = sys.argv[1]
-    cfgs = sys.argv[2].split(",") if len(sys.argv) > 2 else ["w8a8", "w4a8", "w8a4", "w4a4"]
-    data_path = sys.argv[3] if len(sys.argv) > 3 else str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz")
+    src, cfgs, data_path = a.checkpoint, a.configs.split(","), a.data
+    seeds = [int(v) for v in a.seeds.split(",")]
     fp32, _ = load_baseline(src)
     data = load_dataset(data_path, download=False, val_size=5000, seed=0)
     fp32_top1 = evaluate(fp32, data.test_x, data.test_y)["top1"]
@@ -47,16 +57,21 @@ def main() -> None:
     print(json.dumps(row), flush=True)
     for c in cfgs:
         w, a = int(c[1]), int(c[3])
-        row = {"model": Path(src).parent.name, "cfg": c, "fp32": round(fp32_top1, 2)}
-        for mode, n in (("ptq", 0), ("ptq+bn_augmented", BATCHES)):
-            t = time.time()
-            cfg = QuantConfig(w_bits=w, a_bits=a, calib_batches=BATCHES, bn_reestimate_batches=n)
-            r = quantize_model(fp32, data, cfg, batch_size=BATCH_SIZE, device="cpu", fp32_top1=fp32_top1, act_memory=False)
-            row[mode], row[mode + "_s"] = round(r["top1"], 2), round(time.time() - t, 1)
-        t = time.time()
-        row["ptq+bn_unaugmented"] = round(unaugmented(fp32, data, w, a), 2)
-        row["ptq+bn_unaugmented_s"] = round(time.time() - t, 1)
-        print(json.dumps(row), flush=True)
+        for seed in seeds:
+            row = {"model": Path(src).parent.name, "cfg": c, "fp32": round(fp32_top1, 2)}
+            if len(seeds) > 1 or seed:
+                row["seed"] = seed
+            for mode, n in (("ptq", 0), ("ptq+bn_augmented", BATCHES)):
+                t = time.time()
+                cfg = QuantConfig(w_bits=w, a_bits=a, calib_batches=BATCHES, bn_reestimate_batches=n)
+                r = quantize_model(fp32, data, cfg, batch_size=BATCH_SIZE, seed=seed, device="cpu", fp32_top1=fp32_top1,
+                                   act_memory=False)
+                row[mode], row[mode + "_s"] = round(r["top1"], 2), round(time.time() - t, 1)
+            if not a.no_unaugmented:
+                t = time.time()
+                row["ptq+bn_unaugmented"] = round(unaugmented(fp32, data, w, a), 2)
+                row["ptq+bn_unaugmented_s"] = round(time.time() - t, 1)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ def main() -> None:
     ap.add_argument("data", nargs="?", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
     ap.add_argument("--seeds", default="0", help="comma list of quantize_model seeds (calibration and re-estimation batches)")
     ap.add_argument("--no-unaugmented", action="store_true", help="skip the un-augmented re-estimation (the old form)")
-    a = ap.parse_args()
+    args = ap.parse_args()
     torch.set_num_threads(2)
-    src, cfgs, data_path = a.checkpoint, a.configs.split(","), a.data
-    seeds = [int(v) for v in a.seeds.split(",")]
+    src, cfgs, data_path = args.checkpoint, args.configs.split(","), args.data
+    seeds = [int(v) for v in args.seeds.split(",")]
     fp32, _ = load_baseline(src)
     data = load_dataset(data_path, download=False, val_size=5000, seed=0)
     fp32_top1 = evaluate(fp32, data.test_x, data.test_y)["top1"]
@@ -67,7 +67,7 @@ def main() -> None:
                 r = quantize_model(fp32, data, cfg, batch_size=BATCH_SIZE, seed=seed, device="cpu", fp32_top1=fp32_top1,
                                    act_memory=False)
                 row[mode], row[mode + "_s"] = round(r["top1"], 2), round(time.time() - t, 1)
-            if not a.no_unaugmented:
+            if not args.no_unaugmented:
                 t = time.time()
                 row["ptq+bn_unaugmented"] = round(unaugmented(fp32, data, w, a), 2)
                 row["ptq+bn_unaugmented_s"] = round(time.time() - t, 1)

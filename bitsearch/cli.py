@@ -244,7 +244,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--calib-batches", dest="calib_batches", type=int)
     p.add_argument("--bn-reestimate", dest="bn_reestimate", type=int, metavar="BATCHES",
                    help="PTQ: re-estimate BN statistics on the quantized model over this many augmented training "
-                        "batches (default 0: off)")
+                        "batches (default 16; 0 keeps the FP32 model's statistics)")
     p.add_argument("--kd-weight", dest="kd_weight", type=float, default=None,
                    help="QAT/LSQ: distil from the FP32 baseline, loss = (1-w) label loss + w KD loss (default 0: off)")
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=None, help="distillation temperature (default 4)")

@@ -268,8 +268,8 @@ class QuantConvBn2d(_QuantLayer):
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         with torch.no_grad():  # to the conv output's units and back (new tensors: batch_norm saves them)
-            sf2 = sfd.square()
-            rm, rv = bn.running_mean * sfd, bn.running_var * sf2
+            sf2 = sfd * sfd  # (running_var * sfd) * sfd: the rounding of the textbook form, bit for bit
+            rm, rv = bn.running_mean * sfd, bn.running_var * sfd * sfd
         out = F.batch_norm(y, rm, rv, bn.weight, bn.bias, True, momentum, bn.eps)
         with torch.no_grad():
             torch.div(rm, sfd, out=bn.running_mean)

@@ -256,9 +256,10 @@ class _FoldedWeightFQ(torch.autograd.Function):
         if g is None:
             return (None,) * 7
         shape = (-1,) + (1,) * (w.ndim - 1)
-        if ctx.frozen:
-            live = sf.abs() > EPS
-            return g * torch.where(live, 1.0 / torch.where(live, sf, 1.0), 0.0).reshape(shape), *(None,) * 6
+        if ctx.frozen:  # as _FoldStep's backward, bit for bit
+            sfb = sf.reshape(shape)
+            live = sfb.abs() > EPS
+            return torch.where(live, g / torch.where(live, sfb, 1.0), 0.0), *(None,) * 6
         gw = g * sf.reshape(shape) if ctx.needs_input_grad[0] else None
         gg = (g * w).sum(dim=tuple(range(1, w.ndim))).div_(sigma) if ctx.needs_input_grad[1] else None
         return gw, gg, *(None,) * 5

@@ -212,21 +212,24 @@ class QuantConvBn2d(_QuantLayer):
         if self.bn is None:
             return self.conv.weight, self.conv.bias
         sf = self._bn_factor()
+        if self.training and torch.is_grad_enabled():
+            sf = sf.detach()
+            return _FoldStep.apply(self.conv.weight, sf.reshape(-1, 1, 1, 1)), self._folded_bias(sf)
+        return self.conv.weight * sf.reshape(-1, 1, 1, 1), self._folded_bias(sf)
+
+    def _folded_bias(self, sf: torch.Tensor) -> torch.Tensor:
+        """beta + (b - mu) * sf; the conv's bias gets no gradient while training (it duplicates beta)."""
         b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(self.bn.running_mean)
         if self.training and torch.is_grad_enabled():
-            sf, b = sf.detach(), b.detach()
-            w = _FoldStep.apply(self.conv.weight, sf.reshape(-1, 1, 1, 1))
-            return w, self.bn.bias + (b - self.bn.running_mean) * sf
-        return self.conv.weight * sf.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * sf
+            b = b.detach()
+        return self.bn.bias + (b - self.bn.running_mean) * sf
 
     def quantized_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bn is not None and self.wq is not None and self.training and torch.is_grad_enabled():
             # training with BN frozen: folded() and the weight quantizer in one autograd node where it can
             fused = self.wq.fold_quantize(self.conv.weight, self.bn.weight, self.bn.running_var, self.bn.eps, frozen=True)
             if fused is not None:
-                wq, sf = fused
-                b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros_like(self.bn.running_mean)
-                return wq, self.bn.bias + (b - self.bn.running_mean) * sf
+                return fused[0], self._folded_bias(fused[1])
         return super().quantized_weight_bias()
 
     def _conv(self, x, w, b):

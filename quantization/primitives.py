@@ -242,8 +242,7 @@ class _FoldedWeightFQ(torch.autograd.Function):
         wf = w * sf.reshape(shape)
         lo, hi = reduce_minmax(wf, 0 if per_channel else None)
         s, _ = choose_qparams(lo, hi, bits, True, True)
-        qmin, qmax = qrange(bits, True, True)
-        out = wf.div_(s.reshape(shape) if per_channel else s).round_().clamp_(qmin, qmax).mul_(s.reshape(shape) if per_channel else s)
+        out = _codes_times_scale_eager(wf, s.reshape(shape) if per_channel else s, *qrange(bits, True, True))
         ctx.save_for_backward(w, sf, sigma)
         ctx.frozen = frozen
         ctx.mark_non_differentiable(sf, lo, hi, s)

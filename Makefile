@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/bitsearch search --config configs/quick.yaml --baseline $(OUT)/baseline/checkpoint.pt --data $(DATA) --out $(OUT)
 
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: venv
 	$(BIN)/python bench/throughput.py --data $(DATA) --out docs/bench/throughput-cpu.json

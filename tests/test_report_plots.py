@@ -1,8 +1,6 @@
 """The search report's tables and plots read without the table: no gaps, no flat axes, labels (issue 12)."""
 from __future__ import annotations
 
-import pandas as pd
-
 from tune.results import _label, _parallel_frame, parent_summary, table
 
 

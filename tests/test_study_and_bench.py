@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,6 @@ def test_study_runs_every_stage_then_skips_them(tmp_path):
     assert Path(res["report_html"]).read_text().startswith("<!doctype html>")
     assert any(rec["choice"] == "smallest overall" for rec in res["recommended"])
     mtime = (tmp_path / "study" / "baseline" / "checkpoint.pt").stat().st_mtime
-    t0 = time.time()
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     for stage in ("baseline", "sweep", "search", "mixed"):

@@ -1,5 +1,3 @@
-import tarfile
-
 import pytest
 import torch
 import torchvision.transforms as T

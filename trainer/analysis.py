@@ -94,7 +94,7 @@ def write_reports(out: Path, history: list[dict], y_true: torch.Tensor, y_pred: 
     summary = {"test_top1": round(top1, 2), **fm, "confusion_matrix": cm.tolist(), "classes": list(classes),
                "history": history}
     paths["summary_json"].write_text(json.dumps(summary, indent=2))
-    lines = [f"# Training summary\n", f"Test top-1: **{top1:.2f}%** over {int(cm.sum())} images.\n",
+    lines = ["# Training summary\n", f"Test top-1: **{top1:.2f}%** over {int(cm.sum())} images.\n",
              "## Per-class accuracy\n", "| class | top-1 % |", "|---|---|"]
     lines += [f"| {c} | {a:.2f} |" for c, a in fm["per_class_top1"].items()]
     lines += ["", "## Failure modes: most-confused pairs\n", "| true | predicted as | count | % of true class |",

@@ -181,7 +181,7 @@ def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dic
     rep = base.get("reports", {})
     summary_json = Path(rep["summary_json"]) if rep.get("summary_json") else None
     fm = json.loads(summary_json.read_text()) if summary_json and summary_json.exists() else {}
-    L = [f"# bitsearch study report", "",
+    L = ["# bitsearch study report", "",
          f"Generated {env['date']} in {seconds / 60:.1f} min by `bitsearch study` (output: `{out}`).", "",
          "## 1. Environment and reproducibility", "",
          "| item | value |", "|---|---|"]

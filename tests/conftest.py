@@ -12,9 +12,9 @@ import torch
 
 
 # `make test` runs the suite in two pytest-xdist workers, one test file at a time each (--dist loadfile: a
-# module's Ray and MLflow server start once). The suite spends most of its time waiting on servers, Ray and
-# subprocesses, so two workers overlap that waiting; the longest files go first so neither worker is left
-# with one long file at the end.
+# module's Ray and MLflow server start once). The longest files go first (the Makefile passes
+# --no-loadscope-reorder: pytest-xdist would otherwise hand out the files with the most tests first) so
+# neither worker is left with one long file at the end.
 LONGEST_FIRST = ("test_search.py", "test_study_and_bench.py", "test_cluster.py", "test_server.py",
                  "test_sensitivity.py")
 

@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--min-bits", type=int, default=None, help="no layer below this many weight bits")
     ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed (batch order, augmentation)")
     ap.add_argument("--freeze-bn-epoch", type=int, default=None,
-                    help="QAT: BN statistics update until this epoch (default: the config's, 2; LSQ keeps BN frozen)")
+                    help="QAT: BN statistics update until this epoch (default: QuantConfig's, 0: frozen from the "
+                         "start; layers below bn_live_below_bits keep BN live; LSQ freezes every BN)")
     ap.add_argument("--estimator", default=None, choices=["loss", "hessian", "max"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()

@@ -12,6 +12,7 @@ while the statistics are re-estimated (recalibrate_bn resets the running varianc
 Reads ../shared/data/cifar10-jpeg.tar.gz (BITSEARCH_DATA to override).
 """
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ import quantization.api as api  # noqa: E402
 from pipeline.quantize import calibration_batches, load_baseline, prepare_quantized  # noqa: E402
 from quantization import (QATSchedule, QuantConfig, calibrate, freeze, recalibrate_bn, set_act_observing,  # noqa: E402
                           set_lr_scales)
+from quantization.config import Method  # noqa: E402
 from quantization.modules import QuantConvBn2d  # noqa: E402
 from trainer import TrainConfig, evaluate, train  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
@@ -37,12 +39,9 @@ torch.set_num_threads(2)
 dev = torch.device("cpu")
 
 
-def live_layers(model, cfg):  # QAT's rule, for LSQ too
-    return [m for m in model.modules() if isinstance(m, QuantConvBn2d) and m.bn is not None and m.wq is not None
-            and m.wq.bits < cfg.bn_live_below_bits]
-
-
-api.live_bn_layers = live_layers  # QATSchedule and set_lr_scales look it up in quantization.api
+qat_rule = api.live_bn_layers
+# QAT's rule for LSQ too (QATSchedule and set_lr_scales look it up in quantization.api)
+api.live_bn_layers = lambda model, cfg: qat_rule(model, dataclasses.replace(cfg, method=Method.QAT))
 fp32, _ = load_baseline(a.checkpoint)
 data = load_dataset(os.environ.get("BITSEARCH_DATA", "../shared/data/cifar10-jpeg.tar.gz"), val_size=5000,
                     seed=0).with_train_subset(a.images, 0)
@@ -73,7 +72,7 @@ set_act_observing(q, False)
 report("after the epoch")
 held = []
 if a.hold_fold:  # the fold factor from the variance as it was, while the statistics are re-estimated
-    for m in live_layers(q, cfg):
+    for m in api.live_bn_layers(q, cfg):
         var = m.bn.running_var.clone()
         m._bn_factor = (lambda m, var: lambda: m.bn.weight / torch.sqrt(var + m.bn.eps))(m, var)
         held.append(m)

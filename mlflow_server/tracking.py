@@ -253,6 +253,19 @@ class SearchLogger:
         c.set_tag(run_id, OUTCOME_TAG, OUTCOMES[status])
         c.set_terminated(run_id, status)
 
+    def drop_orphans(self, trial_ids: set[str]) -> int:
+        """Delete this search's unclosed trial runs whose trial is not one of ``trial_ids``: a driver killed
+        just after starting a trial opened its run, but the saved state `resume` continues from never held
+        that trial (tune/results.py). Deleted runs leave the UI's table (MLflow keeps them as deleted)."""
+        c = _client(self.uri)
+        runs = c.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                             max_results=5000)
+        gone = [r.info.run_id for r in runs
+                if r.data.tags.get(TRIAL_TAG) not in trial_ids and OUTCOME_TAG not in r.data.tags]
+        for rid in gone:
+            c.delete_run(rid)
+        return len(gone)
+
     def finish_search(self, artifacts: list[str], status: str = "FINISHED", metrics: dict[str, Any] | None = None,
                       note: str | None = None) -> None:
         """Close the parent run: the search's result files, its summary ``metrics`` (the best trial's),

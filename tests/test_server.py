@@ -127,3 +127,33 @@ def test_embedded_store_keeps_artifacts_under_out_and_ui_accepts_the_experiment(
         assert "model.bsq" in {Path(f["path"]).name for f in r.get("files", [])}
     finally:
         _stop(proc)
+
+
+def test_a_trial_the_saved_state_never_held_is_left_out_of_report_and_mlflow(tmp_path):
+    """A driver killed just after starting a trial leaves its folder and an open MLflow run behind,
+    though Ray Tune's saved state (what `resume` continues) never held it: the report skips the folder
+    and the search's end deletes the run; closed runs and the state's trials stay."""
+    import json
+    from mlflow.tracking import MlflowClient
+    from mlflow_server.tracking import SearchLogger, default_tracking_uri
+    from tune.results import load_trials
+    exp = tmp_path / "search"
+    for tid in ("kept", "orphan"):
+        (exp / tid).mkdir(parents=True)
+        (exp / tid / "params.json").write_text(json.dumps({"w_bits": 4, "a_bits": 8, "method": "ptq"}))
+        (exp / tid / "result.json").write_text("")
+    assert [t["trial_id"] for t in load_trials(exp)] == ["kept", "orphan"]  # no saved state: every folder
+    (exp / "experiment_state-2026-12-01_10-00-00.json").write_text(
+        json.dumps({"trial_data": [[json.dumps({"trial_id": "gone"}), "{}"]]}))
+    (exp / "experiment_state-2026-12-01_10-00-05.json").write_text(  # the latest state counts
+        json.dumps({"trial_data": [[json.dumps({"trial_id": "kept"}), "{}"]]}))
+    assert [t["trial_id"] for t in load_trials(exp)] == ["kept"]
+
+    uri = default_tracking_uri(tmp_path)
+    lg = SearchLogger(uri, "bitsearch", str(exp))
+    runs = {tid: lg.child_run(tid, tid) for tid in ("kept", "orphan", "closed")}
+    lg.finish_trial(runs["closed"], None, None, status="KILLED")
+    assert lg.drop_orphans({"kept"}) == 1
+    c = MlflowClient(uri)
+    assert [c.get_run(runs[t]).info.lifecycle_stage for t in ("kept", "orphan", "closed")] == \
+        ["active", "deleted", "active"]

@@ -64,10 +64,11 @@ COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_e
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
     """One dict per trial: its config, every report, and the final one."""
     settings = load_settings(str(path)) if (Path(path) / SETTINGS_FILE).is_file() else None
+    known = _saved_trial_ids(path)
     out = []
     for d in sorted(Path(path).iterdir()):
         pf, rf = d / "params.json", d / "result.json"
-        if not d.is_dir() or not pf.is_file():
+        if not d.is_dir() or not pf.is_file() or (known is not None and d.name not in known):
             continue
         params = json.loads(pf.read_text())
         reports = [json.loads(line) for line in rf.read_text().splitlines() if line.strip()] if rf.is_file() else []
@@ -78,6 +79,20 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
                     "failed": final is None and (d / "error.txt").is_file(),  # Ray writes it for a trial that errored
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
+
+
+def _saved_trial_ids(path: str | Path) -> set[str] | None:
+    """The trials in Ray Tune's last saved experiment state (their folders are named by trial id), or None
+    without one. A driver killed just after starting a trial leaves its folder behind although the saved
+    state never held it; `resume` runs the search from that state, so the folder is not one of its trials."""
+    states = sorted(Path(path).glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+        return {json.loads(t[0])["trial_id"] for t in trials}
+    except (ValueError, KeyError, IndexError, TypeError):  # a format this code does not know: keep every folder
+        return None
 
 
 def table(trials: list[dict[str, Any]]) -> pd.DataFrame:

@@ -108,20 +108,30 @@ def learnable_data():
 
 
 @pytest.fixture(scope="session")
-def trained(learnable_data):
-    """A width-0.25 MobileNet-v2 that has learned learnable_data (> 90% test top-1), BN re-estimated."""
+def trained(learnable_data, tmp_path_factory):
+    """A width-0.25 MobileNet-v2 that has learned learnable_data (> 90% test top-1), BN re-estimated.
+    Trained once per test run: the first xdist worker to need it saves it where the other loads it."""
+    from filelock import FileLock
+
     from quantization import recalibrate_bn
     from trainer import TrainConfig, evaluate, normalize, train
     from trainer.model import MobileNetV2
 
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=3, width=0.25)
-    # FP32 on every CPU (auto would pick bf16 on native-bf16 ones): the same reference model everywhere
-    with two_threads():  # the same reference model as in a plain `pytest` run
-        train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3, device="cpu",
-                                             eval_test=False, amp="off", channels_last="off"))
-        x = learnable_data.train_x
-        recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained.pt"  # this run's only
+    with FileLock(f"{shared}.lock"):
+        if shared.is_file():
+            m.load_state_dict(torch.load(shared, weights_only=True))
+        else:
+            # FP32 on every CPU (auto would pick bf16 on native-bf16 ones): the same reference model everywhere
+            with two_threads():  # the same reference model as in a plain `pytest` run
+                train(m, learnable_data, TrainConfig(width=0.25, epochs=3, batch_size=16, lr=0.05, seed=3,
+                                                     device="cpu", eval_test=False, amp="off", channels_last="off"))
+                x = learnable_data.train_x
+                recalibrate_bn(m, (normalize(x[i:i + 32]) for i in range(0, len(x), 32)), len(x) // 32)
+            torch.save(m.state_dict(), shared)
     m.eval()
     assert evaluate(m, learnable_data.test_x, learnable_data.test_y)["top1"] > 90
     return m

@@ -30,9 +30,19 @@ print(json.dumps({"state": state, "again": keep_freed_memory(),
 """
 
 
-def _probe(**env) -> dict:
+# Only which settings apply, in a process without torch: trainer/allocator.py loaded on its own
+STATE_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[1] + "/trainer/allocator.py")
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+print(json.dumps({"state": mod.keep_freed_memory()}))
+"""
+
+
+def _probe(script: str = PROBE, **env) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "BITSEARCH_MALLOC"))} | env
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], env=e, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=e, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -43,5 +53,5 @@ def test_kept_memory_is_not_faulted_in_again_and_system_opts_out():
     pages = 64 * 2**20 / os.sysconf("SC_PAGE_SIZE")
     assert system["faults_per_alloc"] > 0.5 * pages  # glibc maps each 64 MiB block afresh
     assert kept["faults_per_alloc"] < 0.05 * pages   # reused from the heap
-    assert _probe(MALLOC_ARENA_MAX="2")["state"] == "kept"  # only the mmap / trim settings are the user's own
-    assert _probe(MALLOC_TRIM_THRESHOLD_="1000000")["state"] == "system"
+    assert _probe(STATE_PROBE, MALLOC_ARENA_MAX="2")["state"] == "kept"  # only the mmap / trim settings are the user's own
+    assert _probe(STATE_PROBE, MALLOC_TRIM_THRESHOLD_="1000000")["state"] == "system"

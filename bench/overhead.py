@@ -26,6 +26,8 @@ def main() -> None:
     a = ap.parse_args()
     w_bits = [int(v) for v in a.w_bits.split(",")]
 
+    from trainer.allocator import keep_freed_memory
+    keep_freed_memory()  # as every trial does (tune/trial.py): both arms with the same allocator settings
     import ray
     import torch
 

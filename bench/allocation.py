@@ -77,6 +77,7 @@ def main() -> None:
                                            "a_bits": a.a_bits, "estimator": est, "sensitivity": a.sensitivity,
                                            "epochs": a.epochs if a.method != "ptq" else 0, "lr": a.lr,
                                            "kd_weight": a.kd_weight, "seed": a.seed,
+                                           "finetune_images": len(tune_data.train_y),
                                            "freeze_bn_epoch": base.freeze_bn_epoch, "min_bits": a.min_bits,
                                            "rows": rows}, indent=1))
 

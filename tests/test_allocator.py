@@ -53,5 +53,6 @@ def test_kept_memory_is_not_faulted_in_again_and_system_opts_out():
     pages = 64 * 2**20 / os.sysconf("SC_PAGE_SIZE")
     assert system["faults_per_alloc"] > 0.5 * pages  # glibc maps each 64 MiB block afresh
     assert kept["faults_per_alloc"] < 0.05 * pages   # reused from the heap
-    assert _probe(STATE_PROBE, MALLOC_ARENA_MAX="2")["state"] == "kept"  # only the mmap / trim settings are the user's own
+    # only the mmap / trim settings are the user's own
+    assert _probe(STATE_PROBE, MALLOC_ARENA_MAX="2")["state"] == "kept"
     assert _probe(STATE_PROBE, MALLOC_TRIM_THRESHOLD_="1000000")["state"] == "system"

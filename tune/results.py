@@ -275,6 +275,13 @@ def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
     return metrics, "\n".join(note)
 
 
+def close_search(lg, summary: dict[str, Any]) -> None:
+    """Close the search's MLflow parent run with its report: first delete the open runs of trials the report
+    does not hold (SearchLogger.drop_orphans), then the report's files and the best trial's metrics."""
+    lg.drop_orphans({t["trial_id"] for t in summary["trials"]})
+    lg.finish_search(list(summary["files"].values()), "FINISHED", *parent_summary(summary))
+
+
 def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     """The search's Pareto-front trials as versions of its registered model (mlflow_server.registry);
     the champion alias on the best within the size budget."""
@@ -313,8 +320,7 @@ def sync(path: str | Path) -> dict[str, int]:
             lg.finish_trial(rid, None, None, "FAILED" if t["failed"] else "KILLED")
         written += 1
     if not lg.search_finished():  # the search ended while the server was offline
-        summary = write_report(s.path)
-        lg.finish_search(list(summary["files"].values()), "FINISHED", *parent_summary(summary))
+        close_search(lg, write_report(s.path))
     rj = path / "results.json"
     registry = (register_models(s, json.loads(rj.read_text()), lg) if rj.is_file()  # idempotent
                 else {"registered_model": None, "champion_version": None})

@@ -178,7 +178,7 @@ def trials_left(path: str | Path, s: SearchSettings) -> int | None:
 
 
 def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
-    from tune.results import parent_summary, register_models, write_report
+    from tune.results import close_search, register_models, write_report
     summary = write_report(s.path)
     summary["seconds"] = seconds
     try:
@@ -186,8 +186,7 @@ def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
         lg = SearchLogger(s.tracking_store, s.experiment, str(s.path))
         summary["mlflow_experiment_id"] = lg.experiment_id
         summary["mlflow_parent_run_id"] = lg.parent_run_id
-        lg.drop_orphans({t["trial_id"] for t in summary["trials"]})
-        lg.finish_search(list(summary["files"].values()), "FINISHED", *parent_summary(summary))
+        close_search(lg, summary)
         summary["registry"] = register_models(s, summary, lg)
     except Exception as e:  # results stay on disk; `bitsearch sync` fills MLflow in later
         warnings.warn(f"MLflow not fully updated ({type(e).__name__}: {str(e)[:300]}); "

@@ -134,7 +134,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         if axis is None and _read_ok(s):
             return _FakeQuantRangeSTE.apply(x, s, 0 if z is None else int(z), qmin, qmax)
         return _FakeQuantSTE.apply(x, s, z, qmin, qmax)
-    # inference: in place on one buffer, bit-identical to dequantize(quantize(x))
+    # inference: bit-identical to dequantize(quantize(x)); per tensor on a CPU the codes are clamped to
+    # [qmin - z, qmax - z] (one compiled pass on a large tensor), else in place on one buffer
+    if axis is None and _read_ok(s):
+        zi = 0 if z is None else int(z)
+        return clamped_codes_times_scale(x, float(s), qmin - zi, qmax - zi)
     if z is None:
         return _codes_times_scale_eager(x, s, qmin, qmax)
     return (x / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
@@ -276,6 +280,8 @@ def fake_quantize_relu6(x: torch.Tensor, scale: torch.Tensor, qmax: int, top: fl
     s = scale.detach()
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantReLU6STE.apply(x, s, qmax, top)
+    if _read_ok(s):  # inference on a CPU: one compiled pass on a large tensor
+        return clamped_codes_times_scale(x, float(s), *_relu6_codes(s, qmax, top))
     return _codes_times_scale_eager(x, s, *_relu6_codes(s, qmax, top))
 
 

@@ -238,15 +238,20 @@ def test_the_compiled_quantizer_kernel_gives_the_eager_values_and_gradients(monk
             xg = x.clone().requires_grad_()
             out = f(xg)
             (out * up).sum().backward()
-            outs.append((out.detach(), xg.grad))
+            with torch.no_grad():  # evaluation: the inference path, no autograd function
+                inference = f(x.clone())
+            outs.append((out.detach(), xg.grad, inference))
         return outs
 
     eager = run(False)
     fused = run(True)
     assert P._compiled_kernel not in (None, False)  # the kernel was built and used
-    for (a, ga), (b, gb) in zip(eager, fused):
-        assert torch.equal(a, b) and torch.equal(ga, gb)
-    assert len({a.unique().numel() for a, _ in eager}) > 1  # three different grids
+    for (a, ga, ia), (b, gb, ib) in zip(eager, fused):
+        assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(ia, a) and torch.equal(ib, a)
+    assert len({a.unique().numel() for a, _, _ in eager}) > 1  # three different grids
+    # inference with a zero-point: the clamped codes equal quantize -> dequantize's
+    with torch.no_grad():
+        assert torch.equal(P.fake_quantize(x, s, z, 0, 15), P.dequantize(P.quantize(x, s, z, 0, 15), s, z))
 
 
 def test_without_a_compiler_the_quantizer_kernel_falls_back_to_eager(monkeypatch):

@@ -1,11 +1,13 @@
 """System metrics of a trial, sampled where the trial runs (on its Ray worker).
 
-MLflow's own monitors (mlflow.system_metrics: CPU and memory through psutil; every GPU's utilisation,
-memory and power through NVML where one exists) are sampled by a background thread; ``take()`` returns
-the means since its last call, named ``system/...`` as MLflow's system metrics are, plus this trial
-process's own CPU and memory. The trial reports them with each epoch, and the driver logs them to the
-trial's run, where the MLflow UI shows them on the run's "System metrics" tab: whether trials sharing a
-GPU (or the cores) keep it busy. Workers still need no MLflow server.
+A background thread samples what MLflow's own system-metrics monitors record, under their names
+(``mlflow.system_metrics``: CPU utilisation and system memory as its CPUMonitor reads them through
+psutil; every GPU's utilisation, memory and power through MLflow's GPUMonitor where CUDA is available),
+plus this trial process's own CPU and memory. ``take()`` returns the means since its last call, named
+``system/...`` as MLflow's system metrics are; the trial reports them with each epoch, and the driver
+logs them to the trial's run, where the MLflow UI shows them on the run's "System metrics" tab: whether
+trials sharing a GPU (or the cores) keep it busy. Workers still need no MLflow server, and on a CPU-only
+worker not even the mlflow package: importing it takes ~1.5 s, which the first trial of every worker paid.
 """
 from __future__ import annotations
 
@@ -15,18 +17,48 @@ from collections import defaultdict
 PREFIX = "system/"
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch here: no GPU metrics
+        return False
+
+
+class CPUMonitor:
+    """The readings and names of MLflow's ``CPUMonitor`` (mlflow/system_metrics/metrics/cpu_monitor.py:
+    psutil's CPU percentage and system memory; tested against it), with its collect / aggregate / clear
+    interface, without importing mlflow."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+
+    def collect_metrics(self) -> None:
+        import psutil
+        self.metrics["cpu_utilization_percentage"].append(psutil.cpu_percent())
+        mem = psutil.virtual_memory()
+        self.metrics["system_memory_usage_megabytes"].append(mem.used / 1e6)
+        self.metrics["system_memory_usage_percentage"].append(mem.used / mem.total * 100)
+
+    def aggregate_metrics(self) -> dict[str, float]:
+        return {k: round(sum(v) / len(v), 1) for k, v in self.metrics.items()}
+
+    def clear_metrics(self) -> None:
+        self.metrics.clear()
+
+
 class SystemSampler:
     def __init__(self, interval_s: float = 1.0):
         import psutil
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
 
         self.interval_s = interval_s
         self.monitors = [CPUMonitor()]
-        try:
-            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-            self.monitors.append(GPUMonitor())
-        except Exception:  # noqa: BLE001 - no NVML library or no NVIDIA GPU: CPU metrics only
-            pass
+        if _cuda_available():
+            try:
+                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+                self.monitors.append(GPUMonitor())
+            except Exception:  # noqa: BLE001 - no NVML library or no NVIDIA GPU: CPU metrics only
+                pass
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)  # the first reading starts the interval
         self.own: dict[str, list[float]] = defaultdict(list)

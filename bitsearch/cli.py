@@ -251,7 +251,8 @@ def add_quantize(sub) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
     p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, kd: {weight, temperature}, ...)")
     p.add_argument("--export", help="write the bit-packed model file here")
-    p.add_argument("--out", help="output directory (default: next to the checkpoint, quant-W<w>A<a>-<method>)")
+    p.add_argument("--out", help="output directory (default: next to the checkpoint, quant-W<w>A<a>-<method>; "
+                   "mixed bits: W<lowest>-<highest>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -260,7 +261,7 @@ def add_quantize(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from quantization import QuantConfig
-    from quantization.api import plan_for
+    from quantization.api import bits_label, plan_for
     from trainer import load_dataset
     from pipeline import load_baseline, packed_meta, public, quantize_model, write_result
 
@@ -301,17 +302,19 @@ def cmd_quantize(args) -> int:
         raise UserError(f"--lr={qat_lr} is invalid: must be > 0")
     from mlflow_server.tracking import fetch_artifact
     fp32, ck = load_baseline(fetch_artifact(args.checkpoint))
-    plan_for(fp32, qcfg)  # layer patterns that match nothing: an error now, before the data is read
+    # layer patterns that match nothing: an error now, before the data is read; the label says what the
+    # layers get (W2-8A8 for a mixed allocation, whose base w_bits says nothing)
+    label = bits_label(plan_for(fp32, qcfg))
     tc = ck["config"]
-    out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-W{qcfg.w_bits}A{qcfg.a_bits}-{qcfg.method}")
+    out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-{label}-{qcfg.method}")
     con = stderr_console()
     data = load_dataset(args.data, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
                         download=not args.no_download, progress=lambda s: con.print(s))
     if tuple(ck.get("classes", data.classes)) != data.classes:
         raise UserError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
-    con.print(f"quantizing W{qcfg.w_bits}A{qcfg.a_bits} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
+    con.print(f"quantizing {label} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
               "training images; evaluating on the test set")
-    cbs = [RichProgress(f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}")] if qcfg.method.fine_tunes else []
+    cbs = [RichProgress(f"{qcfg.method} {label}")] if qcfg.method.fine_tunes else []
     res = quantize_model(fp32, data, qcfg, qat_epochs=qat_epochs, qat_lr=qat_lr, batch_size=args.batch_size,
                          seed=tc.get("seed", 0), device=args.device, out_dir=out, callbacks=cbs,
                          export=args.export, model_meta=packed_meta(ck), kd_weight=kd_weight, kd_temperature=kd_temp)
@@ -323,7 +326,7 @@ def cmd_quantize(args) -> int:
         from rich.console import Console
         from rich.table import Table
         c = Console(highlight=False)
-        c.print(f"W{result['w_bits']}A{result['a_bits']} {result['method']}: top-1 {result['top1']:.2f}% "
+        c.print(f"{label} {result['method']}: top-1 {result['top1']:.2f}% "
                 f"(FP32 {result['fp32_top1']:.2f}%, drop {result['drop']:+.2f})")
         t = Table("layer", "params", "w_bits", "a_bits", "packed B", "meta B", "fp32 B", "total B",
                   title="Size per layer (the totals sum to the file)")
@@ -376,6 +379,16 @@ def _packed_with_data(packed: str | os.PathLike, data_path: str, download: bool)
     return model, data
 
 
+def _packed_label(model, cfg: dict) -> str:
+    """``W4A8``, or ``W2-8A8`` for a packed mixed-precision model (its config's per-layer overrides)."""
+    from quantization import QuantConfig
+    from quantization.api import bits_label, plan_for
+    try:
+        return bits_label(plan_for(model, QuantConfig.from_dict(cfg)))
+    except Exception:  # noqa: BLE001 - a label only: the config's own bits
+        return f"W{cfg['w_bits']}A{cfg['a_bits']}"
+
+
 def cmd_eval(args) -> int:
     from trainer import evaluate, resolve_device
 
@@ -387,10 +400,11 @@ def cmd_eval(args) -> int:
     res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=args.batch_size, device=dev)
     size = Path(args.packed).stat().st_size
     cfg = header["config"]
+    label = _packed_label(model, cfg)
     result = {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, "w_bits": cfg["w_bits"],
               "a_bits": cfg["a_bits"], "method": cfg["method"], "test_images": len(data.test_y),
               "packed": str(args.packed)}
-    emit(result, args.json, lambda: print(f"{args.packed}: W{cfg['w_bits']}A{cfg['a_bits']} {cfg['method']}, "
+    emit(result, args.json, lambda: print(f"{args.packed}: {label} {cfg['method']}, "
                                           f"test top-1 {res['top1']:.2f}% on {len(data.test_y):,} images, "
                                           f"{size:,} B on disk ({size / 1e6:.4f} MB)"))
     return 0

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from quantization.config import Method, QuantConfig, QuantConfigError
+from quantization.config import FP32, Method, QuantConfig, QuantConfigError
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
@@ -55,6 +55,23 @@ def plan_for(model: nn.Module, cfg: QuantConfig) -> dict:
     layers = [i.name for i in described_layers(model)]
     others = [n for n, _ in model.named_modules() if n and n not in layers]
     return cfg.plan(layers, others)
+
+
+def bits_label(plan: dict) -> str:
+    """The bit-widths of a resolved plan (``plan_for``) in a few characters: ``W4A8``, or ``W2-8A8`` when
+    the quantized layers' weight bits differ (lowest-highest; activations likewise), ``W32A32`` if none is
+    quantized. What a run is called where a config's own ``w_bits`` would hide per-layer overrides.
+
+    >>> from quantization.config import LayerPlan, Granularity
+    >>> g = Granularity.PER_CHANNEL
+    >>> bits_label({"a": LayerPlan(2, 8, g), "b": LayerPlan(6, 8, g), "fc": LayerPlan(32, 32, g)})
+    'W2-6A8'
+    """
+    def span(values) -> str:
+        v = sorted({b for b in values if b != FP32})
+        return str(FP32) if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+    q = [p for p in plan.values() if p.quantized]
+    return f"W{span(p.w_bits for p in q)}A{span(p.a_bits for p in q)}"
 
 
 def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:

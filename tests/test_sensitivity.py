@@ -251,8 +251,14 @@ def test_allocate_fits_the_budget_exactly_and_quantize_reproduces_the_size(basel
     packed = tmp_path / "alloc.bsq"
     assert main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--config", r["config"], "--export",
                  str(packed), "--out", str(tmp_path / "q"), "--device", "cpu", "--no-download", "--json"]) == 0
-    q = _last_json(capsys)
+    out = capsys.readouterr()
+    q = json.loads(out.out.strip().splitlines()[-1])
     assert packed.stat().st_size == r["predicted_bytes"] == q["comp_bytes"]
+    # named by what its layers get, not by the base config's w_bits (8 here)
+    bits = sorted({v["w_bits"] for v in r["layers"].values()})
+    assert len(bits) > 1 and f"quantizing W{bits[0]}-{bits[-1]}A8 ptq" in " ".join(out.err.split())
+    assert main(["eval", "--packed", str(packed), "--data", str(tree), "--device", "cpu", "--no-download"]) == 0
+    assert f"W{bits[0]}-{bits[-1]}A8 ptq, test top-1" in capsys.readouterr().out  # the packed file says so too
     # a front over several budgets: more bytes never cost more sensitivity
     assert main(["allocate", "--sensitivity", table, "--budget-mb", f"{budget},{budget + 0.0005},10",
                  "--out", str(tmp_path), "--json"]) == 0

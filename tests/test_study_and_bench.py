@@ -19,10 +19,10 @@ ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 
 TINY_STUDY = {
     "train": {"width": 0.25, "epochs": 2, "batch_size": 16, "lr": 0.05, "val_size": 9, "device": "cpu"},
-    "sweep": {"grid": {"w_bits": [8, 2], "a_bits": [8]}, "batch_size": 16, "device": "cpu", "max_concurrent": 2},
-    "search": {"num_samples": 2, "max_concurrent": 2, "batch_size": 16, "device": "cpu", "qat_epochs": 1,
+    "sweep": {"grid": {"w_bits": [8, 2], "a_bits": [8]}, "batch_size": 16, "device": "cpu", "max_concurrent": 1},
+    "search": {"num_samples": 2, "max_concurrent": 1, "batch_size": 16, "device": "cpu", "qat_epochs": 1,
                "space": {"w_bits": [2, 8], "method": ["qat", "lsq"], "qat_lr": [0.001, 0.05]}},
-    "mixed": {"num_samples": 2, "max_concurrent": 2, "batch_size": 16, "device": "cpu",
+    "mixed": {"num_samples": 2, "max_concurrent": 1, "batch_size": 16, "device": "cpu",
               "space": {"block_w_bits": [2, 8], "method": ["ptq"]}},
 }
 

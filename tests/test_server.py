@@ -161,7 +161,7 @@ def test_a_trial_the_saved_state_never_held_is_left_out_of_report_and_mlflow(tmp
 
 def test_trial_system_metrics_are_mlflows_without_importing_mlflow():
     """A CPU trial worker samples what MLflow's CPUMonitor records, under the same names (the MLflow UI's
-    system-metrics tab reads them), and never imports mlflow for it (~1.5 s per worker)."""
+    system-metrics tab reads them), and never imports mlflow for it (1.2-1.4 s per worker)."""
     code = ("import sys, time\n"
             "from tune.sysmetrics import CPUMonitor, SystemSampler\n"
             "s = SystemSampler(interval_s=0.05); time.sleep(0.3); m = s.take(); s.close()\n"

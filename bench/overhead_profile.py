@@ -1,9 +1,13 @@
 """Where a search's time goes beyond the trials' own work: the same 4-trial PTQ sweep as
-bench/overhead.py, with each trial run under cProfile on its worker (stats per trial, its wall time and
-phases), the driver's phases timed (Ray start, Tuner.fit, report + MLflow finish), and the CPU seconds
-of every process on the machine split into the trial worker, the driver and Ray's own processes.
+bench/overhead.py, each trial timed on its worker (wall and CPU seconds; with cProfile unless
+--no-cprofile, the top of the first two trials' profiles in the JSON), the driver's phases timed (Ray
+start, Tune's start, Tuner.fit, report + MLflow finish), and the CPU seconds of the driver and of every
+other process (Ray's own) over the search.
 
-    python bench/overhead_profile.py --baseline runs/quick/checkpoint.pt \
+The wrapped trial function is pickled by value, so the first trial also imports tune.trial (and torch),
+which a normal search does while Tune starts the worker.
+
+    python bench/overhead_profile.py --no-cprofile --baseline runs/quick/checkpoint.pt \
         --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/overhead-profile.json
 """
 from __future__ import annotations

@@ -16,14 +16,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
+def arguments(out: str) -> argparse.ArgumentParser:
+    """This bench's arguments (bench/overhead_profile.py runs the same sweep and adds its own)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--out", default="docs/bench/overhead.json")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--w-bits", default="8,4,2,6")
     ap.add_argument("--batch-size", type=int, default=64)
-    a = ap.parse_args()
+    return ap
+
+
+def sweep_settings(a: argparse.Namespace, out: Path, name: str):
+    """The search arm: a Ray Tune sweep over --w-bits at A8, one trial at a time with both cores."""
+    from tune.search import settings_from
+    return settings_from({"baseline": str(Path(a.baseline).resolve()), "data": str(Path(a.data).resolve()),
+                          "out": str(out), "name": f"{name}-{int(time.time())}", "mode": "sweep",
+                          "grid": {"w_bits": [int(v) for v in a.w_bits.split(",")], "a_bits": [8]},
+                          "max_concurrent": 1, "cpus_per_trial": 2, "batch_size": a.batch_size, "device": "cpu"})
+
+
+def main() -> None:
+    a = arguments("docs/bench/overhead.json").parse_args()
     w_bits = [int(v) for v in a.w_bits.split(",")]
 
     from trainer.allocator import keep_freed_memory
@@ -34,7 +48,7 @@ def main() -> None:
     from quantization import QuantConfig
     from trainer import load_checkpoint, load_dataset
     from pipeline import load_baseline, quantize_model
-    from tune.search import run, settings_from
+    from tune.search import run
 
     ck = load_checkpoint(a.baseline)
     tc = ck["config"]
@@ -55,10 +69,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
     t_ray = time.perf_counter() - t0
-    s = settings_from({"baseline": str(Path(a.baseline).resolve()), "data": str(Path(a.data).resolve()),
-                       "out": str(out), "name": f"overhead-{int(time.time())}", "mode": "sweep",
-                       "grid": {"w_bits": w_bits, "a_bits": [8]}, "max_concurrent": 1, "cpus_per_trial": 2,
-                       "batch_size": a.batch_size, "device": "cpu"})
+    s = sweep_settings(a, out, "overhead")
     t1 = time.perf_counter()
     summ = run(s)
     searched = time.perf_counter() - t0

@@ -12,7 +12,6 @@ which a normal search does while Tune starts the worker.
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from overhead import arguments, sweep_settings  # noqa: E402  (the same sweep as bench/overhead.py)
 
 PROF_DIR = Path("/tmp/bitsearch-overhead-prof")
 CPROFILE = True  # set by --no-cprofile before the trial function is pickled (by value, with this global)
@@ -61,18 +61,12 @@ def top(path: Path, n: int = 25) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", default="docs/bench/overhead-profile.json")
-    ap.add_argument("--w-bits", default="8,4,2,6")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap = arguments("docs/bench/overhead-profile.json")
     ap.add_argument("--no-cprofile", action="store_true", help="phases and CPU seconds only (cProfile slows "
                     "Python-heavy code: the trial times are then the real ones)")
     a = ap.parse_args()
     global CPROFILE
     CPROFILE = not a.no_cprofile
-    w_bits = [int(v) for v in a.w_bits.split(",")]
     import shutil
     shutil.rmtree(PROF_DIR, ignore_errors=True)
     PROF_DIR.mkdir(parents=True)
@@ -112,10 +106,7 @@ def main() -> None:
     t0 = time.time()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024)
     phases["ray_init_end"] = time.time()
-    s = search.settings_from({"baseline": str(Path(a.baseline).resolve()), "data": str(Path(a.data).resolve()),
-                              "out": str(out), "name": f"overhead-prof-{int(time.time())}", "mode": "sweep",
-                              "grid": {"w_bits": w_bits, "a_bits": [8]}, "max_concurrent": 1, "cpus_per_trial": 2,
-                              "batch_size": a.batch_size, "device": "cpu"})
+    s = sweep_settings(a, out, "overhead-prof")
     summ = search.run(s)
     after = cpu_by_process()  # Ray still up: its processes are there (a finished trial worker may not be)
     trials = [json.loads(ln) for ln in (PROF_DIR / "trials.jsonl").read_text().splitlines()]

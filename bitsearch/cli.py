@@ -304,7 +304,7 @@ def cmd_quantize(args) -> int:
     fp32, ck = load_baseline(fetch_artifact(args.checkpoint))
     # layer patterns that match nothing: an error now, before the data is read; the label says what the
     # layers get (W2-8A8 for a mixed allocation, whose base w_bits says nothing)
-    label = bits_label(plan_for(fp32, qcfg))
+    label = bits_label(plan_for(fp32, qcfg).values())
     tc = ck["config"]
     out = writable_dir(args.out or Path(args.checkpoint).parent / f"quant-{label}-{qcfg.method}")
     con = stderr_console()
@@ -379,17 +379,8 @@ def _packed_with_data(packed: str | os.PathLike, data_path: str, download: bool)
     return model, data
 
 
-def _packed_label(model, cfg: dict) -> str:
-    """``W4A8``, or ``W2-8A8`` for a packed mixed-precision model (its config's per-layer overrides)."""
-    from quantization import QuantConfig
-    from quantization.api import bits_label, plan_for
-    try:
-        return bits_label(plan_for(model, QuantConfig.from_dict(cfg)))
-    except Exception:  # noqa: BLE001 - a label only: the config's own bits
-        return f"W{cfg['w_bits']}A{cfg['a_bits']}"
-
-
 def cmd_eval(args) -> int:
+    from quantization.api import bits_label, quant_layers
     from trainer import evaluate, resolve_device
 
     if args.batch_size < 1:
@@ -400,7 +391,7 @@ def cmd_eval(args) -> int:
     res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=args.batch_size, device=dev)
     size = Path(args.packed).stat().st_size
     cfg = header["config"]
-    label = _packed_label(model, cfg)
+    label = bits_label(quant_layers(model).values())  # W2-8A8 for a mixed-precision file: its layers' bits
     result = {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, "w_bits": cfg["w_bits"],
               "a_bits": cfg["a_bits"], "method": cfg["method"], "test_images": len(data.test_y),
               "packed": str(args.packed)}

@@ -57,21 +57,24 @@ def plan_for(model: nn.Module, cfg: QuantConfig) -> dict:
     return cfg.plan(layers, others)
 
 
-def bits_label(plan: dict) -> str:
-    """The bit-widths of a resolved plan (``plan_for``) in a few characters: ``W4A8``, or ``W2-8A8`` when
-    the quantized layers' weight bits differ (lowest-highest; activations likewise), ``W32A32`` if none is
-    quantized. What a run is called where a config's own ``w_bits`` would hide per-layer overrides.
+def bits_label(layers: Iterable) -> str:
+    """The bit-widths of quantized layers in a few characters: ``W4A8``, or ``W2-8A8`` when their weight
+    bits differ (lowest-highest; activations likewise; FP32 left out, ``W32A32`` if nothing is quantized).
+    ``layers``: anything with ``w_bits`` and ``a_bits``, a plan's values (``plan_for``) or a model's quant
+    layers (``quant_layers``). What a run is called where a config's own ``w_bits`` would hide per-layer
+    overrides.
 
     >>> from quantization.config import LayerPlan, Granularity
     >>> g = Granularity.PER_CHANNEL
-    >>> bits_label({"a": LayerPlan(2, 8, g), "b": LayerPlan(6, 8, g), "fc": LayerPlan(32, 32, g)})
+    >>> bits_label([LayerPlan(2, 8, g), LayerPlan(6, 8, g), LayerPlan(32, 32, g)])
     'W2-6A8'
     """
+    layers = list(layers)
+
     def span(values) -> str:
         v = sorted({b for b in values if b != FP32})
         return str(FP32) if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
-    q = [p for p in plan.values() if p.quantized]
-    return f"W{span(p.w_bits for p in q)}A{span(p.a_bits for p in q)}"
+    return f"W{span(x.w_bits for x in layers)}A{span(x.a_bits for x in layers)}"
 
 
 def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from pipeline import load_baseline, packed_meta, public, quantize_model
     from pipeline.sensitivity import allocate, layer_bytes, weight_scores
-    from quantization import QuantConfig
+    from quantization import FineTune, QuantConfig
     from trainer import load_dataset
 
     torch.set_num_threads(2)
@@ -66,8 +66,8 @@ def main() -> None:
 
     def run(label: str, cfg: QuantConfig, extra: dict) -> None:
         t = time.time()
-        res = public(quantize_model(fp32, tune_data, cfg, qat_epochs=a.epochs if a.method != "ptq" else 0, qat_lr=a.lr,
-                                    fp32_top1=fp32_top1, model_meta=meta, act_memory=False, kd_weight=a.kd_weight,
+        res = public(quantize_model(fp32, tune_data, cfg, fine_tune=FineTune(a.epochs, a.lr, a.kd_weight),
+                                    fp32_top1=fp32_top1, model_meta=meta, act_memory=False,
                                     seed=a.seed, device="cpu"))
         row = {"label": label, **extra, **{k: res[k] for k in ("top1", "val_top1", "drop", "comp_bytes", "comp_mb",
                                                                "ratio", "avg_w_bits")}, "seconds": round(time.time() - t, 1)}

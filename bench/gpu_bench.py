@@ -58,7 +58,8 @@ def main() -> None:
 
     from trainer import TrainConfig
     from trainer.baseline import fit_baseline
-    from tune.search import run, settings_from
+    from tune.search import run
+    from tune.settings import settings_from
 
     tiny = a.tiny
     data = str(tiny_data(out / "tinydata")) if tiny else a.data

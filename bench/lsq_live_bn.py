@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import quantization.api as api  # noqa: E402
 from pipeline.quantize import calibration_batches, load_baseline, prepare_quantized  # noqa: E402
 from quantization import (QATSchedule, QuantConfig, calibrate, freeze, recalibrate_bn, set_act_observing,  # noqa: E402
-                          set_lr_scales)
+                          lr_scales)
 from quantization.config import Method  # noqa: E402
 from quantization.modules import QuantConvBn2d  # noqa: E402
 from trainer import TrainConfig, evaluate, train  # noqa: E402
@@ -40,7 +40,7 @@ dev = torch.device("cpu")
 
 
 qat_rule = api.live_bn_layers
-# QAT's rule for LSQ too (QATSchedule and set_lr_scales look it up in quantization.api)
+# QAT's rule for LSQ too (QATSchedule and lr_scales look it up in quantization.api)
 api.live_bn_layers = lambda model, cfg: qat_rule(model, dataclasses.replace(cfg, method=Method.QAT))
 fp32, _ = load_baseline(a.checkpoint)
 data = load_dataset(os.environ.get("BITSEARCH_DATA", "../shared/data/cifar10-jpeg.tar.gz"), val_size=5000,
@@ -61,10 +61,9 @@ def report(tag):
 
 report("calibrated")
 steps0 = [m.wq.step.detach().clone() for m in convs]
-set_lr_scales(q, cfg)
 res = train(q, data, TrainConfig(epochs=1, lr=a.lr, batch_size=128, seed=0, device="cpu", no_decay_bn_bias=True,
                                  eval_test=False, width=getattr(fp32, "width", 1.0)),
-            callbacks=[QATSchedule(cfg)], write_reports=False)
+            callbacks=[QATSchedule(cfg)], write_reports=False, lr_scales=lr_scales(q, cfg))
 moved = [((m.wq.step.detach() - s0).abs() / s0.abs()).mean().item() for m, s0 in zip(convs, steps0)]
 print(f"train top-1 {res['history'][-1]['train_top1']:.2f}; weight steps moved {100 * sum(moved) / len(moved):.2f}% "
       "on average (relative)", flush=True)

@@ -29,7 +29,7 @@ def arguments(out: str) -> argparse.ArgumentParser:
 
 def sweep_settings(a: argparse.Namespace, out: Path, name: str):
     """The search arm: a Ray Tune sweep over --w-bits at A8, one trial at a time with both cores."""
-    from tune.search import settings_from
+    from tune.settings import settings_from
     return settings_from({"baseline": str(Path(a.baseline).resolve()), "data": str(Path(a.data).resolve()),
                           "out": str(out), "name": f"{name}-{int(time.time())}", "mode": "sweep",
                           "grid": {"w_bits": [int(v) for v in a.w_bits.split(",")], "a_bits": [8]},

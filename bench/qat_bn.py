@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipeline.quantize as PQ  # noqa: E402
-from quantization import QuantConfig, freeze, recalibrate_bn  # noqa: E402
+from quantization import FineTune, QuantConfig, freeze, recalibrate_bn  # noqa: E402
 from trainer import evaluate, load_dataset  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     for c in cfgs:
         w, a = int(c[1]), int(c[3])
         t = time.time()
-        r = PQ.quantize_model(fp32, data, QuantConfig(w_bits=w, a_bits=a, method="qat"), qat_epochs=1, qat_lr=lr,
+        r = PQ.quantize_model(fp32, data, QuantConfig(w_bits=w, a_bits=a, method="qat"), fine_tune=FineTune(1, lr),
                               batch_size=128, device="cpu", act_memory=False)
         row = {"model": Path(src).parent.name, "cfg": c, "qat_lr": lr, "quantize_model": round(r["top1"], 2),
                "seconds": round(time.time() - t), "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 T = importlib.import_module("trainer.train")
 from pipeline.quantize import load_baseline, quantize_model  # noqa: E402
-from quantization import QuantConfig  # noqa: E402
+from quantization import FineTune, QuantConfig  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 
 base, amp_mode, wb, ab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -40,7 +40,7 @@ if amp_mode == "off":
 t = time.time()
 r = quantize_model(fp32, data, QuantConfig(w_bits=wb, a_bits=ab, method="qat", bn_live_below_bits=live,
                                            live_bn_lr_factor=factor),
-                   qat_epochs=1, qat_lr=lr, batch_size=128, device="cpu", act_memory=False)
+                   fine_tune=FineTune(1, lr), batch_size=128, device="cpu", act_memory=False)
 print(f"{base} precision={amp_mode} W{wb}A{ab} images={images} lr={lr} bn_live_below_bits={live} "
       f"live_bn_lr_factor={factor:g}: train top-1 "
       f"{[round(h['train_top1'], 2) for h in r['history']]}, val {r['val_top1']:.2f}, test {r['top1']:.2f} "

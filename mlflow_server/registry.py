@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+# mlflow (and torch, for the model's requirements) are imported where a model is registered: mlflow is
+# slow to import, and the search's driver imports this module before it registers anything.
+
 TRIAL_TAG = "bitsearch.trial_id"
 CHAMPION = "champion"
 
@@ -77,7 +80,7 @@ def register_search(uri: str, experiment: str, search_name: str, trials: list[di
         if not ck or rid is None or not (Path(ck) / "model.bsq").is_file():
             continue
         source = _log_pyfunc(c, rid, Path(ck) / "model.bsq", Path(ck) / "quantize.json")
-        tags = {TRIAL_TAG: tid, **{k: str(t[k]) for k in ("W_bits", "A_bits", "method", "Val_Acc", "Accuracy",
+        tags = {TRIAL_TAG: tid, **{k: str(t[k]) for k in ("label", "W_bits", "A_bits", "method", "Val_Acc", "Accuracy",
                                                           "comp_mb", "Ratio") if t.get(k) is not None}}
         v = c.create_model_version(name, source=source, run_id=rid, tags=tags,
                                    description=f"trial {tid}: val top-1 {t.get('Val_Acc')}%, test top-1 "

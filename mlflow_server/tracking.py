@@ -10,11 +10,16 @@ import json
 import logging
 import math
 import os
+import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import requests
+
+# mlflow is imported where a store is used: trial workers import this module (fetch_artifact of a local
+# path, the store's default address) and mlflow is slow to import.
 
 ARTIFACTS_DIR = "mlartifacts"  # next to an embedded store's mlflow.db: every artifact stays under the search's --out
 TRIAL_TAG = "bitsearch.trial_id"
@@ -126,8 +131,6 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
     """Every numeric metric in one request (MLflow's log_batch), not one call per metric."""
-    import time
-
     from mlflow.entities import Metric
     ts = int(time.time() * 1000)
     batch = [Metric(k, v, ts, step) for k, v in _numeric(metrics).items()]
@@ -144,7 +147,6 @@ def log_sensitivity(uri: str, baseline: str, table: dict[str, Any]) -> str:
     baseline's own run when the baseline is a ``runs:/<id>/...`` URI, else in a run of its own in the
     baselines experiment (tags: the baseline path, the table's cache key). Idempotent: the same table
     goes to the same run. Returns the run id."""
-    import re
     check_reachable(uri)
     short_retries()
     c = _client(uri)

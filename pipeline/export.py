@@ -23,9 +23,22 @@ import operator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
+
+from quantization.modules import QuantConvBn2d, QuantLinear
+from quantization.packing import load_packed
+from pipeline.quantize import packed_with_data
+from quantization.primitives import dequantize, quantize
+from trainer import evaluate, model_from_meta
+from trainer.data import CIFAR10_MEAN, CIFAR10_STD
+
+# onnxruntime is imported where a graph is run (compare_onnx): exporting needs only onnx, and every search
+# trial exports.
 
 OPSET = 21
 
@@ -51,15 +64,12 @@ class _Graph:
         return f"{hint}_{self.n}"
 
     def const(self, hint: str, value, dtype=np.float32) -> str:
-        from onnx import numpy_helper
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def int_const(self, hint: str, codes: np.ndarray, bits: int, signed: bool) -> str:
         """Integer codes as raw bytes of their ONNX type (INT4/UINT4: two per byte)."""
-        import ml_dtypes
-        from onnx import numpy_helper
         np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8,
                    "uint8": np.uint8}[_int_type(bits, signed)]
         name = self.name(hint)
@@ -67,7 +77,6 @@ class _Graph:
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
-        from onnx import helper
         out = self.name(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -97,7 +106,6 @@ def _act_qdq(g: _Graph, x: str, q, hint: str) -> str:
 
 def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
     """The weight as an integer initializer + DequantizeLinear (quantized) or FP32 (not)."""
-    from quantization.primitives import dequantize, quantize
     wq = m.wq
     if wq is None:
         g.layers["fp32"].append(hint)
@@ -136,17 +144,12 @@ def _add_bias(g: _Graph, y: str, bias: torch.Tensor | None, hint: str, shape: tu
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from quantization.modules import QuantConvBn2d, QuantLinear
         # nn.Conv2d subclasses too (trainer.model.Conv2d: same conv, its own kernel choice under autocast)
         return isinstance(m, (QuantConvBn2d, QuantLinear, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 
 
 def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):
     """The ONNX ModelProto of ``model`` (eval semantics) and what it stored: {int8, int4, fp32: [layer names]}."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from quantization.modules import QuantConvBn2d, QuantLinear
     model = model.eval()
     graph = _Tracer().trace(model)
     mods = dict(model.named_modules())
@@ -159,45 +162,9 @@ def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):
             x = g.op("Sub", ["image", g.const("mean", np.asarray(mean, np.float32).reshape(1, 3, 1, 1))], "normalize")
             env[node.name] = g.op("Div", [x, g.const("std", np.asarray(std, np.float32).reshape(1, 3, 1, 1))], "normalize")
         elif node.op == "call_module":
-            m, hint = mods[node.target], node.target
-            if isinstance(m, QuantConvBn2d):
-                if m.bn is not None:
-                    raise ExportError(f"{hint}: fold BN first (export a packed model: load_packed)")
-                x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-                env[node.name] = _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint)
-            elif isinstance(m, QuantLinear):
-                x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-                y = g.op("Gemm", [x, _weight(g, m, m.linear.weight, hint)], hint, transB=1)
-                env[node.name] = _add_bias(g, y, m.linear.bias, hint, (1, -1))
-            elif isinstance(m, nn.Conv2d):
-                g.layers["fp32"].append(hint)
-                env[node.name] = _conv(g, a[0], m, g.const(f"{hint}.weight", _np(m.weight)), m.bias, hint)
-            elif isinstance(m, nn.BatchNorm2d):
-                ins = [a[0]] + [g.const(f"{hint}.{k}", _np(t)) for k, t in
-                                (("weight", m.weight), ("bias", m.bias), ("mean", m.running_mean), ("var", m.running_var))]
-                env[node.name] = g.op("BatchNormalization", ins, hint, epsilon=float(m.eps))
-            elif isinstance(m, nn.Linear):
-                g.layers["fp32"].append(hint)
-                ins = [a[0], g.const(f"{hint}.weight", _np(m.weight))] + (
-                    [g.const(f"{hint}.bias", _np(m.bias))] if m.bias is not None else [])
-                env[node.name] = g.op("Gemm", ins, hint, transB=1)
-            elif isinstance(m, nn.ReLU6):
-                env[node.name] = g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)], hint)
-            elif isinstance(m, nn.ReLU):
-                env[node.name] = g.op("Relu", [a[0]], hint)
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                env[node.name] = a[0]
-            elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-                env[node.name] = g.op("GlobalAveragePool", [a[0]], hint)
-            else:
-                raise ExportError(f"{hint}: {type(m).__name__} has no ONNX export here")
+            env[node.name] = _module_node(g, mods[node.target], node.target, a)
         elif node.op == "call_function":
-            if node.target in (operator.add, torch.add) and len(a) == 2 and all(isinstance(v, str) for v in a):
-                env[node.name] = g.op("Add", a)
-            elif node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
-                env[node.name] = g.op("Flatten", [a[0]], axis=1)
-            else:
-                raise ExportError(f"{node.target} has no ONNX export here")
+            env[node.name] = _function_node(g, node, a)
         elif node.op == "output":
             out_name = env[node.args[0].name]
         else:
@@ -214,13 +181,50 @@ def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):
     return proto, g.layers
 
 
+def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
+    """The ONNX nodes of one leaf module applied to the inputs ``a``; the name of its output."""
+    if isinstance(m, QuantConvBn2d):
+        if m.bn is not None:
+            raise ExportError(f"{hint}: fold BN first (export a packed model: load_packed)")
+        x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+        return _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint)
+    if isinstance(m, QuantLinear):
+        x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+        y = g.op("Gemm", [x, _weight(g, m, m.linear.weight, hint)], hint, transB=1)
+        return _add_bias(g, y, m.linear.bias, hint, (1, -1))
+    if isinstance(m, nn.Conv2d):
+        g.layers["fp32"].append(hint)
+        return _conv(g, a[0], m, g.const(f"{hint}.weight", _np(m.weight)), m.bias, hint)
+    if isinstance(m, nn.BatchNorm2d):
+        ins = [a[0]] + [g.const(f"{hint}.{k}", _np(t)) for k, t in
+                        (("weight", m.weight), ("bias", m.bias), ("mean", m.running_mean), ("var", m.running_var))]
+        return g.op("BatchNormalization", ins, hint, epsilon=float(m.eps))
+    if isinstance(m, nn.Linear):
+        g.layers["fp32"].append(hint)
+        ins = [a[0], g.const(f"{hint}.weight", _np(m.weight))] + (
+            [g.const(f"{hint}.bias", _np(m.bias))] if m.bias is not None else [])
+        return g.op("Gemm", ins, hint, transB=1)
+    if isinstance(m, nn.ReLU6):
+        return g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)], hint)
+    if isinstance(m, nn.ReLU):
+        return g.op("Relu", [a[0]], hint)
+    if isinstance(m, (nn.Identity, nn.Dropout)):
+        return a[0]
+    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+        return g.op("GlobalAveragePool", [a[0]], hint)
+    raise ExportError(f"{hint}: {type(m).__name__} has no ONNX export here")
+
+
+def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
+    if node.target in (operator.add, torch.add) and len(a) == 2 and all(isinstance(v, str) for v in a):
+        return g.op("Add", a)
+    if node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
+        return g.op("Flatten", [a[0]], axis=1)
+    raise ExportError(f"{node.target} has no ONNX export here")
+
+
 def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the ONNX QDQ model of a packed .bsq file to ``out``; the JSON summary (DESIGN.md keys)."""
-    import onnx
-
-    from quantization.packing import load_packed
-    from trainer import model_from_meta
-    from trainer.data import CIFAR10_MEAN, CIFAR10_STD
     model = load_packed(packed, model_from_meta)
     proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     out = Path(out)
@@ -252,9 +256,20 @@ def run_onnx(path: str | Path, images: torch.Tensor, batch_size: int = 256, thre
 def compare_onnx(model: nn.Module, data, onnx_path: str | Path) -> dict[str, Any]:
     """Run the ONNX model (onnxruntime, CPU) and ``model`` (the packed model in PyTorch) on ``data``'s
     test images: both top-1s (%) and the share of images on which their predictions agree (%)."""
-    from trainer import evaluate
     ref = evaluate(model, data.test_x, data.test_y, device=torch.device("cpu"))
     pred = run_onnx(onnx_path, data.test_x).argmax(1)
     n = max(1, len(data.test_y))
     return {"onnx_top1": 100.0 * (pred == data.test_y).sum().item() / n, "packed_top1": ref["top1"],
             "agreement": 100.0 * (pred == ref["pred"]).sum().item() / n, "test_images": len(data.test_y)}
+
+
+def export_model(packed: str | Path, out: str | Path, check_data: str | None = None, download: bool = True,
+                 log=lambda s: None) -> dict[str, Any]:
+    """`bitsearch export`: the ONNX graph of a packed file; with ``check_data`` (a data path) also run in
+    onnxruntime against the packed model on its test images (the data is read first: a bad path fails
+    before anything is written)."""
+    checked = packed_with_data(packed, check_data, download, log) if check_data else None
+    result = export_packed(packed, out)  # PackedFileError for a bad .bsq: one line
+    if checked:
+        result.update(compare_onnx(*checked, out))
+    return result

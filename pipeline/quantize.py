@@ -4,20 +4,22 @@ trial (which adds a callback that reports each epoch to Ray Tune). Imports train
 only (no Ray, no MLflow)."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from quantization import (QAT_LR, QATSchedule, QuantConfig, calibrate, freeze, prepare, recalibrate_bn, set_act_observing,
-                          set_lr_scales)
+from quantization import (FineTune, QATSchedule, QuantConfig, QuantConfigError, calibrate, freeze, lr_scales, prepare,
+                          recalibrate_bn, set_act_observing)
 from quantization.actmem import activation_memory
-from quantization.packing import convert, save_packed, size_report
-from trainer import (CheckpointError, Dataset, TrainConfig, evaluate, load_checkpoint, model_from_meta, resolve_device,
-                     train)
+from quantization.api import bits_label, plan_for, quant_layers
+from quantization.packing import convert, load_packed, save_packed, size_report
+from trainer import (CheckpointError, DataError, Dataset, TrainConfig, evaluate, load_checkpoint, load_dataset,
+                     model_from_meta, model_meta, resolve_device, train)
 from trainer.data import augment, normalize
 
 
@@ -100,39 +102,28 @@ def _check_finite(q: torch.nn.Module, history: list[dict]) -> None:
                             "diverged; lower the QAT learning rate, or set bn_live_below_bits: 0 to keep BN frozen")
 
 
-def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, qat_epochs: int = 0,
-                   qat_lr: float = QAT_LR, batch_size: int = 128, seed: int = 0, device: str = "auto",
+def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, fine_tune: FineTune | None = None,
+                   batch_size: int = 128, seed: int = 0, device: str = "auto",
                    out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
                    export: str | Path | None = None, fp32_top1: float | None = None,
                    model_meta: dict | None = None, act_memory: bool = True,
-                   prepared: Prepared | None = None, kd_weight: float = 0.0,
-                   kd_temperature: float = 4.0) -> dict[str, Any]:
-    """Quantize ``fp32`` per ``qcfg`` and measure it. ``qat_epochs`` > 0 (methods that fine-tune)
-    trains through the trainer's loop (checkpointed in ``out_dir/qat``). ``prepared`` reuses a
-    ``prepare_quantized`` result. ``kd_weight`` > 0: the fine-tuning distils from ``fp32`` (the teacher)
-    at ``kd_temperature``. Returns the quantize JSON keys."""
+                   prepared: Prepared | None = None) -> dict[str, Any]:
+    """Quantize ``fp32`` per ``qcfg`` and measure it. With ``fine_tune`` and a method that fine-tunes,
+    trains through the trainer's loop (checkpointed in ``out_dir/qat``; distilling from ``fp32`` when
+    ``fine_tune.kd_weight`` > 0). ``prepared`` reuses a ``prepare_quantized`` result. ``fp32`` itself is
+    never changed (a copy goes to another device). Returns the quantize JSON keys."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    fp32 = fp32.to(dev).eval()
+    fp32 = _on_device(fp32, dev)
     if fp32_top1 is None:
         fp32_top1 = evaluate(fp32, data.test_x, data.test_y, device=dev)["top1"]
     prepared = prepared or prepare_quantized(fp32, qcfg, model_meta, dev)
     q, size = prepared.model.to(dev), prepared.size
     n_cal = calibrate(q, calibration_batches(data, batch_size, seed, dev), qcfg.calib_batches)
-    history: list[dict] = []
-    n_bn = 0
-    fine_tune = qcfg.method.fine_tunes and qat_epochs > 0
-    if fine_tune:
-        tcfg = TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=batch_size, seed=seed, device=dev.type,
-                           no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
-                           dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)),
-                           kd_weight=kd_weight, kd_temperature=kd_temperature)
-        set_lr_scales(q, qcfg)  # layers that keep BN live: qcfg.live_bn_lr_factor x qat_lr
-        res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
-                    callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False,
-                    teacher=fp32 if kd_weight > 0 else None)
-        history = res["history"]
-        set_act_observing(q, False)
+    ft = fine_tune if qcfg.method.fine_tunes else None
+    history, n_bn = [], 0
+    if ft is not None:
+        history = _fine_tune(q, fp32, data, qcfg, ft, batch_size, seed, dev, out_dir, callbacks, resume)
         # re-estimated on augmented batches, the data BN trains on: with un-augmented ones (no black-bordered
         # crops) the cpu FP32 model itself falls from 84.39% to 81.70% (docs/RESULTS.md section 7)
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev, augmented=True),
@@ -143,37 +134,61 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, q
     freeze(q)
     q.eval()
     _check_finite(q, history)
-    test = evaluate(q, data.test_x, data.test_y, device=dev)
-    val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
-    am = activation_memory(q) if act_memory else None
-    result: dict[str, Any] = {
-        "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": str(qcfg.method),
-        "granularity": str(qcfg.w_granularity),
-        "top1": test["top1"], "val_top1": None if val is None else val["top1"], "fp32_top1": fp32_top1,
-        "drop": fp32_top1 - test["top1"],
-        "orig_mb": size["orig_mb"], "comp_mb": size["comp_mb"], "comp_bytes": size["comp_bytes"],
-        "header_bytes": size["header_bytes"], "ratio": size["ratio"],
-        "weight_ratio": size["weight_ratio"], "metadata_overhead": size["metadata_overhead"],
-        "comp_kb": size["comp_kb"], "avg_w_bits": size["avg_w_bits"], "avg_a_bits": size["avg_a_bits"],
-        "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
-        "calib_batches": n_cal, "bn_recalibration_batches": n_bn, "qat_epochs": qat_epochs if fine_tune else 0,
-        "qat_lr": qat_lr if fine_tune else 0.0,
-        "kd_weight": kd_weight if fine_tune else 0.0, "kd_temperature": kd_temperature if fine_tune and kd_weight else None,
-        "history": history, "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
-        "seconds": time.perf_counter() - t0,
-    }
+    result = _measure(q, data, qcfg, size, fp32_top1, dev, act_memory)
+    result.update(calib_batches=n_cal, bn_recalibration_batches=n_bn, qat_epochs=ft.epochs if ft else 0,
+                  qat_lr=ft.lr if ft else 0.0, kd_weight=ft.kd_weight if ft else 0.0,
+                  kd_temperature=ft.kd_temperature if ft and ft.kd_weight else None, history=history,
+                  seconds=time.perf_counter() - t0)
     if export:
         info = save_packed(export, convert(q, prepared.model_meta))
         assert info["file_bytes"] == size["comp_bytes"], "the packed file differs from its predicted size"
-        result["export"] = info["path"]
-        result["export_bytes"] = info["file_bytes"]
-        result["export_header_bytes"] = info["header_bytes"]
+        result.update(export=info["path"], export_bytes=info["file_bytes"], export_header_bytes=info["header_bytes"])
     result["_model"] = q
     return result
 
 
+def _on_device(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """``model`` in eval mode on ``dev``: itself if it is there already, else a copy (a caller's cached
+    baseline stays where it was)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.device != dev:
+        model = copy.deepcopy(model).to(dev)
+    return model.eval()
+
+
+def _fine_tune(q, fp32, data: Dataset, qcfg: QuantConfig, ft: FineTune, batch_size: int, seed: int, dev, out_dir,
+               callbacks: Iterable, resume: bool) -> list[dict]:
+    """QAT / LSQ through the trainer's loop; the per-epoch history."""
+    tcfg = TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=batch_size, seed=seed, device=dev.type,
+                       no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
+                       dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)),
+                       kd_weight=ft.kd_weight, kd_temperature=ft.kd_temperature)
+    res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
+                callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False,
+                teacher=fp32 if ft.kd_weight > 0 else None,
+                lr_scales=lr_scales(q, qcfg))  # layers that keep BN live: qcfg.live_bn_lr_factor x lr
+    set_act_observing(q, False)
+    return res["history"]
+
+
+def _measure(q, data: Dataset, qcfg: QuantConfig, size: dict, fp32_top1: float, dev, act_memory: bool) -> dict[str, Any]:
+    """Test and validation top-1, sizes and activation memory of the finished quantized model."""
+    test = evaluate(q, data.test_x, data.test_y, device=dev)
+    val = evaluate(q, data.val_x, data.val_y, device=dev) if data.val_y is not None else None
+    am = activation_memory(q) if act_memory else None
+    return {
+        "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits, "method": str(qcfg.method),
+        "granularity": str(qcfg.w_granularity),
+        "top1": test["top1"], "val_top1": None if val is None else val["top1"], "fp32_top1": fp32_top1,
+        "drop": fp32_top1 - test["top1"],
+        **{k: size[k] for k in ("orig_mb", "comp_mb", "comp_bytes", "header_bytes", "ratio", "weight_ratio",
+                                "metadata_overhead", "comp_kb", "avg_w_bits", "avg_a_bits")},
+        "act_ratio": am["act_ratio"] if am else None, "quantized_fraction": size["quantized_fraction"],
+        "layers": size["layers"], "activation_memory": am, "config": qcfg.to_dict(),
+    }
+
+
 def _default_meta(fp32: torch.nn.Module) -> dict:
-    from trainer import model_meta
     return model_meta(fp32)
 
 
@@ -187,3 +202,89 @@ def write_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(public(result), indent=2, default=str))
     return p
+
+
+# what the `quantize:` YAML section and the command line call the fine-tuning settings -> FineTune's fields
+FINE_TUNE_FLAGS = {"epochs": "--epochs", "lr": "--lr", "kd_weight": "--kd-weight", "kd_temperature": "--kd-temperature"}
+
+
+def quantize_settings(section: dict[str, Any], quant: dict[str, Any], fine_tune: dict[str, Any],
+                      source: str = "the config") -> tuple[QuantConfig, FineTune | None]:
+    """The settings of one `bitsearch quantize`: a ``quantize:`` YAML ``section`` (QuantConfig fields, plus
+    the fine-tuning's ``epochs``, ``lr`` and ``kd: {weight, temperature}``) with the command line's
+    ``quant`` (QuantConfig fields) and ``fine_tune`` (FineTune fields) on top. FineTune is None for a
+    method that does not fine-tune (distillation asked for with one is an error)."""
+    if not isinstance(section, dict):
+        raise QuantConfigError(f"the quantize: section of {source} must be a mapping of options (w_bits: 4, a_bits: 8, "
+                               f"...), not a {type(section).__name__}")
+    section = dict(section)
+    kd = section.pop("kd", None) or {}
+    if not isinstance(kd, dict) or set(kd) - {"weight", "temperature"}:
+        raise QuantConfigError(f"quantize.kd in {source} must be a mapping {{weight: W, temperature: T}}")
+    ft = {k: v for k, v in {"epochs": section.pop("epochs", None), "lr": section.pop("lr", None),
+                            "kd_weight": kd.get("weight"), "kd_temperature": kd.get("temperature")}.items()
+          if v is not None}
+    ft.update(fine_tune)
+    qcfg = QuantConfig.from_dict({**section, **quant})
+    if not qcfg.method.fine_tunes:
+        if ft.get("kd_weight"):
+            raise QuantConfigError(f"--kd-weight={ft['kd_weight']} needs a method that fine-tunes (qat or lsq), "
+                                   f"not {qcfg.method}")
+        return qcfg, None
+    return qcfg, FineTune.from_values(ft, FINE_TUNE_FLAGS)
+
+
+def quantize_checkpoint(checkpoint: str | Path, data_path: str, qcfg: QuantConfig, fine_tune: FineTune | None, *,
+                        batch_size: int = 128, device: str = "auto", out_dir: str | Path | None = None,
+                        export: str | Path | None = None, download: bool = True,
+                        log: Callable[[str], None] = lambda s: None, callbacks: Iterable = ()) -> dict[str, Any]:
+    """`bitsearch quantize`: quantize a training checkpoint (a local file) on the data it was trained on
+    (its split and seed), measure it, write OUT/quantize.json (OUT defaults to
+    ``quant-<label>-<method>`` beside the checkpoint) and, with ``export``, the packed file. Returns the
+    quantize JSON keys plus ``label`` (what the layers get: W2-8A8 for a mixed allocation) and ``out_dir``."""
+    if batch_size < 1:
+        raise QuantConfigError(f"--batch-size={batch_size} is invalid: an integer >= 1")
+    fp32, ck = load_baseline(checkpoint)
+    # layer patterns that match nothing: an error now, before the data is read
+    label = bits_label(plan_for(fp32, qcfg).values())
+    tc = ck["config"]
+    out = Path(out_dir or Path(checkpoint).parent / f"quant-{label}-{qcfg.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(data_path, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
+                        download=download, progress=log)
+    if tuple(ck.get("classes", data.classes)) != data.classes:
+        raise DataError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
+    log(f"quantizing {label} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
+        "training images; evaluating on the test set")
+    res = quantize_model(fp32, data, qcfg, fine_tune=fine_tune, batch_size=batch_size, seed=tc.get("seed", 0),
+                         device=device, out_dir=out, callbacks=callbacks, export=export, model_meta=packed_meta(ck))
+    write_result(out, res)
+    return {**public(res), "label": label, "out_dir": str(out)}
+
+
+def packed_with_data(packed: str | Path, data_path: str, download: bool = True,
+                     log: Callable[[str], None] = lambda s: None) -> tuple[torch.nn.Module, Dataset]:
+    """The model of a packed file and the dataset at ``data_path``, checked to have the same classes."""
+    model = load_packed(packed, model_from_meta)  # PackedFileError: one line naming what is wrong
+    header = model.bitsearch_header
+    data = load_dataset(data_path, download=download, progress=log)
+    classes = header["model"].get("classes") or []
+    if (classes and list(classes) != list(data.classes)) or data.num_classes != header["model"].get("num_classes"):
+        raise DataError(f"{packed} was trained on classes {classes or header['model'].get('num_classes')}, "
+                        f"the data at {data_path} has {list(data.classes)}")
+    return model, data
+
+
+def evaluate_packed(packed: str | Path, data_path: str, *, batch_size: int = 256, device: str = "auto",
+                    download: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`bitsearch eval`: a packed file measured on its own (test top-1) and its size on disk."""
+    if batch_size < 1:
+        raise QuantConfigError(f"--batch-size={batch_size} is invalid: an integer >= 1")
+    dev = resolve_device(device)
+    model, data = packed_with_data(packed, data_path, download, log)
+    res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=batch_size, device=dev)
+    size = Path(packed).stat().st_size
+    cfg = model.bitsearch_header["config"]
+    return {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, "w_bits": cfg["w_bits"],
+            "a_bits": cfg["a_bits"], "method": cfg["method"], "test_images": len(data.test_y), "packed": str(packed),
+            "label": bits_label(quant_layers(model).values())}  # W2-8A8 for a mixed-precision file: its layers' bits

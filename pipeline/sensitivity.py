@@ -31,13 +31,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
+
+from pipeline.quantize import load_baseline, packed_meta
 
 from quantization import FP32, QuantConfig
 from quantization.api import calibrate, plan_for, prepare, quant_layers
 from quantization.packing import convert, size_report
-from trainer.data import Dataset, normalize
+from trainer.data import Dataset, load_dataset, normalize
 from trainer.train import evaluate
+
+# matplotlib is imported where the table's plot is drawn: search workers import this module to allocate.
 
 FORMAT = "bitsearch-sensitivity-v1"
 W_BITS = (2, 3, 4, 5, 6, 8)
@@ -405,6 +410,78 @@ def _packed_bytes(fp32: nn.Module, cfg: QuantConfig, meta: dict) -> int:
     return int(size_report(convert(prepare(fp32, cfg), meta), fp32)["comp_bytes"])
 
 
+def score_baseline(baseline: str | Path, data_path: str, base: QuantConfig, *, estimator: str = "loss",
+                   images: int = 1000, force: bool = False, download: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`bitsearch sensitivity`: the table of a training checkpoint (a local file), scored on its own
+    validation split (never on test)."""
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise SensitivityError(f"--images={images} is invalid: an integer >= 1")
+    fp32, ck = load_baseline(baseline)
+    plan_for(fp32, base)  # layer patterns that match nothing: an error before the data is read
+    tc = ck["config"]
+    if not tc.get("val_size"):
+        raise SensitivityError(f"{baseline} was trained without a validation split: sensitivity is scored on validation "
+                               "images, never on test; retrain with --val-size N")
+    data = load_dataset(data_path, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
+                        download=download, progress=log)
+    desc = {"path": str(Path(data_path).resolve()) if "://" not in data_path else data_path,
+            **{k: tc.get(k, 0) for k in ("subset", "val_size", "seed")}}
+    return sensitivity(baseline, fp32.eval(), data, base, estimator=estimator, images=images, data_desc=desc,
+                       progress=log, force=force)
+
+
+def load_table(path: str | Path) -> dict[str, Any]:
+    """A sensitivity table written by `bitsearch sensitivity` (SensitivityError for anything else)."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        table = None
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        raise SensitivityError(f"{path} is not a sensitivity table written by `bitsearch sensitivity`")
+    return table
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``0.3`` or ``0.25,0.3,0.4`` (MB) -> budgets, each a number > 0."""
+    try:
+        budgets = [float(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise SensitivityError(f"--budget-mb={text!r} is invalid: a number of MB, or a comma-separated list") from None
+    if not budgets or any(not (b > 0 and math.isfinite(b)) for b in budgets):
+        raise SensitivityError(f"--budget-mb={text!r} is invalid: every budget must be a number > 0 (MB)")
+    return budgets
+
+
+def allocate_budgets(table: dict[str, Any], baseline: str | Path, budgets: list[float], out_dir: str | Path, *,
+                     a_bits: int | None = None, estimator: str | None = None,
+                     min_bits: int | None = None) -> dict[str, Any]:
+    """`bitsearch allocate`: the allocation for each budget, each written as a quantize YAML in ``out_dir``
+    (``alloc-<budget>MB.yaml``, whose packed file is exactly ``predicted_bytes`` long). ``baseline``: the
+    table's checkpoint as a local file. Returns {estimator, rows}."""
+    if a_bits is not None and not (2 <= a_bits <= 8 or a_bits == FP32):
+        raise SensitivityError(f"--a-bits={a_bits} is invalid: allowed 2..8, or 32 for FP32")
+    check_min_bits(min_bits, "--min-bits")
+    est, scores = weight_scores(table, estimator)
+    fp32, ck = load_baseline(baseline)
+    base = QuantConfig.from_dict(table["settings"]["base"])
+    meta = packed_meta(ck)
+    layers = [r["name"] for r in table["layers"]]
+    costs = layer_bytes(fp32, base, meta, layers, sorted({b for v in scores.values() for b in v}), a_bits)
+    allocs = [allocate(table, fp32, base, meta, b, a_bits=a_bits, estimator=est, costs=costs, min_bits=min_bits)
+              for b in budgets]  # every budget solved before any file is written
+    rows = []
+    for b, r in zip(budgets, allocs):
+        path = Path(out_dir) / f"alloc-{b:g}MB.yaml"
+        path.write_text(f"# bitsearch allocate: {b:g} MB budget, {r['predicted_bytes']} bytes packed, "
+                        f"summed {est} sensitivity {r['sensitivity']:.6g}, average {r['avg_w_bits']:.3f} weight bits\n"
+                        + yaml.safe_dump({"quantize": r["config"].to_dict()}, sort_keys=False))
+        rows.append({"budget_mb": b, "predicted_mb": r["predicted_mb"], "predicted_bytes": r["predicted_bytes"],
+                     "sensitivity": r["sensitivity"], "config": str(path), "avg_w_bits": r["avg_w_bits"],
+                     "layers": {n: {"w_bits": w, "a_bits": r["config"].a_bits} for n, w in r["bits"].items()}})
+    return {"estimator": est, "rows": rows}
+
+
 __all__ = ["A_BITS", "ALLOC_ESTIMATORS", "ESTIMATORS", "SensitivityError", "W_BITS", "allocatable_layers", "allocate",
-           "allocation_config", "hessian_traces", "layer_bytes", "loss_scores", "sensitivity", "solve", "spearman",
+           "allocate_budgets", "allocation_config", "hessian_traces", "load_table", "parse_budgets", "score_baseline", "layer_bytes", "loss_scores", "sensitivity", "solve", "spearman",
            "weight_errors", "weight_scores", "write_table_files"]

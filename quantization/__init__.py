@@ -4,13 +4,13 @@ calibrate / QAT schedule, bit-packed model files, size and activation-memory acc
 Imports only torch, and that lazily: ``quantization.config`` (QuantConfig, Method, Granularity) loads
 without it, so the command line starts fast.
 """
-from quantization.config import (FP32, QAT_EPOCHS, QAT_LR, Granularity, LayerOverride, Method, QuantConfig,
+from quantization.config import (FP32, FineTune, Granularity, LayerOverride, Method, QuantConfig,
                                   QuantConfigError)
 
 _API = ("CalibrationError", "QATSchedule", "calibrate", "freeze", "prepare", "quant_layers", "recalibrate_bn",
-        "set_act_observing", "set_bn_frozen", "live_bn_layers", "set_lr_scales")
+        "set_act_observing", "set_bn_frozen", "live_bn_layers", "lr_scales")
 
-__all__ = ["FP32", "QAT_EPOCHS", "QAT_LR", "Granularity", "LayerOverride", "Method", "QuantConfig", "QuantConfigError",
+__all__ = ["FP32", "FineTune", "Granularity", "LayerOverride", "Method", "QuantConfig", "QuantConfigError",
            *_API]
 
 

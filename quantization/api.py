@@ -211,14 +211,16 @@ def live_bn_layers(model: nn.Module, cfg: QuantConfig) -> list[QuantConvBn2d]:
             and m.wq.bits < cfg.bn_live_below_bits]
 
 
-def set_lr_scales(model: nn.Module, cfg: QuantConfig) -> None:
-    """Give the parameters of ``live_bn_layers`` the learning-rate multiple ``cfg.live_bn_lr_factor``
-    (``lr_scale``, which trainer.train's optimiser reads; every other parameter: 1). Call before training."""
-    for p in model.parameters():
-        p.lr_scale = 1.0
-    for m in live_bn_layers(model, cfg):
-        for p in m.parameters():
-            p.lr_scale = float(cfg.live_bn_lr_factor)
+def lr_scales(model: nn.Module, cfg: QuantConfig) -> dict[str, float]:
+    """Learning-rate multiples for the optimiser (trainer.train's ``lr_scales``): the parameters of
+    ``live_bn_layers`` train at ``cfg.live_bn_lr_factor`` x the QAT learning rate, every other one at 1x
+    (left out)."""
+    factor = float(cfg.live_bn_lr_factor)
+    if factor == 1.0:
+        return {}
+    live = {id(m) for m in live_bn_layers(model, cfg)}
+    return {f"{name}.{pn}" if name else pn: factor for name, m in model.named_modules() if id(m) in live
+            for pn, _ in m.named_parameters()}
 
 
 class QATSchedule:

@@ -22,8 +22,6 @@ from typing import Any, Iterable
 
 FP32 = 32
 OBSERVERS = ("minmax", "ema", "percentile", "mse")  # range observers (quantization/observers.py)
-QAT_EPOCHS = 1      # fine-tuning epochs of QAT/LSQ when not given (CLI, searches)
-QAT_LR = 0.003      # and their learning rate (chosen on the cpu model, docs/RESULTS.md section 7)
 
 
 # Settings that only steer how the quantized weights are reached (fine-tuning, PTQ's BN re-estimation) and
@@ -70,6 +68,55 @@ class Granularity(StrEnum):
             return cls(str(v).replace("-", "_"))
         except ValueError:
             raise QuantConfigError(f"{name}={v!r} is invalid: allowed {', '.join(g.flag for g in cls)}") from None
+
+
+def _number(name: str, v: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False, integer: bool = False):
+    """``v`` as an int/float within [lo, hi] (``lo_open``: (lo, hi]), else QuantConfigError naming it."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo) \
+        and v <= hi and (not integer or float(v).is_integer())
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise QuantConfigError(f"{name}={v!r} is invalid: {kind} {bound}" + (f" and <= {hi:g}" if hi < math.inf else ""))
+    return int(v) if integer else float(v)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How QAT / LSQ fine-tune a quantized model: epochs, learning rate, and distillation from the FP32
+    baseline (loss = (1 - kd_weight) label loss + kd_weight T^2 KL at kd_temperature T). The one home of
+    these defaults: `bitsearch quantize`, search settings and the pipeline read them from here."""
+
+    epochs: int = 1            # QAT/LSQ epochs when not given
+    lr: float = 0.003          # chosen on the cpu model (docs/RESULTS.md section 7)
+    kd_weight: float = 0.0     # 0: no distillation
+    kd_temperature: float = 4.0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("epochs", _number("epochs", self.epochs, 1, integer=True))
+        set_("lr", _number("lr", self.lr, 0, lo_open=True))
+        set_("kd_weight", _number("kd_weight", self.kd_weight, 0, 1))
+        set_("kd_temperature", _number("kd_temperature", self.kd_temperature, 0, lo_open=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], names: dict[str, str] | None = None) -> "FineTune":
+        """FineTune from the given fields (the rest keep their defaults). An error names the field as
+        ``names`` spells it where the value came from (``--epochs`` on the command line, ``qat_epochs`` in
+        a search)."""
+        names = names or {}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantConfigError(f"unknown fine-tuning option(s) {', '.join(unknown)}; allowed: "
+                                   + ", ".join(names.get(f.name, f.name) for f in fields(cls)))
+        try:
+            return cls(**values)
+        except QuantConfigError as e:
+            field, _, rest = str(e).partition("=")
+            raise QuantConfigError(f"{names.get(field, field)}={rest}") from None
 
 
 def _check_bits(name: str, v: Any) -> int:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from quantization import QuantConfig
+from quantization import FineTune, QuantConfig
 from pipeline import quantize_model
 
 
@@ -20,8 +20,8 @@ def _bn_means(model):
 def _q(model, data, **kw):
     epochs = kw.pop("epochs", 0)
     lr = kw.pop("lr", 0.05)
-    return quantize_model(model, data, QuantConfig(**kw), qat_epochs=epochs, qat_lr=lr, batch_size=16, device="cpu",
-                          act_memory=False)
+    ft = FineTune(epochs, lr) if epochs else None
+    return quantize_model(model, data, QuantConfig(**kw), fine_tune=ft, batch_size=16, device="cpu", act_memory=False)
 
 
 def test_w8a8_ptq_keeps_accuracy(trained, learnable_data):
@@ -91,7 +91,7 @@ def test_layers_that_keep_bn_live_train_at_their_own_learning_rate(trained, lear
 
     mixed = dict(w_bits=8, a_bits=8, method="qat", overrides=({"pattern": "blocks.1.*", "w_bits": 2},))
     seen = Groups()
-    r = quantize_model(trained, learnable_data, QuantConfig(**mixed, live_bn_lr_factor=3), qat_epochs=2, qat_lr=0.01,
+    r = quantize_model(trained, learnable_data, QuantConfig(**mixed, live_bn_lr_factor=3), fine_tune=FineTune(2, 0.01),
                        batch_size=16, device="cpu", act_memory=False, callbacks=[seen])
     live = live_bn_layers(r["_model"], QuantConfig(**mixed, live_bn_lr_factor=3))
     assert live and all(m.wq.bits == 2 for m in live)
@@ -105,7 +105,7 @@ def test_layers_that_keep_bn_live_train_at_their_own_learning_rate(trained, lear
     assert seen.mid[fast[0]] == pytest.approx(3 * seen.mid[slow[0]]) and seen.mid[slow[0]] < 0.01  # cosine: both
 
     one = Groups()
-    quantize_model(trained, learnable_data, QuantConfig(**mixed), qat_epochs=1, qat_lr=0.01,
+    quantize_model(trained, learnable_data, QuantConfig(**mixed), fine_tune=FineTune(1, 0.01),
                    batch_size=16, device="cpu", act_memory=False, callbacks=[one])
     assert {lr for lr, _ in one.start} == {0.01}
 

@@ -1,11 +1,14 @@
 """The search report's tables and plots read without the table: no gaps, no flat axes, labels (issue 12)."""
 from __future__ import annotations
 
-from tune.results import _label, _parallel_frame, parent_summary, table
+from tune.results import _parallel_frame, parent_summary, table
+from tune.settings import SearchSettings
+from tune.trial_spec import trial_spec
 
 
 def _trial(tid, cfg, final):
-    return {"trial_id": tid, "config": cfg, "final": final, "reports": [final or {"val_top1": 30.0}], "failed": False}
+    spec = trial_spec(SearchSettings(baseline="b.pt", data="d", out="o"), cfg)
+    return {"trial_id": tid, "spec": spec, "final": final, "reports": [final or {"val_top1": 30.0}], "failed": False}
 
 
 def test_parallel_axes_have_a_value_for_every_trial_and_no_flat_axis():
@@ -23,14 +26,14 @@ def test_parallel_axes_have_a_value_for_every_trial_and_no_flat_axis():
     assert not num.isna().any().any()  # PTQ's lr and qat_epochs are 0, a mixed trial's W_bits its mean
     assert list(num["lr"]) == [0.0, 0.01, 0.0] and list(num["W_bits"]) == [8.0, 4.0, 5.5]
     assert "A_bits" not in num and fixed == {"A_bits": 8.0}  # the same for all: named, not drawn flat
-    assert _label(df.iloc[2]) == "W4-7A8 ptq" and _label(df.iloc[0]) == "W8A8 ptq"
+    assert list(df["label"]) == ["W8A8 ptq", "W4A8 qat lr=0.01", "W4-7A8 ptq", "W2A8 qat lr=0.02"]
 
 
 def test_parent_summary_names_the_best_trial_and_the_front():
     summary = {"experiment": "runs/s", "trials": [{"trial_id": "a", "status": "done"}, {"trial_id": "b", "status": "stopped"}],
-               "best": {"trial_id": "a", "W_bits": 4, "A_bits": 8, "method": "ptq", "Val_Acc": 61.234, "Accuracy": 60.5,
+               "best": {"trial_id": "a", "label": "W4A8 ptq", "W_bits": 4, "A_bits": 8, "method": "ptq", "Val_Acc": 61.234, "Accuracy": 60.5,
                         "comp_kb": 463.4, "Ratio": 6.05, "val_top1": 61.234, "top1": 60.5, "comp_mb": 0.4634},
-               "pareto": [{"trial_id": "a", "W_bits": 4, "A_bits": 8, "method": "ptq", "Val_Acc": 61.234,
+               "pareto": [{"trial_id": "a", "label": "W4A8 ptq", "W_bits": 4, "A_bits": 8, "method": "ptq", "Val_Acc": 61.234,
                            "Accuracy": 60.5, "comp_kb": 463.4, "Ratio": 6.05}]}
     metrics, note = parent_summary(summary)
     assert metrics == {"trials": 2, "trials_done": 1, "pareto_trials": 1, "best_test_top1": 60.5,

@@ -98,7 +98,7 @@ def baseline(tmp_path_factory, _server_start):
 
 
 def _settings(baseline, out, **kw):
-    from tune.search import settings_from
+    from tune.settings import settings_from
     tree, ck = baseline
     d = dict(baseline=str(ck), data=str(tree), out=str(out), batch_size=16, device="cpu", max_concurrent=2,
              num_samples=4, space={"w_bits": [2, 8], "a_bits": [4, 8], "method": ["ptq"]})
@@ -130,8 +130,8 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     assert len(statuses) == 4 and set(statuses) <= {"done", "stopped"} and "done" in statuses
     exp = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "srv-search"},
                        timeout=30).json()["experiment"]
-    from bitsearch.cli import _mlflow_hint  # what the CLI prints after the table: the runs table's address
-    assert _mlflow_hint(summary) == f"MLflow: {server.rstrip('/')}/#/experiments/{exp['experiment_id']}/runs"
+    from bitsearch.cmd_search import mlflow_hint  # what the CLI prints after the table: the runs table's address
+    assert mlflow_hint(summary) == f"MLflow: {server.rstrip('/')}/#/experiments/{exp['experiment_id']}/runs"
     runs = _runs(server, exp["experiment_id"])
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if t.get("bitsearch.kind") == "search"]
@@ -224,8 +224,8 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypa
     assert all(i in out for i in ids) and "Accuracy" in out
     assert not re.search(r"\d\.\d{5,}", out), out
     # the MLflow hint for an embedded store: the UI command and the runs table's address
-    from bitsearch.cli import _mlflow_hint
-    hint = _mlflow_hint(summary)
+    from bitsearch.cmd_search import mlflow_hint
+    hint = mlflow_hint(summary)
     assert f"bitsearch ui {tmp_path}" in hint and f"#/experiments/{summary['mlflow_experiment_id']}/runs" in hint
     # the embedded store has a model registry too: the Pareto trials registered, a champion chosen
     assert summary["registry"]["champion_version"] is not None
@@ -428,7 +428,8 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
 
 
 def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, server, tmp_path, capsys):
-    from tune.search import run, settings_from
+    from tune.search import run
+    from tune.settings import settings_from
     tree = make_tree(tmp_path / "t", n_train=6, n_test=3)
     assert main(["train", "--data", str(tree), "--out", str(tmp_path / "b"), "--epochs", "1", "--width", "0.25",
                  "--batch-size", "8", "--val-size", "3", "--device", "cpu", "--no-download", "--tracking-uri",

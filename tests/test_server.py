@@ -137,7 +137,10 @@ def test_a_trial_the_saved_state_never_held_is_left_out_of_report_and_mlflow(tmp
     from mlflow.tracking import MlflowClient
     from mlflow_server.tracking import SearchLogger, default_tracking_uri
     from tune.results import load_trials
+    from tune.settings import SearchSettings
     exp = tmp_path / "search"
+    exp.mkdir()
+    (exp / "bitsearch.json").write_text(json.dumps(SearchSettings(baseline="b.pt", data="d", out=str(tmp_path)).to_dict()))
     for tid in ("kept", "orphan"):
         (exp / tid).mkdir(parents=True)
         (exp / tid / "params.json").write_text(json.dumps({"w_bits": 4, "a_bits": 8, "method": "ptq"}))

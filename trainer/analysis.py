@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
 import torch
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n: int) -> torch.Tensor:
@@ -33,10 +37,6 @@ def failure_modes(cm: torch.Tensor, classes: Sequence[str], top: int = 5) -> dic
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.plot(ep, [h["train_loss"] for h in history], label="train")
@@ -57,10 +57,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
     norm = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)

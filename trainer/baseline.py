@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from trainer.allocator import ALLOCATOR_LINES, keep_freed_memory
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_dataset
 from trainer.model import MobileNetV2, count_params, model_meta
-from trainer.train import precision, resolve_device, train
+from trainer.train import CheckpointError, load_checkpoint, precision, resolve_device, train
 
 
 def _r(v):
@@ -40,3 +40,19 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
               "history": res["history"]}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def train_baseline(data_path: str | Path, out: str | Path, section: dict[str, Any], flags: dict[str, Any], *,
+                   download: bool = True, callbacks: Iterable = (), resume: bool = False,
+                   progress: Callable[[str], None] | None = None, source: str | None = None) -> dict[str, Any]:
+    """`bitsearch train`: a profile's ``train:`` section with the command line's ``flags`` on top
+    (TrainConfig checks both); ``resume`` continues from OUT/checkpoint.pt with its recorded config."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"the train: section of {source} must be a mapping of options")
+    ck = Path(out) / "checkpoint.pt"
+    if resume and not ck.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {ck} (start without --resume)")
+    if resume:
+        section = {**load_checkpoint(ck)["config"], **section}
+    cfg = TrainConfig.from_dict({**section, **flags})
+    return fit_baseline(data_path, out, cfg, download=download, callbacks=callbacks, resume=resume, progress=progress)

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+
+# torchvision is imported where a torchvision root is read (_read_torchvision): it is slow to import, and the
+# image-folder and archive sources never need it.
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -220,9 +225,6 @@ def _read_torchvision(root: Path, download: bool):
 
 
 def _decode(data: bytes, name: str) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-    import numpy as np
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")

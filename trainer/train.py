@@ -18,6 +18,8 @@ from trainer.allocator import keep_freed_memory
 from trainer.config import ConfigError, TrainConfig, parse_progressive
 from trainer.data import Dataset, GpuLoader, normalize
 
+# trainer.analysis (matplotlib) is imported where a run writes its reports: trial workers never do.
+
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
 # config keys that may differ between a checkpoint and a resumed run (they do not change the result)
 RESUME_FREE_KEYS = {"device", "amp", "channels_last", "eval_every", "eval_test"}  # compile drops the last partial batch
@@ -86,15 +88,21 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool, lr: float | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool, lr: float | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Optimiser groups: weight decay (none on 1-d parameters with ``no_decay_bn_bias``), and a learning rate
-    of ``lr`` times a parameter's ``lr_scale`` attribute where it has one other than 1 (QAT: layers that keep
-    BN live, quantization.set_lr_scales)."""
+    of ``lr`` times ``lr_scales[name]`` for the parameters named there (QAT: layers that keep BN live,
+    quantization.lr_scales); every other parameter trains at ``lr``."""
+    scales = dict(lr_scales or {})
+    named = dict(model.named_parameters())
+    unknown = sorted(set(scales) - set(named))
+    if unknown:
+        raise ValueError(f"lr_scales names parameters the model lacks: {', '.join(unknown[:3])}")
     groups: dict[tuple[float, float], list] = {}
-    for p in model.parameters():
+    for name, p in named.items():
         if p.requires_grad:
             wd = 0.0 if no_decay_bn_bias and p.ndim <= 1 else weight_decay  # BN weights/biases, biases, scales
-            groups.setdefault((wd, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+            groups.setdefault((wd, float(scales.get(name, 1.0))), []).append(p)
     out = []
     for (wd, scale), ps in groups.items():
         g = {"params": ps, "weight_decay": wd}
@@ -170,7 +178,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None,
           callbacks: Iterable[Callback] = (), resume: bool = False, meta: dict[str, Any] | None = None,
-          write_reports: bool = True, teacher: nn.Module | None = None) -> dict[str, Any]:
+          write_reports: bool = True, teacher: nn.Module | None = None,
+          lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``cfg``; returns the final metrics and history.
 
     With ``out_dir``: a checkpoint (model, optimiser, scheduler, RNG states, config, history) is written
@@ -178,7 +187,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     current epoch; ``resume=True`` continues from it and ends with the same weights as an
     uninterrupted run. ``meta`` (JSON-able) is stored in the checkpoint (model description etc.).
     ``teacher`` (with ``cfg.kd_weight`` > 0): knowledge distillation from its logits (it stays in eval
-    mode and is not trained).
+    mode and is not trained). ``lr_scales`` (parameter name -> factor): those parameters train at
+    factor x the learning rate.
     """
     if cfg.kd_weight > 0 and teacher is None:
         raise ConfigError(f"kd_weight={cfg.kd_weight} needs a teacher model (distillation from the FP32 baseline)")
@@ -188,7 +198,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     seed_everything(cfg.seed)
-    run = _Run(model, data, cfg, device, teacher if cfg.kd_weight > 0 else None)
+    run = _Run(model, data, cfg, device, teacher if cfg.kd_weight > 0 else None, lr_scales)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume:
@@ -204,13 +214,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
 
     test_eval = None
     for epoch in range(start_epoch, cfg.epochs):
-        m = _train_epoch(run, epoch, callbacks)
-        if data.val_y is not None:  # the validation split is small: every epoch (curves, model selection)
-            v = evaluate(model, data.val_x, data.val_y, device=device, amp=run.amp)
-            m.update(val_loss=v["loss"], val_top1=v["top1"])
-        if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0) and cfg.eval_test:
-            test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=run.amp)
-            m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
+        m, test_eval = _epoch_with_eval(run, epoch, callbacks, test_eval)
         history.append(m)
         if ckpt_path:
             _save_checkpoint(run, ckpt_path, epoch + 1, history, meta)
@@ -238,7 +242,7 @@ class _Run:
     """What one training run works with: model (and its compiled form), optimiser, schedule, loader, RNG."""
 
     def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, lr_scales: dict[str, float] | None = None):
         self.model, self.data, self.cfg, self.device = model, data, cfg, device
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -246,7 +250,7 @@ class _Run:
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias, cfg.lr), lr=cfg.lr,
+        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias, cfg.lr, lr_scales), lr=cfg.lr,
                                    momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
                                 generator=self.gen, do_augment=cfg.augment, drop_last=cfg.compile)
@@ -258,6 +262,21 @@ class _Run:
         # progressive resizing: the training image side per epoch (None = as stored); evaluation is full size
         self.sizes: list[int | None] = [s for s, e in parse_progressive(cfg.progressive) for _ in range(e)]
         self.sizes += [None] * (cfg.epochs - len(self.sizes))
+
+
+def _epoch_with_eval(run: "_Run", epoch: int, callbacks: list, test_eval: dict | None) -> tuple[dict, dict | None]:
+    """One training epoch, then validation (every epoch: the split is small; curves, model selection) and
+    the test set every ``eval_every`` epochs and at the last; the epoch's metrics and the latest test
+    evaluation."""
+    m = _train_epoch(run, epoch, callbacks)
+    cfg, data, model = run.cfg, run.data, run.model
+    if data.val_y is not None:
+        v = evaluate(model, data.val_x, data.val_y, device=run.device, amp=run.amp)
+        m.update(val_loss=v["loss"], val_top1=v["top1"])
+    if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0) and cfg.eval_test:
+        test_eval = evaluate(model, data.test_x, data.test_y, device=run.device, amp=run.amp)
+        m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
+    return m, test_eval
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:

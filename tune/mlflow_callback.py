@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import warnings
 
@@ -9,7 +10,7 @@ from ray import tune
 
 from mlflow_server.tracking import SearchLogger
 from tune.results import alloc_params, trial_metrics
-from tune.space import run_params, trial_label
+from tune.trial_spec import trial_spec
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -73,9 +74,9 @@ class MlflowTrialCallback(tune.Callback):
     def _run(self, trial_id: str, config: dict) -> str:
         rid = self._runs.get(trial_id)
         if rid is None:
-            params = run_params(config, self.settings)
-            rid = self._lg().child_run(trial_id, trial_label(params))
-            self._lg().log_trial_params(rid, params)
+            spec = trial_spec(self.settings, config)
+            rid = self._lg().child_run(trial_id, spec.label())
+            self._lg().log_trial_params(rid, spec.params())
             self._runs[trial_id] = rid
         return rid
 
@@ -118,14 +119,14 @@ class MlflowTrialCallback(tune.Callback):
 class ProgressCallback(tune.Callback):
     """One line on stderr per finished or failed trial (the searches run with Ray's own output off)."""
 
-    def __init__(self, total: int | None = None):
-        self.total, self.done = total, 0
+    def __init__(self, settings, total: int | None = None):
+        self.settings, self.total, self.done = settings, total, 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        import sys
         self.done += 1
-        r, c = trial.last_result or {}, trial.config
-        desc = trial_label(c)  # as its MLflow run is named: "W4A8 qat lr=0.01", "alloc 0.51MB A8 ptq", "W2-8A8 ptq"
+        r = trial.last_result or {}
+        # as its MLflow run is named: "W4A8 qat lr=0.01", "alloc 0.51MB A8 ptq", "W2-8A8 ptq"
+        desc = trial_spec(self.settings, trial.config).label()
         val, mb = r.get("val_top1"), r.get("comp_mb")
         of = f"/{self.total}" if self.total else ""
         how = "done" if r.get("final") else "stopped early"
@@ -133,5 +134,4 @@ class ProgressCallback(tune.Callback):
               f"{mb if mb is None else round(mb, 4)} MB", file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        import sys
         print(f"trial {trial.trial_id} failed: see {trial.local_path}/error.txt", file=sys.stderr, flush=True)

@@ -11,10 +11,15 @@ from typing import Any
 
 import pandas as pd
 
+from mlflow_server.registry import register_search
+from mlflow_server.tracking import SearchLogger, check_reachable
 from tune import storage
-from tune.settings import SETTINGS_FILE, load_settings
-from tune.space import BLOCK_PREFIX, block_bits, run_params, trial_label, trial_params
+from tune.settings import SearchConfigError, load_settings
+from tune.trial_spec import BLOCK_PREFIX, trial_spec
 from tune.sysmetrics import PREFIX as SYSTEM_PREFIX
+
+# matplotlib and plotly are imported where the report's plots are drawn: every trial worker imports this
+# module (for the metric names) and never draws.
 
 # Each measured quantity has one name from trial to table: the metric a trial reports to Ray Tune and
 # MLflow (per split, like the trainer's per-epoch history: train_top1 / val_top1 / test_top1), and
@@ -57,13 +62,13 @@ def alloc_params(report: dict[str, Any]) -> dict[str, Any]:
     return {f"bits.{k}": v for k, v in (report.get("alloc_bits") or {}).items()}
 
 
-COLUMNS = ["trial_id", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
+COLUMNS = ["trial_id", "label", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
            *(col for _, col, _ in QUANTITIES if col), "status"]
 
 
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
-    """One dict per trial: its config, every report, and the final one."""
-    settings = load_settings(str(path)) if (Path(path) / SETTINGS_FILE).is_file() else None
+    """One dict per trial: its TrialSpec (``spec``), every report, and the final one."""
+    settings = load_settings(str(path))
     known = _saved_trial_ids(path)
     out = []
     for d in sorted(Path(path).iterdir()):
@@ -75,10 +80,32 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
         final = next((r for r in reversed(reports) if r.get("final")), None)  # "done" is Ray's own key
         ck = sorted(d.glob("checkpoint_*"))
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
-                    "config": trial_params(params, settings), "reports": reports, "final": final,
+                    "spec": trial_spec(settings, params), "reports": reports, "final": final,
                     "failed": final is None and (d / "error.txt").is_file(),  # Ray writes it for a trial that errored
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
+
+
+def trial_packed(experiment: str | Path, trial_id: str) -> Path:
+    """The packed file of a finished trial of a local experiment."""
+    trials = load_trials(experiment)
+    match = [t for t in trials if t["trial_id"] == trial_id]
+    if not match:
+        known = ", ".join(t["trial_id"] for t in trials[:8]) or "none"
+        raise SearchConfigError(f"no trial {trial_id!r} in {experiment}; trials: {known}")
+    f = Path(match[0]["dir"]) / "work" / "final" / "model.bsq"
+    if not f.is_file():
+        raise SearchConfigError(f"trial {trial_id} of {experiment} has no packed model (it did not finish)")
+    return f
+
+
+def compare(experiment: str, trial_ids: list[str]) -> pd.DataFrame:
+    """The results-table rows of ``trial_ids`` (SearchConfigError naming unknown ids)."""
+    df = table(load_trials(storage.local_copy(experiment)))
+    missing = [t for t in trial_ids if t not in set(df["trial_id"])]
+    if missing:
+        raise SearchConfigError(f"unknown trial id(s) {', '.join(missing)}; known: {', '.join(df['trial_id'])}")
+    return df[df["trial_id"].isin(trial_ids)]
 
 
 def _saved_trial_ids(path: str | Path) -> set[str] | None:
@@ -98,18 +125,16 @@ def _saved_trial_ids(path: str | Path) -> set[str] | None:
 def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for t in trials:
-        c, f = t["config"], t["final"] or {}
-        blocks = {k: v for k, v in c.items() if k.startswith(BLOCK_PREFIX)}
-        w = f"mixed {min(blocks.values())}-{max(blocks.values())}" if blocks else c.get("w_bits")
-        if "size_budget_mb" in c:  # bits allocated by sensitivity within a sampled budget
-            w = f"alloc {f['avg_w_bits']:.2f}" if f.get("avg_w_bits") is not None else "alloc"
+        f = t["final"] or {}
+        row = t["spec"].row()
+        if t["spec"].size_budget_mb is not None and f.get("avg_w_bits") is not None:  # allocated by sensitivity
+            row["W_bits"] = f"alloc {f['avg_w_bits']:.2f}"
+        blocks = {k: row.pop(k) for k in list(row) if k.startswith(BLOCK_PREFIX)}
         status = "done" if t["final"] else "failed" if t.get("failed") else "stopped" if t["reports"] else "no result"
         if f.get("over_budget"):
             status = "over budget"
-        rows.append({"trial_id": t["trial_id"], "W_bits": w, "A_bits": c.get("a_bits"), "method": c.get("method", "ptq"),
-                     "granularity": c.get("granularity", "per_channel"), "lr": c.get("qat_lr"),
-                     "qat_epochs": c.get("qat_epochs"), **{col: f.get(m) for m, col, _ in QUANTITIES if col},
-                     "status": status, **{k: v for k, v in sorted(blocks.items())}})
+        rows.append({"trial_id": t["trial_id"], **row, **{col: f.get(m) for m, col, _ in QUANTITIES if col},
+                     "status": status, **blocks})
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
@@ -118,11 +143,12 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
 
 def quantize_keys(t: dict[str, Any]) -> dict[str, Any]:
     """A trial in the `bitsearch quantize` JSON vocabulary (w_bits, a_bits, top1, drop, comp_mb, ...)."""
-    c, f = t["config"], t["final"] or {}
-    out = {"w_bits": c.get("w_bits"), "a_bits": c.get("a_bits", 8), "method": c.get("method", "ptq"),
+    spec, f = t["spec"], t["final"] or {}
+    uniform = not spec.block_w_bits and spec.size_budget_mb is None
+    out = {"w_bits": spec.quant.w_bits if uniform else None, "a_bits": spec.quant.a_bits, "method": str(spec.method),
            **{key: f.get(m) for m, _, key in QUANTITIES}}
-    if block_bits(c):
-        out["block_w_bits"] = list(block_bits(c).values())
+    if spec.block_w_bits:
+        out["block_w_bits"] = list(spec.block_w_bits)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -141,12 +167,6 @@ def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") 
         if not dominated:
             keep.append(i)
     return d.loc[keep].sort_values(size)
-
-
-def _label(r) -> str:
-    w = r["W_bits"]
-    w = str(w).replace("mixed ", "") if isinstance(w, str) else f"{w:g}" if isinstance(w, float) else w
-    return f"W{w}A{r['A_bits']} {r['method']}"
 
 
 def _parallel_frame(done: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -179,7 +199,7 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     ax.scatter(done["Comp_MB"], done["Val_Acc"], c="tab:blue", label="trials")
     ax.plot(front["Comp_MB"], front["Val_Acc"], "o-", c="tab:red", label="Pareto front")
     for _, r in front.iterrows():  # the front's points named, so the plot reads without the table
-        ax.annotate(_label(r), (r["Comp_MB"], r["Val_Acc"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(r["label"], (r["Comp_MB"], r["Val_Acc"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set(xlabel="packed model size (MB)", ylabel="validation top-1 (%)",
            title=f"Accuracy vs size: {len(done)} trials, {len(front)} on the Pareto front")
     ax.grid(alpha=0.3)
@@ -262,8 +282,7 @@ def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
                "pareto_trials": len(front),
                **{f"best_{m}": best.get(key) for m, _, key in QUANTITIES if best.get(key) is not None}}
     def row(t):
-        w = t.get("W_bits")
-        return (f"| {t.get('trial_id')} | W{w}A{t.get('A_bits')} {t.get('method')} | {t.get('Val_Acc', float('nan')):.2f} "
+        return (f"| {t.get('trial_id')} | {t.get('label')} | {t.get('Val_Acc', float('nan')):.2f} "
                 f"| {t.get('Accuracy', float('nan')):.2f} | {t.get('comp_kb', float('nan')):.1f} | {t.get('Ratio', float('nan')):.2f} |")
     head = ["| trial | config | val top-1 | test top-1 | size (KB) | ratio |", "|---|---|---|---|---|---|"]
     note = [f"**bitsearch search** `{summary['experiment']}`: {metrics['trials_done']} of {metrics['trials']} trials done.", ""]
@@ -285,7 +304,6 @@ def close_search(lg, summary: dict[str, Any]) -> None:
 def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     """The search's Pareto-front trials as versions of its registered model (mlflow_server.registry);
     the champion alias on the best within the size budget."""
-    from mlflow_server.registry import register_search
     front = summary.get("pareto") or []  # each row names its trial's checkpoint folder (write_report)
     run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
     return register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
@@ -293,8 +311,6 @@ def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
 
 def sync(path: str | Path) -> dict[str, int]:
     """Write the MLflow runs a dropped tracking server missed; existing complete runs are left alone."""
-    from mlflow_server.tracking import SearchLogger, check_reachable
-
     s = load_settings(str(path))
     path = storage.local_copy(s.path)
     if s.tracking_uri:
@@ -304,11 +320,10 @@ def sync(path: str | Path) -> dict[str, int]:
     for t in load_trials(path):
         if not t["reports"]:
             continue
-        params = run_params(t["config"], s)
-        rid = lg.child_run(t["trial_id"], trial_label(params))
+        rid = lg.child_run(t["trial_id"], t["spec"].label())
         if lg.is_complete(rid):
             continue
-        lg.log_trial_params(rid, params)
+        lg.log_trial_params(rid, t["spec"].params())
         for r in t["reports"]:
             lg.log_metrics(rid, *trial_metrics(r))
             if alloc_params(r):

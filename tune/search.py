@@ -21,16 +21,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from mlflow_server.tracking import SearchLogger, check_reachable, short_retries
 from tune import storage
-from tune.settings import (DEFAULT_GRID, SETTINGS_FILE, SearchConfigError, SearchSettings, load_settings,  # noqa: F401
-                           settings_from, validate)
+from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
+from tune.results import close_search, register_models, write_report
+from tune.settings import SETTINGS_FILE, SearchConfigError, SearchSettings, load_settings, validate
+from tune.space import DefineByRun
+from tune.trial import run_trial
 
 # ------------------------------------------------------------------------------------------------
 # Ray side
 
 
 def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    import ray
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -52,20 +64,13 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
 def _trainable(s: SearchSettings, trial_callbacks: tuple = ()):
     """The trial function with the search's fixed settings (and any extra trainer callbacks) bound
     once, as Ray's own examples pass datasets: each trial's config holds only sampled keys."""
-    from ray import tune
-
-    from tune.trial import run_trial
     return tune.with_resources(tune.with_parameters(run_trial, settings=s, callbacks=tuple(trial_callbacks)),
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
 
 
 def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
     # Ray's default loggers include TensorBoardX, which is not installed: a warning on every search.
     # bitsearch reads the JSON results (tune/results.py); the CSV stays for Ray's own analysis tools.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -82,19 +87,15 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
             param_space[k] = tune.grid_search(vals)
         num_samples = 1
     else:
-        import optuna
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
 
-        from tune.space import DefineByRun
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created in memory" line
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
         if s.objectives == "single":
-            searcher = OptunaSearch(space=DefineByRun(s.space), metric="objective", mode="max", sampler=sampler)
+            searcher = OptunaSearch(space=DefineByRun(s.space, s.base_quant.method), metric="objective", mode="max", sampler=sampler)
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max",
                                       max_t=max(2, _max_epochs(s) + 1), **s.asha)
         else:
-            searcher = OptunaSearch(space=DefineByRun(s.space), metric=["val_top1", "comp_mb"], mode=["max", "min"],
+            searcher = OptunaSearch(space=DefineByRun(s.space, s.base_quant.method), metric=["val_top1", "comp_mb"], mode=["max", "min"],
                                     sampler=sampler)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
@@ -107,7 +108,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
         name=s.name, storage_path=s.out if storage.is_remote(s.out) else str(Path(s.out).resolve()),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), MlflowTrialCallback(s), ProgressCallback(_n_trials(s))],
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), MlflowTrialCallback(s), ProgressCallback(s, _n_trials(s))],
         verbose=0)
     return tune.Tuner(_trainable(s, trial_callbacks), param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
@@ -131,7 +132,6 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
     """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict.
     ``log`` (a callable) hears where the experiment goes once every check has passed;
     ``trial_callbacks`` are extra trainer callbacks every trial runs with."""
-    from mlflow_server.tracking import check_reachable, short_retries
     short_retries()
     s = validate(s)
     if s.tracking_uri:
@@ -148,16 +148,12 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
 def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     """Continue an interrupted search: finished trials are kept, errored ones resumed from their last
     checkpoint, the Optuna study's history is restored with the searcher."""
-    from ray import tune
-
-    from mlflow_server.tracking import short_retries
     short_retries()
     path = storage.normalize(path)
     s = load_settings(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SearchConfigError(f"{path} holds no Ray Tune state to resume (the search never started?)")
     if trials_left(path, s) == 0:  # nothing to run: no Ray, just the report as it stands
-        from tune.results import write_report
         return {**write_report(path), "nothing_to_resume": True}
     _init_ray(s.address, num_cpus)
     t0 = time.time()
@@ -170,7 +166,6 @@ def trials_left(path: str | Path, s: SearchSettings) -> int | None:
     """Trials of the search not yet terminated (to run, or errored and to resume), from Ray Tune's saved
     experiment state without starting Ray; None if that state cannot be read."""
     try:
-        from ray.tune import ExperimentAnalysis
         statuses = [t.status for t in ExperimentAnalysis(str(path)).trials]
     except Exception:  # noqa: BLE001 - unreadable: let Tuner.restore decide
         return None
@@ -178,11 +173,9 @@ def trials_left(path: str | Path, s: SearchSettings) -> int | None:
 
 
 def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
-    from tune.results import close_search, register_models, write_report
     summary = write_report(s.path)
     summary["seconds"] = seconds
     try:
-        from mlflow_server.tracking import SearchLogger
         lg = SearchLogger(s.tracking_store, s.experiment, str(s.path))
         summary["mlflow_experiment_id"] = lg.experiment_id
         summary["mlflow_parent_run_id"] = lg.parent_run_id

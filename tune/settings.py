@@ -9,9 +9,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantization.config import QAT_EPOCHS, QAT_LR
+from mlflow_server.tracking import default_tracking_uri, fetch_artifact, is_artifact_uri
+from pipeline import load_baseline, packed_meta, prepare_quantized
+from pipeline.sensitivity import FORMAT, SensitivityError, allocation_config, check_min_bits, weight_scores
+from quantization import FineTune, QuantConfig, QuantConfigError
+from quantization.api import plan_for
+from trainer.data import source_kind
 from tune import storage
-from tune.space import SpaceError, num_range, quant_config, smallest_bits, validate_space
+from tune.space import SpaceError, num_range, smallest_bits, validate_space
+from tune.trial_spec import FINE_TUNE_KEYS, quant_config
+
+_FT = FineTune()  # the fine-tuning defaults
+FINE_TUNE_NAMES = {field: key for key, field in FINE_TUNE_KEYS.items()} | {"kd_temperature": "kd_temperature"}
 
 SETTINGS_FILE = "bitsearch.json"
 LEGACY_KEYS = ("metric", "fail_once_after_epoch")
@@ -39,10 +48,10 @@ class SearchSettings:
     max_failures: int = 2
     seed: int = 0
     batch_size: int = 128
-    qat_epochs: int = QAT_EPOCHS               # when the space does not search it
-    qat_lr: float = QAT_LR
-    kd_weight: float = 0.0                     # distillation from the baseline (when the space does not search it)
-    kd_temperature: float = 4.0
+    qat_epochs: int = _FT.epochs               # when the space does not search it
+    qat_lr: float = _FT.lr
+    kd_weight: float = _FT.kd_weight           # distillation from the baseline (when the space does not search it)
+    kd_temperature: float = _FT.kd_temperature
     sensitivity: str | None = None             # table of `bitsearch sensitivity`: space key size_budget_mb allocates with it
     estimator: str | None = None               # its scores to allocate with: loss | hessian | max (default: hessian where present)
     min_bits: int | None = None                # no allocated layer below this many weight bits (default: the table's 2)
@@ -58,9 +67,19 @@ class SearchSettings:
     fp32_top1: float | None = None
 
     @property
+    def base_quant(self) -> QuantConfig:
+        """The search's fixed quantization settings (quant_base over QuantConfig's defaults)."""
+        return QuantConfig.from_dict(self.quant_base)
+
+    @property
+    def fine_tune(self) -> FineTune:
+        """The fine-tuning of trials that do not sample it (QuantConfigError if a value is out of range)."""
+        return FineTune.from_values({"epochs": self.qat_epochs, "lr": self.qat_lr, "kd_weight": self.kd_weight,
+                                     "kd_temperature": self.kd_temperature}, FINE_TUNE_NAMES)
+
+    @property
     def tracking_store(self) -> str:
         """--tracking-uri, or the embedded SQLite store next to the experiments."""
-        from mlflow_server.tracking import default_tracking_uri
         return self.tracking_uri or default_tracking_uri(self.out)
 
     @property
@@ -96,39 +115,76 @@ def settings_from(d: dict[str, Any]) -> SearchSettings:
     return SearchSettings(**d)
 
 
-def validate(s: SearchSettings) -> SearchSettings:
-    """Every check that can fail before Ray starts. Returns the settings to run with: an absolute
-    local --out, the normalised space, and the baseline's data split and FP32 test top-1."""
-    from quantization import QuantConfigError
-    from quantization.api import plan_for
-    from mlflow_server.tracking import fetch_artifact
-    from pipeline import load_baseline, packed_meta, prepare_quantized
+def search_settings(mode: str, section: dict[str, Any], flags: dict[str, Any], grid: dict[str, list], *, baseline: str,
+                    data: str, out: str, source: str | None = None) -> SearchSettings:
+    """The settings of `bitsearch sweep` / `search`: the profile's section (``sweep:`` or ``search:``) with the
+    command line's ``flags`` on top; a sweep's ``grid`` lists (from --w-bits, ...) replace the section's or
+    the default grid's. Local paths become absolute (trials run in other working directories)."""
+    if not isinstance(section, dict):
+        raise SearchConfigError(f"the {mode} section of {source} must be a mapping")
+    d = {**section, **flags}
+    d.setdefault("name", mode)
+    d.update(mode=mode, baseline=baseline if is_artifact_uri(baseline) else str(Path(baseline).resolve()),
+             data=str(Path(data).resolve()), out=out)
+    if mode == "sweep":
+        d["grid"] = {**(d.get("grid") or DEFAULT_GRID), **grid}
+    return settings_from(d)
 
+
+def validate(s: SearchSettings) -> SearchSettings:
+    """Every check that can fail before Ray starts, section by section. Returns the settings to run with:
+    an absolute local --out, the normalised space, and the baseline's data split and FP32 test top-1."""
+    s = _check_storage(s)
+    _check_options(s)
+    s = _check_space(s)
+    source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
+    fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
+    _check_baseline(s, fp32, ck)
+    if s.mode == "search" and "size_budget_mb" in s.space:
+        s = _check_allocation(s, fp32, ck)
+    elif s.estimator is not None or s.min_bits is not None:
+        raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
+    tc, hist = ck["config"], ck.get("history") or []
+    s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
+                            fp32_top1=hist[-1].get("test_top1") if hist else None)  # same test set for every trial
+    if s.size_budget_mb is not None:
+        _check_budget(s, fp32, ck)
+    return s
+
+
+def _check_storage(s: SearchSettings) -> SearchSettings:
     if not storage.is_remote(s.out):  # resume/sync/report from any working directory
         s = dataclasses.replace(s, out=str(Path(s.out).expanduser().resolve()))
     if storage.is_remote(s.out) and not s.tracking_uri:
         raise SearchConfigError(f"--out {s.out} is remote storage: pass --tracking-uri (an MLflow server), the "
                                 "embedded SQLite store needs a local --out")
+    if not isinstance(s.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name):
+        raise SearchConfigError(f"name={s.name!r} is invalid: letters, digits, '.', '_' and '-' (one folder under --out)")
+    return s
+
+
+def _check_options(s: SearchSettings) -> None:
+    """The scalar options: modes, counts, resources and the fixed fine-tuning settings (FineTune's checks)."""
     if s.mode not in ("sweep", "search"):
         raise SearchConfigError(f"mode={s.mode!r} is invalid: sweep or search")
     if s.objectives not in ("single", "multi"):
         raise SearchConfigError(f"objectives={s.objectives!r} is invalid: single or multi")
-    if not isinstance(s.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name):
-        raise SearchConfigError(f"name={s.name!r} is invalid: letters, digits, '.', '_' and '-' (one folder under --out)")
-    for k in ("qat_lr", "size_budget_mb"):
-        v = getattr(s, k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
-            raise SearchConfigError(f"{k}={v!r} is invalid: a number > 0")
-    if isinstance(s.kd_weight, bool) or not isinstance(s.kd_weight, (int, float)) or not 0 <= s.kd_weight <= 1:
-        raise SearchConfigError(f"kd_weight={s.kd_weight!r} is invalid: a number in [0, 1]")
-    if isinstance(s.kd_temperature, bool) or not isinstance(s.kd_temperature, (int, float)) or not 0 < s.kd_temperature < float("inf"):
-        raise SearchConfigError(f"kd_temperature={s.kd_temperature!r} is invalid: a number > 0")
-    for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("qat_epochs", 1),
-                  ("finetune_subset", 0)):
-        if not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
+    v = s.size_budget_mb
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+        raise SearchConfigError(f"size_budget_mb={v!r} is invalid: a number > 0")
+    for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("finetune_subset", 0)):
+        if isinstance(getattr(s, k), bool) or not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
             raise SearchConfigError(f"{k}={getattr(s, k)!r} is invalid: an integer >= {lo}")
     if s.cpus_per_trial <= 0 or s.gpus_per_trial < 0:
         raise SearchConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0 (fractions such as 0.25 share a GPU)")
+    try:
+        s.fine_tune
+    except QuantConfigError as e:
+        raise SearchConfigError(str(e)) from None
+
+
+def _check_space(s: SearchSettings) -> SearchSettings:
+    """The sampled space (search) or the grid (sweep), and the fixed QuantConfig fields on their own."""
     try:
         if s.mode == "search":
             s = dataclasses.replace(s, space=validate_space(s.space))
@@ -141,64 +197,66 @@ def validate(s: SearchSettings) -> SearchSettings:
                                             "or granularity")
                 for v in vals:
                     quant_config({k: v}, s.quant_base)
-        quant_config({}, s.quant_base)  # the fixed QuantConfig fields are valid on their own
+        s.base_quant  # noqa: B018 - the fixed QuantConfig fields are valid on their own
     except (SpaceError, QuantConfigError) as e:
         raise SearchConfigError(str(e)) from None
-    from trainer.data import source_kind
-    source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
-    fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
-    packed_mb = lambda cfg: prepare_quantized(fp32, cfg, packed_meta(ck)).size["comp_mb"]  # noqa: E731
+    return s
+
+
+def _check_baseline(s: SearchSettings, fp32, ck: dict) -> None:
     try:
-        plan_for(fp32, quant_config({}, s.quant_base))  # the fixed layer patterns match this model
+        plan_for(fp32, s.base_quant)  # the fixed layer patterns match this model
     except QuantConfigError as e:
         raise SearchConfigError(str(e)) from None
-    tc = ck["config"]
-    if int(tc.get("val_size", 0)) <= 0:
+    if int(ck["config"].get("val_size", 0)) <= 0:
         raise SearchConfigError(f"baseline {s.baseline} was trained without a validation split; the search objective "
                                 "needs one: train it with --val-size N")
-    if s.mode == "search" and "size_budget_mb" in s.space:
-        from pipeline.sensitivity import FORMAT, SensitivityError, check_min_bits, weight_scores
-        try:
-            table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
-        except (OSError, ValueError):
-            table = None
-        if not table or table.get("format") != FORMAT:
-            raise SearchConfigError("space.size_budget_mb allocates bits by sensitivity: give sensitivity: PATH, a table "
-                                    f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
-        plan = plan_for(fp32, quant_config({}, s.quant_base))
-        unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
-        if unknown:
-            raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
-        try:
-            est, _ = weight_scores(table, s.estimator)
-            check_min_bits(s.min_bits)
-        except SensitivityError as e:
-            raise SearchConfigError(str(e)) from None
-        from pipeline.sensitivity import allocation_config
-        lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
-        floor = allocation_config(quant_config({}, s.quant_base), {r["name"]: lo_bits for r in table["layers"]})
-        floor_mb = packed_mb(floor)
-        low = num_range("size_budget_mb", s.space["size_budget_mb"])[0]
-        if low < floor_mb:
-            raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
-                                    f"({floor_mb:.4f} MB with every layer at {lo_bits} bits): raise the low end")
-        s = dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()), estimator=est)
-    elif s.estimator is not None or s.min_bits is not None:
-        raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
-    hist = ck.get("history") or []
-    s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
-                            fp32_top1=hist[-1].get("test_top1") if hist else None)  # same test set for every trial
-    if s.size_budget_mb is not None:
-        if s.mode != "search" or s.objectives != "single":
-            raise SearchConfigError("size_budget_mb applies to single-objective searches only")
-        if "size_budget_mb" in s.space:
-            raise SearchConfigError("give either size_budget_mb (one budget) or space.size_budget_mb (a budget range)")
-        small = quant_config(smallest_bits(s.space), s.quant_base)
-        mb = packed_mb(small)
-        if s.size_budget_mb < mb:
-            raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "
-                                    f"({mb:.4f} MB at {small.w_bits}-bit weights): raise the budget or widen the space")
-    return s
+
+
+def _check_allocation(s: SearchSettings, fp32, ck: dict) -> SearchSettings:
+    """space.size_budget_mb: a sensitivity table of this baseline, and a budget range that an allocation
+    can meet. Returns the settings with the table's absolute path and the estimator resolved."""
+    try:
+        table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
+    except (OSError, ValueError):
+        table = None
+    if not table or table.get("format") != FORMAT:
+        raise SearchConfigError("space.size_budget_mb allocates bits by sensitivity: give sensitivity: PATH, a table "
+                                f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
+    plan = plan_for(fp32, s.base_quant)
+    unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
+    if unknown:
+        raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
+    try:
+        est, _ = weight_scores(table, s.estimator)
+        check_min_bits(s.min_bits)
+    except SensitivityError as e:
+        raise SearchConfigError(str(e)) from None
+    lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
+    floor = allocation_config(s.base_quant, {r["name"]: lo_bits for r in table["layers"]})
+    floor_mb = _packed_mb(fp32, ck, floor)
+    low = num_range("size_budget_mb", s.space["size_budget_mb"])[0]
+    if low < floor_mb:
+        raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
+                                f"({floor_mb:.4f} MB with every layer at {lo_bits} bits): raise the low end")
+    return dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()), estimator=est)
+
+
+def _check_budget(s: SearchSettings, fp32, ck: dict) -> None:
+    """size_budget_mb: a single-objective search whose space allows a model within the budget."""
+    if s.mode != "search" or s.objectives != "single":
+        raise SearchConfigError("size_budget_mb applies to single-objective searches only")
+    if "size_budget_mb" in s.space:
+        raise SearchConfigError("give either size_budget_mb (one budget) or space.size_budget_mb (a budget range)")
+    small = quant_config(smallest_bits(s.space), s.quant_base)
+    mb = _packed_mb(fp32, ck, small)
+    if s.size_budget_mb < mb:
+        raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "
+                                f"({mb:.4f} MB at {small.w_bits}-bit weights): raise the budget or widen the space")
+
+
+def _packed_mb(fp32, ck: dict, cfg: QuantConfig) -> float:
+    return prepare_quantized(fp32, cfg, packed_meta(ck)).size["comp_mb"]
 
 
 def load_settings(path: str) -> SearchSettings:

@@ -1,4 +1,5 @@
-"""Search spaces: YAML bounds -> a define-by-run function for OptunaSearch; trial config -> QuantConfig.
+"""Search spaces: YAML bounds -> a define-by-run function for OptunaSearch (a trial's sampled config
+becomes its settings in tune/trial_spec.py).
 
 A space is a mapping of parameter -> spec::
 
@@ -19,25 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantization import Granularity, Method, QuantConfig
+from quantization import Granularity, Method
 from trainer.model import STAGES
+from tune.trial_spec import FINE_TUNE_KEYS, block_key
 
 NUM_BLOCKS = sum(n for _, _, n, _ in STAGES)  # inverted-residual blocks: blocks.0 .. blocks.16
 INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
 FLOAT_KEYS = {"qat_lr", "kd_weight", "size_budget_mb"}
-FINE_TUNE_KEYS = ("qat_lr", "qat_epochs", "kd_weight")  # sampled only for trials whose method fine-tunes
 CAT_KEYS = {"method": tuple(Method), "granularity": tuple(Granularity)}
 KNOWN = INT_KEYS | FLOAT_KEYS | set(CAT_KEYS)
-BLOCK_PREFIX = "w_bits_b"  # mixed precision: one sampled weight bit-width per block, w_bits_b00 .. w_bits_b16
-
-
-def block_key(i: int) -> str:
-    return f"{BLOCK_PREFIX}{i:02d}"
-
-
-def block_bits(config: dict[str, Any]) -> dict[int, int]:
-    """The per-block weight bit-widths a trial sampled ({} for a uniform trial), by block index."""
-    return {int(k[len(BLOCK_PREFIX):]): v for k, v in sorted(config.items()) if k.startswith(BLOCK_PREFIX)}
 
 
 class SpaceError(ValueError):
@@ -101,15 +92,20 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
 
 
 class DefineByRun:
-    """Picklable define-by-run space for OptunaSearch (the study is saved with the experiment)."""
+    """Picklable define-by-run space for OptunaSearch (the study is saved with the experiment).
+    ``method``: the search's fixed method, for a space that does not sample one."""
 
-    def __init__(self, space: dict[str, Any]):
+    def __init__(self, space: dict[str, Any], method: Method | str = Method.PTQ):
         self.space = validate_space(space)
+        self.method = Method(method)
+
+    def __setstate__(self, state):  # studies saved before ``method`` existed sampled with PTQ's rule
+        self.__dict__.update({"method": Method.PTQ, **state})
 
     def __call__(self, trial) -> dict[str, Any] | None:
         s = self.space
         # conditional space: QAT hyper-parameters exist only for trials that fine-tune
-        method = Method(trial.suggest_categorical("method", s["method"]) if "method" in s else Method.PTQ)
+        method = Method(trial.suggest_categorical("method", s["method"]) if "method" in s else self.method)
         for key, spec in s.items():
             if key == "method" or (key in FINE_TUNE_KEYS and not method.fine_tunes):
                 continue
@@ -138,75 +134,3 @@ def smallest_bits(space: dict[str, Any]) -> dict[str, Any]:
     if "granularity" in s and Granularity.PER_TENSOR in s["granularity"]:
         out["granularity"] = str(Granularity.PER_TENSOR)
     return out
-
-
-def quant_config(trial_cfg: dict[str, Any], base: dict[str, Any]) -> QuantConfig:
-    """Map a trial's config (flat keys) onto a QuantConfig; ``base`` holds the fixed settings."""
-    d = dict(base)
-    for k in ("w_bits", "a_bits", "method"):
-        if k in trial_cfg:
-            d[k] = trial_cfg[k]
-    if "granularity" in trial_cfg:
-        d["w_granularity"] = trial_cfg["granularity"]
-    blocks = block_bits(trial_cfg)
-    if blocks:
-        d["overrides"] = list(d.get("overrides", [])) + [{"pattern": f"blocks.{i}.*", "w_bits": b}
-                                                         for i, b in blocks.items()]
-    return QuantConfig.from_dict(d)
-
-
-def trial_hparams(config: dict[str, Any], settings) -> dict[str, Any]:
-    """The fine-tuning a trial does: ``qat_epochs``, ``qat_lr`` and ``kd_weight`` (distillation) as
-    sampled, else the search's fixed values; all 0 for a method that does not fine-tune."""
-    if not Method(config.get("method", settings.quant_base.get("method", Method.PTQ))).fine_tunes:
-        return {"qat_epochs": 0, "qat_lr": 0.0, "kd_weight": 0.0}
-    return {"qat_epochs": int(config.get("qat_epochs", settings.qat_epochs)),
-            "qat_lr": float(config.get("qat_lr", settings.qat_lr)),
-            "kd_weight": float(config.get("kd_weight", settings.kd_weight))}
-
-
-def trial_params(config: dict[str, Any], settings=None) -> dict[str, Any]:
-    """A trial's parameters for tables and MLflow: the sampled keys, plus the QAT settings that the
-    search fixed (rather than sampled) for trials that fine-tune. (``_s`` is how experiments of older
-    versions carried their settings inside each trial's config.)"""
-    params = {k: v for k, v in config.items() if k != "_s"}
-    fixed = settings.to_dict() if settings is not None else config.get("_s", {})
-    if Method(params.get("method", Method.PTQ)).fine_tunes:
-        params.setdefault("qat_lr", fixed.get("qat_lr"))
-        params.setdefault("qat_epochs", fixed.get("qat_epochs"))
-        if fixed.get("kd_weight"):
-            params.setdefault("kd_weight", fixed.get("kd_weight"))
-    return params
-
-
-def run_params(config: dict[str, Any], settings) -> dict[str, Any]:
-    """A trial's MLflow params: the same keys, numeric where they can be, for every trial of a search,
-    so that a parallel-coordinates plot has no gaps: qat_lr and qat_epochs are 0 for a method that does
-    not fine-tune, a_bits / method / granularity are filled from the search's fixed settings, and a
-    mixed-precision trial's w_bits is the mean of its block bit-widths (the blocks are params too)."""
-    base = settings.quant_base
-    p = trial_params(config, settings)
-    p.update(trial_hparams(p, settings))
-    p.setdefault("method", str(base.get("method", Method.PTQ)))
-    p.setdefault("a_bits", base.get("a_bits", 8))
-    p.setdefault("granularity", str(base.get("w_granularity", "per_channel")))
-    blocks = block_bits(p)
-    if "size_budget_mb" not in p:  # an allocated trial's bits are its avg_w_bits metric and bits.<layer> params
-        p["w_bits"] = round(sum(blocks.values()) / len(blocks), 2) if blocks else p.get("w_bits", base.get("w_bits", 8))
-    return p
-
-
-def trial_label(params: dict[str, Any]) -> str:
-    """What a trial is, in a few characters (its MLflow run name): ``W5A6 qat lr=0.037``,
-    ``W4-8A8 ptq`` for a mixed-precision trial (lowest-highest block bits)."""
-    blocks = block_bits(params)
-    w = f"{min(blocks.values())}-{max(blocks.values())}" if blocks else params.get("w_bits", "?")
-    method = str(params.get("method", Method.PTQ))
-    label = f"W{w}A{params.get('a_bits', 8)} {method}"
-    if "size_budget_mb" in params:
-        label = f"alloc {float(params['size_budget_mb']):.3g}MB A{params.get('a_bits', 8)} {method}"
-    if Method(method).fine_tunes and params.get("qat_lr") is not None:
-        label += f" lr={float(params['qat_lr']):.2g}"
-    if Method(method).fine_tunes and params.get("kd_weight"):
-        label += f" kd={float(params['kd_weight']):.2g}"
-    return label

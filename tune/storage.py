@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
+
+# pyarrow is imported where remote storage is used: local experiments never need it.
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -64,7 +67,6 @@ def local_copy(uri: str) -> Path:
     """The experiment as a local directory: itself, or a fresh mirror of the remote one."""
     if not is_remote(uri):
         return Path(uri)
-    import shutil
 
     import pyarrow.fs as pafs
     root = Path(os.environ.get("BITSEARCH_CACHE") or Path.home() / ".cache" / "bitsearch") / "experiments"

@@ -16,9 +16,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import markdown
+import optuna
 import pandas as pd
+import ray
+import torch
+from ray import tune
 
+from mlflow_server.tracking import default_tracking_uri, mlflow_version
+from trainer import TrainConfig, load_checkpoint
+from trainer.baseline import fit_baseline
 from tune.results import records
+from tune.search import resume, run
+from tune.settings import settings_from
 
 STAGES = ("baseline", "sweep", "search", "mixed")
 DONE = "bitsearch-finished.json"
@@ -55,10 +65,6 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    from mlflow_server.tracking import mlflow_version
-    import optuna
-    import ray
-    import torch
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "optuna": optuna.__version__, "mlflow": mlflow_version(), "platform": platform.platform(),
@@ -69,9 +75,6 @@ def environment() -> dict[str, Any]:
 def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: str, out: Path,
                    log: Callable[[str], None], objectives: str | None = None) -> dict[str, Any]:
     """Run, resume or skip one search stage."""
-    from ray import tune
-
-    from tune.search import resume, run, settings_from
     exp = out / name
     if (exp / DONE).exists():
         log(f"{name}: finished earlier, skipped")
@@ -93,8 +96,6 @@ def run_experiment(section: dict, mode: str, name: str, baseline: Path, data: st
 
 def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES, log=print,
               callbacks=(), download: bool = True) -> dict[str, Any]:
-    from trainer import TrainConfig, load_checkpoint
-    from trainer.baseline import fit_baseline
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,38 +168,56 @@ def recommendations(df: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dict, seconds: float) -> dict[str, Any]:
-    import markdown
+COLS = ["stage", "trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Orig_MB", "Comp_MB",
+        "Ratio", "Weight_ratio", "Act_ratio"]
 
-    from mlflow_server.tracking import default_tracking_uri
+
+def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dict, seconds: float) -> dict[str, Any]:
+    """OUT/REPORT.md and REPORT.html: environment, data, baseline, method, results next to the reference,
+    ratios, recommendations, where MLflow has the runs."""
     env = environment()
-    dpath = Path(data)
     trials = _all_trials(results)
     recs = recommendations(trials)
-    cols = ["stage", "trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Orig_MB", "Comp_MB",
-            "Ratio", "Weight_ratio", "Act_ratio"]
     rel = lambda p: str(Path(p).relative_to(out)) if str(p).startswith(str(out)) else str(p)  # noqa: E731
-    rep = base.get("reports", {})
-    summary_json = Path(rep["summary_json"]) if rep.get("summary_json") else None
-    fm = json.loads(summary_json.read_text()) if summary_json and summary_json.exists() else {}
     L = ["# bitsearch study report", "",
-         f"Generated {env['date']} in {seconds / 60:.1f} min by `bitsearch study` (output: `{out}`).", "",
-         "## 1. Environment and reproducibility", "",
-         "| item | value |", "|---|---|"]
+         f"Generated {env['date']} in {seconds / 60:.1f} min by `bitsearch study` (output: `{out}`).", ""]
+    L += _report_provenance(env, cfg, data, out, base)
+    L += _report_baseline(cfg, base, rel)
+    L += _report_results(trials, results, rel)
+    L += _report_recommendations(recs, out, results)
+    text = "\n".join(L)
+    (out / "REPORT.md").write_text(text)
+    html = markdown.markdown(text, extensions=["tables", "fenced_code"])
+    (out / "REPORT.html").write_text(f"<!doctype html><meta charset='utf-8'><title>bitsearch study</title>"
+                                     f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
+                                     f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}"
+                                     f"</style>{html}")
+    return {"report": str(out / "REPORT.md"), "report_html": str(out / "REPORT.html"), "recommended": recs}
+
+
+def _report_provenance(env: dict, cfg: dict, data: str, out: Path, base: dict) -> list[str]:
+    L = ["## 1. Environment and reproducibility", "", "| item | value |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in env.items()]
     L += [f"| seed | {cfg.get('train', {}).get('seed', 0)} |", "",
           f"Rerun: `bitsearch study --config <this config> --data {data} --out {out}` (finished stages are skipped).",
           "", "Configuration used:", "", "```yaml", json.dumps(cfg, indent=2), "```", "",
           "## 2. Data provenance", "",
-          f"- source: `{data}` (sha256 `{_sha256(dpath) or 'n/a (directory)'}`)",
+          f"- source: `{data}` (sha256 `{_sha256(Path(data)) or 'n/a (directory)'}`)",
           f"- images: {base.get('data', {}).get('train')} train / {base.get('data', {}).get('val')} validation "
           f"(held out of train, used by the searches) / {base.get('data', {}).get('test')} test (reported)",
           "- the shared archive is CIFAR-10 re-encoded as JPEG (quality 75): accuracies are close to, not equal to, "
-          "those on the original binary release.", "",
-          "## 3. Baseline (FP32)", "",
-          f"MobileNet-v2, width {cfg.get('train', {}).get('width', 1.0)}, {base.get('params'):,} parameters, "
-          f"{base.get('epochs')} epochs: **test top-1 {base.get('top1')}%** (train {base.get('train_top1')}%, "
-          f"validation {base.get('val_top1')}%).", ""]
+          "those on the original binary release.", ""]
+    return L
+
+
+def _report_baseline(cfg: dict, base: dict, rel) -> list[str]:
+    rep = base.get("reports", {})
+    summary_json = Path(rep["summary_json"]) if rep.get("summary_json") else None
+    fm = json.loads(summary_json.read_text()) if summary_json and summary_json.exists() else {}
+    L = ["## 3. Baseline (FP32)", "",
+         f"MobileNet-v2, width {cfg.get('train', {}).get('width', 1.0)}, {base.get('params'):,} parameters, "
+         f"{base.get('epochs')} epochs: **test top-1 {base.get('top1')}%** (train {base.get('train_top1')}%, "
+         f"validation {base.get('val_top1')}%).", ""]
     if rep.get("curves"):
         L += [f"![curves]({rel(rep['curves'])})", ""]
     if rep.get("confusion"):
@@ -208,15 +227,19 @@ def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dic
               "|---|---|---|---|"]
         L += [f"| {p['true']} | {p['predicted']} | {p['count']} | {p['rate']} |" for p in fm.get("most_confused", [])]
         L += ["", f"Weakest classes: {', '.join(fm.get('worst_classes', []))}.", ""]
-    L += ["## 4. Compression method", "",
-          "Weights: BN folded into each conv, then per-channel (default) symmetric fake quantization with a "
-          "straight-through estimator; activations: the input of every quantized layer is quantized (unsigned "
-          "grid clipped at 6 after ReLU6), ranges calibrated on training batches (PTQ) or learned/fine-tuned (QAT, "
-          "LSQ). The first conv and the classifier stay FP32 unless the config says otherwise. Sizes are those of "
-          "the real bit-packed `.bsq` files (every scale and zero-point included).", "",
-          "## 5. Results next to the reference", "", "Reference (course report, by hand):", "",
-          _md_table(pd.DataFrame(REFERENCE)), "", "bitsearch (test top-1 %, sizes in MB = 10^6 bytes):", "",
-          _md_table(trials[[c for c in cols if c in trials]] if not trials.empty else trials), ""]
+    return L
+
+
+def _report_results(trials: pd.DataFrame, results: dict, rel) -> list[str]:
+    L = ["## 4. Compression method", "",
+         "Weights: BN folded into each conv, then per-channel (default) symmetric fake quantization with a "
+         "straight-through estimator; activations: the input of every quantized layer is quantized (unsigned "
+         "grid clipped at 6 after ReLU6), ranges calibrated on training batches (PTQ) or learned/fine-tuned (QAT, "
+         "LSQ). The first conv and the classifier stay FP32 unless the config says otherwise. Sizes are those of "
+         "the real bit-packed `.bsq` files (every scale and zero-point included).", "",
+         "## 5. Results next to the reference", "", "Reference (course report, by hand):", "",
+         _md_table(pd.DataFrame(REFERENCE)), "", "bitsearch (test top-1 %, sizes in MB = 10^6 bytes):", "",
+         _md_table(trials[[c for c in COLS if c in trials]] if not trials.empty else trials), ""]
     for stage, summary in results.items():
         files = summary.get("files", {})
         if files.get("pareto_png"):
@@ -225,28 +248,25 @@ def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dic
             L += [f"![parallel coordinates]({rel(files['parallel_png'])})", ""]
         if summary.get("pareto"):
             front = pd.DataFrame(summary["pareto"])
-            L += ["Pareto front:", "", _md_table(front[[c for c in cols[1:] if c in front]]), ""]
+            L += ["Pareto front:", "", _md_table(front[[c for c in COLS[1:] if c in front]]), ""]
     L += ["## 6. Compression ratios and how they were measured", "",
           "- model ratio = FP32 parameters x 4 bytes / bytes stored in the packed file's payload (the file adds only "
           "its JSON header);",
           "- weight ratio = conv/linear weights at FP32 / the same weights as stored (packed or FP32), no metadata;",
           "- activation ratio = peak live activation bytes of one inference at FP32 / as stored at the chosen bits "
           "(tensor liveness over the traced graph; see docs/ARCHITECTURE.md).", ""]
-    L += ["## 7. Recommended configurations", ""]
+    return L
+
+
+def _report_recommendations(recs: list, out: Path, results: dict) -> list[str]:
+    L = ["## 7. Recommended configurations", ""]
     if recs:
         rdf = pd.DataFrame(recs)
-        L += [_md_table(rdf[[c for c in ["choice", *cols, "packed_model"] if c in rdf]]), ""]
+        L += [_md_table(rdf[[c for c in ["choice", *COLS, "packed_model"] if c in rdf]]), ""]
     else:
         L += ["(no finished trials)", ""]
     uri = default_tracking_uri(out / "runs")
     L += ["## 8. MLflow", "", f"Tracking store: `{uri}`. Open it with `bitsearch ui {out / 'runs'}`, switch the "
           "experiment view to **Model training**, and compare the child runs of each search (parent runs: "
           + ", ".join(f"`{k}` = {v.get('mlflow_parent_run_id', 'n/a')}" for k, v in results.items()) + ").", ""]
-    text = "\n".join(L)
-    (out / "REPORT.md").write_text(text)
-    html = markdown.markdown(text, extensions=["tables", "fenced_code"])
-    (out / "REPORT.html").write_text(f"<!doctype html><meta charset='utf-8'><title>bitsearch study</title>"
-                                     f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
-                                     f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}"
-                                     f"</style>{html}")
-    return {"report": str(out / "REPORT.md"), "report_html": str(out / "REPORT.html"), "recommended": recs}
+    return L

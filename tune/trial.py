@@ -3,6 +3,7 @@
 ``config`` holds only what the search sampled (w_bits, a_bits, method, qat_lr, qat_epochs,
 granularity, w_bits_bNN); the fixed ``settings`` of the search (a frozen SearchSettings) come once
 through ``tune.with_parameters``, as do extra trainer ``callbacks`` (tests inject failures that way).
+The two become the trial's TrialSpec (tune/trial_spec.py) before anything runs.
 
 It loads the FP32 baseline and the data once per worker process, prepares the quantized model (whose
 packed size is known at once: over-budget trials stop there), calibrates, fine-tunes (QAT/LSQ) while
@@ -18,18 +19,24 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from ray import tune
 
+from mlflow_server.tracking import fetch_artifact
+from pipeline import load_baseline, packed_meta, prepare_quantized, public, quantize_model, write_result
+from pipeline.export import export_packed
+from pipeline.sensitivity import allocate, layer_bytes
+from quantization import QuantConfig
+from trainer import load_dataset
+from trainer.allocator import keep_freed_memory
 from tune.results import QUANTITIES, SIZE_METRICS
 from tune.settings import SearchSettings
 from tune.sysmetrics import SystemSampler
-from tune.space import quant_config, trial_hparams
+from tune.trial_spec import TrialSpec, trial_spec
 
 
 @functools.lru_cache(maxsize=2)
 def _baseline(path: str, tracking_uri: str | None):
-    from mlflow_server.tracking import fetch_artifact
-    from pipeline import load_baseline
     return load_baseline(fetch_artifact(path, tracking_uri))
 
 
@@ -37,8 +44,6 @@ def _allocate(s, qcfg, budget_mb: float) -> dict[str, Any]:
     """The sensitivity allocation of ``budget_mb`` on top of the trial's config (its method, activation
     bits, granularity), scored by the search's estimator; the layer byte costs are computed once per
     worker and config."""
-    from pipeline import packed_meta
-    from pipeline.sensitivity import allocate
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     table, costs = _alloc_inputs(s.sensitivity, s.baseline, s.tracking_uri, json.dumps(qcfg.to_dict(), sort_keys=True))
     return allocate(table, fp32, qcfg, packed_meta(ck), budget_mb, estimator=s.estimator, costs=costs,
@@ -47,9 +52,6 @@ def _allocate(s, qcfg, budget_mb: float) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _alloc_inputs(table_path: str, baseline: str, tracking_uri: str | None, qcfg_json: str):
-    from pipeline import packed_meta
-    from pipeline.sensitivity import layer_bytes
-    from quantization import QuantConfig
     fp32, ck = _baseline(baseline, tracking_uri)
     table = json.loads(Path(table_path).read_text())
     layers = [r["name"] for r in table["layers"]]
@@ -61,7 +63,6 @@ def _alloc_inputs(table_path: str, baseline: str, tracking_uri: str | None, qcfg
 def _data(path: str, subset: int, val_size: int, seed: int, finetune_subset: int = 0):
     """The baseline's split; with ``finetune_subset`` the training part shrinks to a stratified subset
     (what QAT/LSQ fine-tune and PTQ calibrate on), validation and test stay whole."""
-    from trainer import load_dataset
     data = load_dataset(path, subset=subset, val_size=val_size, seed=seed, download=False)
     return data.with_train_subset(finetune_subset, seed) if finetune_subset else data
 
@@ -91,69 +92,68 @@ class _Reporter:
 def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Iterable = ()) -> None:
     system = SystemSampler()  # CPU / memory / GPU while the trial runs, reported with its metrics
     try:
-        _run_trial(config, settings, tuple(callbacks), system)
+        _run_trial(trial_spec(settings, config), settings, tuple(callbacks), system)
     finally:
         system.close()
 
 
-def _run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: tuple, system: SystemSampler) -> None:
-    import torch
-
-    from pipeline import packed_meta, prepare_quantized, public, quantize_model, write_result
-
-    from trainer.allocator import keep_freed_memory
-
-    s = settings
+def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: SystemSampler) -> None:
     keep_freed_memory()  # before the trial's first large allocation (evaluation, calibration, fine-tuning)
     torch.set_num_threads(max(1, int(s.cpus_per_trial)))
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
     data = _data(s.data, s.subset, s.val_size, s.seed, s.finetune_subset)
-    qcfg = quant_config(config, s.quant_base)
-    alloc = None
-    if "size_budget_mb" in config:  # the weight bits of every layer: the exact allocation for this budget
-        alloc = _allocate(s, qcfg, float(config["size_budget_mb"]))
+    qcfg, alloc = spec.quant, None
+    if spec.size_budget_mb is not None:  # the weight bits of every layer: the exact allocation for this budget
+        alloc = _allocate(s, qcfg, spec.size_budget_mb)
         qcfg = alloc["config"]
-    hp = trial_hparams(config, s)
-    budget = s.size_budget_mb
-
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
     prepared = prepare_quantized(fp32, qcfg, packed_meta(ck), s.device)
     size = {k: prepared.size[k] for k in SIZE_METRICS}
     if alloc is not None:
         size["alloc_sensitivity"] = alloc["sensitivity"]
-        alloc_report = {"alloc_bits": dict(alloc["bits"])}  # per-layer bits: MLflow params (tune/mlflow_callback.py)
-    else:
-        alloc_report = {}
-    comp_mb = size["comp_mb"]
-    if budget is not None and comp_mb > budget:
-        tune.report({"objective": objective(0.0, comp_mb, budget), **size, "val_top1": 0.0,
+    if s.size_budget_mb is not None and size["comp_mb"] > s.size_budget_mb:
+        tune.report({"objective": objective(0.0, size["comp_mb"], s.size_budget_mb), **size, "val_top1": 0.0,
                      "over_budget": True, "final": True, **system.take()})
         return
+    resume = _restore_checkpoint(work)
+    res = quantize_model(fp32, data, qcfg, fine_tune=spec.fine_tune, batch_size=s.batch_size, seed=s.seed,
+                         device=s.device, out_dir=work,
+                         callbacks=[_Reporter(work / "qat", size, s.size_budget_mb, system), *callbacks],
+                         resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
+    _report_final(spec, res, work / "final", resume, s.size_budget_mb, alloc, system)
 
-    resume = False
+
+def _restore_checkpoint(work: Path) -> bool:
+    """Copy the fine-tuning checkpoint of a restarted trial (FailureConfig retry, `bitsearch resume`) to
+    where the trainer resumes from; whether there was one."""
     restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            if (Path(d) / "checkpoint.pt").exists():
-                (work / "qat").mkdir(parents=True, exist_ok=True)
-                shutil.copy(Path(d) / "checkpoint.pt", work / "qat" / "checkpoint.pt")
-                resume = True
-    res = quantize_model(fp32, data, qcfg, qat_epochs=hp["qat_epochs"], qat_lr=hp["qat_lr"], batch_size=s.batch_size,
-                         seed=s.seed, device=s.device, out_dir=work,
-                         callbacks=[_Reporter(work / "qat", size, budget, system), *callbacks], resume=resume,
-                         export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared,
-                         kd_weight=hp["kd_weight"], kd_temperature=s.kd_temperature)
-    write_result(work / "final", res)
-    from pipeline.export import export_packed
-    export_packed(work / "final" / "model.bsq", work / "final" / "model.onnx")  # beside it, for deployment
+    if restored is None:
+        return False
+    with restored.as_directory() as d:
+        if not (Path(d) / "checkpoint.pt").exists():
+            return False
+        (work / "qat").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(d) / "checkpoint.pt", work / "qat" / "checkpoint.pt")
+    return True
+
+
+def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bool, budget: float | None,
+                  alloc: dict | None, system: SystemSampler) -> None:
+    """The trial's files (quantize.json, trial.json: the spec it ran, model.bsq and model.onnx beside it)
+    and its last report to Ray Tune, with them as the checkpoint."""
+    write_result(final, res)
+    (final / "trial.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    export_packed(final / "model.bsq", final / "model.onnx")  # beside it, for deployment
     pub = public(res)
     named = {**{metric: pub.get(key) for metric, _, key in QUANTITIES},  # JSON vocabulary -> metric names
              "metadata_overhead": pub.get("metadata_overhead")}
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
-                   resumed=resume, final=True, epoch=hp["qat_epochs"])
+                   resumed=resumed, final=True, epoch=pub["qat_epochs"])
+    extra = {}
     if alloc is not None:
         metrics["alloc_sensitivity"] = alloc["sensitivity"]
-    (work / "final" / "metrics.json").write_text(json.dumps(metrics))
-    tune.report({**metrics, **system.take(), **alloc_report}, checkpoint=tune.Checkpoint.from_directory(str(work / "final")))
+        extra["alloc_bits"] = dict(alloc["bits"])  # per-layer bits: MLflow params (tune/mlflow_callback.py)
+    (final / "metrics.json").write_text(json.dumps(metrics))
+    tune.report({**metrics, **system.take(), **extra}, checkpoint=tune.Checkpoint.from_directory(str(final)))

@@ -14,15 +14,12 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+import psutil
+import torch
+
+from mlflow_server.monitors import gpu_monitor
+
 PREFIX = "system/"
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no torch here: no GPU metrics
-        return False
 
 
 class CPUMonitor:
@@ -34,7 +31,6 @@ class CPUMonitor:
         self.metrics: dict[str, list[float]] = defaultdict(list)
 
     def collect_metrics(self) -> None:
-        import psutil
         self.metrics["cpu_utilization_percentage"].append(psutil.cpu_percent())
         mem = psutil.virtual_memory()
         self.metrics["system_memory_usage_megabytes"].append(mem.used / 1e6)
@@ -49,16 +45,11 @@ class CPUMonitor:
 
 class SystemSampler:
     def __init__(self, interval_s: float = 1.0):
-        import psutil
-
         self.interval_s = interval_s
         self.monitors = [CPUMonitor()]
-        if _cuda_available():
-            try:
-                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-                self.monitors.append(GPUMonitor())
-            except Exception:  # noqa: BLE001 - no NVML library or no NVIDIA GPU: CPU metrics only
-                pass
+        gpu = gpu_monitor() if torch.cuda.is_available() else None
+        if gpu is not None:
+            self.monitors.append(gpu)
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)  # the first reading starts the interval
         self.own: dict[str, list[float]] = defaultdict(list)

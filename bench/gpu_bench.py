@@ -2,7 +2,8 @@
 
 1. checks the GPU (nvidia-smi, torch.cuda);
 2. throughput: tensor pipeline vs DataLoader, FP32 vs fake-quant step, eval images/s (bench/throughput.py);
-3. trials per hour with 1, 2, 4 concurrent trials per GPU (Ray Tune sweeps of identical short QAT trials);
+3. 1, 4 and 8 concurrent quarter-GPU trials (Ray Tune sweeps of identical short QAT trials): trials per hour,
+   images/s per trial and in total, each trial's GPU memory peak;
 4. trains the baseline with the seed recipe for as many epochs as fit in --train-minutes;
 5. a short PTQ + QAT sweep on it.
 Every figure goes to OUT/gpu_bench.json (+ OUT/gpu_bench.md) and the baseline checkpoint to OUT/baseline.
@@ -58,6 +59,7 @@ def main() -> None:
 
     from trainer import TrainConfig
     from trainer.baseline import fit_baseline
+    from tune.results import load_trials
     from tune.search import run
     from tune.settings import settings_from
 
@@ -102,25 +104,29 @@ def main() -> None:
 
     ray.init(num_cpus=2 if tiny else None, include_dashboard=False, log_to_driver=False,
              object_store_memory=200 * 1024 * 1024 if tiny else None)
-    common = dict(baseline=base["checkpoint"], data=data, out=str(out / "runs"), device=dev,
-                  batch_size=16 if tiny else 256, cpus_per_trial=1 if tiny else 2)
+    common = dict(baseline=base["checkpoint"], data=data, out=str(out / "runs"), batch_size=16 if tiny else 256)
 
-    # 3. trials per hour at 1, 2, 4 concurrent trials per GPU
-    res["trials_per_hour"] = {}
-    for k in ((1,) if tiny else (1, 2, 4)):
-        s = settings_from({**common, "name": f"concurrency{k}", "mode": "sweep", "max_concurrent": k,
-                           "gpus_per_trial": 0 if tiny else 1.0 / k, "qat_epochs": 1,
-                           "grid": {"w_bits": [4] * (k if tiny else max(2, k)), "method": ["qat"]}})
+    # 3. trials sharing one GPU: 1, 4 and 8 concurrent quarter-GPU trials (CPU smoke: 1 and 2 half-CPU trials)
+    res["concurrency"] = {}
+    for k in ((1, 2) if tiny else (1, 4, 8)):
+        share = {"gpus_per_trial": 0.25, "cpus_per_trial": 1} if not tiny else {"gpus_per_trial": 0, "cpus_per_trial": 0.5}
+        s = settings_from({**common, **share, "name": f"concurrency{k}", "mode": "sweep", "max_concurrent": k,
+                           "qat_epochs": 1, "grid": {"w_bits": [4] * k, "method": ["qat"]}})
         t = time.time()
         summ = run(s)
         dt = time.time() - t
-        res["trials_per_hour"][str(k)] = {"trials": len(summ["trials"]), "seconds": dt,
-                                          "per_hour": 3600 * len(summ["trials"]) / dt}
-        log(f"{k} concurrent: {res['trials_per_hour'][str(k)]}")
+        reports = [r for tr in load_trials(s.path) for r in tr["reports"] if r.get("images_per_s")]
+        per_trial = [r["images_per_s"] for r in reports]
+        res["concurrency"][str(k)] = {
+            "trials": len(summ["trials"]), "seconds": dt, "trials_per_hour": 3600 * len(summ["trials"]) / dt,
+            "images_per_s_per_trial": per_trial, "images_per_s_total": sum(per_trial),
+            "gpu_peak_memory_mb_per_trial": [r.get("gpu_peak_memory_mb") for r in reports]}
+        log(f"{k} concurrent: {res['concurrency'][str(k)]}")
 
     # 5. short PTQ + QAT sweep
     s = settings_from({**common, "name": "sweep", "mode": "sweep", "max_concurrent": 2 if tiny else 4,
-                       "gpus_per_trial": 0 if tiny else 0.25, "qat_epochs": 1 if tiny else 2,
+                       "gpus_per_trial": 0 if tiny else 0.25, "cpus_per_trial": 1 if tiny else 2,
+                       "qat_epochs": 1 if tiny else 2,
                        "grid": ({"w_bits": [8, 2], "a_bits": [8], "method": ["ptq"]} if tiny else
                                 {"w_bits": [8, 4, 2], "a_bits": [8, 4], "method": ["ptq", "qat"]})})
     summ = run(s)
@@ -135,7 +141,8 @@ def main() -> None:
           f"{res['throughput']['fakequant_frozen_bn_step_overhead']:.2f}x with BN frozen",
           f"- baseline {res['baseline']['epochs']} epochs in {res['baseline']['seconds']:.0f} s: test top-1 "
           f"{res['baseline']['top1']}%"]
-    md += [f"- {k} concurrent trial(s) per GPU: {v['per_hour']:.0f} trials/hour" for k, v in res["trials_per_hour"].items()]
+    md += [f"- {k} concurrent trial(s): {v['trials_per_hour']:.0f} trials/hour, {v['images_per_s_total']:.0f} img/s in all "
+           f"({', '.join(f'{x:.0f}' for x in v['images_per_s_per_trial'])} per trial)" for k, v in res["concurrency"].items()]
     md += ["", "| W | A | method | top-1 | drop | MB | ratio | act ratio |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['W_bits']} | {r['A_bits']} | {r['method']} | {r['Accuracy']:.2f} | {r['Drop']:.2f} | {r['Comp_MB']:.3f} "
            f"| {r['Ratio']:.2f} | {r['Act_ratio']:.2f} |" for r in res["sweep"]]

@@ -26,9 +26,14 @@ def _common_search_args(p) -> None:
                    "lives in OUT/NAME")
     p.add_argument("--name", help="experiment name (default: sweep / search)")
     p.add_argument("--config", help="YAML with a search: (or sweep:) section")
-    p.add_argument("--max-concurrent", dest="max_concurrent", type=int)
-    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float)
-    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="fraction of a GPU, e.g. 0.25")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int,
+                   help="trials at once (default: as many as the Ray cluster's CPUs and GPUs hold)")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, help="CPUs Ray reserves per trial (default 1)")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float,
+                   help="GPU per trial, e.g. 0.25 = four trials share one GPU, each capped at a quarter of its memory "
+                        "(default 0: trials compute on the CPU)")
+    p.add_argument("--wait-for-resources", dest="wait_for_resources", action="store_const", const=True,
+                   help="an autoscaling cluster: wait for nodes that fit a trial instead of refusing the search")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow server (default: OUT/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment the search logs to (default: bitsearch)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
@@ -44,7 +49,8 @@ def _common_search_args(p) -> None:
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--min-bits", dest="min_bits", type=int,
                    help="budget trials: no layer below this many weight bits (default: the table's narrowest, 2)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): a trial computes on its GPU when --gpus-per-trial > 0, else on the CPU")
     p.add_argument("--json", action="store_true")
 
 
@@ -54,7 +60,8 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "objectives": "objectives", "size_budget_mb": "size_budget_mb",
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
-                "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment"}
+                "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment",
+                "wait_for_resources": "wait_for_resources"}
 
 
 def add_search(sub) -> None:

@@ -65,6 +65,9 @@ def test_gpu_bench_tiny_setting_runs_on_cpu(tmp_path):
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     res = json.loads((tmp_path / "gb" / "gpu_bench.json").read_text())
     assert res["tiny"] and res["throughput"]["tensor_pipeline_img_s"] > 0
-    assert set(res["trials_per_hour"]) == {"1"} and res["baseline"]["epochs"] >= 1
+    assert set(res["concurrency"]) == {"1", "2"} and res["baseline"]["epochs"] >= 1
+    two = res["concurrency"]["2"]
+    assert two["trials"] == 2 and len(two["images_per_s_per_trial"]) == 2 and all(v > 0 for v in two["images_per_s_per_trial"])
+    assert two["images_per_s_total"] == sum(two["images_per_s_per_trial"])
     assert len(res["sweep"]) == 2 and (tmp_path / "gb" / "gpu_bench.md").exists()
     assert Path(res["baseline"]["checkpoint"]).exists()

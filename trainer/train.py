@@ -46,7 +46,9 @@ def _fire(callbacks: list, hook: str, *args) -> None:
             fn(*args)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -77,9 +79,18 @@ def precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool, str]:
     amp = cfg.amp == "on" or (cfg.amp == "auto" and fast)
     cl = cfg.channels_last == "on" or (cfg.channels_last == "auto" and fast)
     where = "CUDA" if device.type == "cuda" else f"CPU {'with' if native else 'without'} native bf16"
-    line = (f"precision: bf16 autocast {'on' if amp else 'off'}, channels-last {'on' if cl else 'off'} "
+    kind = "fp16 (with a gradient scaler)" if amp_dtype(device) is torch.float16 else "bf16"
+    line = (f"precision: {kind} autocast {'on' if amp else 'off'}, channels-last {'on' if cl else 'off'} "
             f"(amp={cfg.amp}, channels_last={cfg.channels_last}; {where})")
     return amp, cl, line
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast type on ``device``: bf16, except on a GPU that lacks it (before Ampere), where fp16
+    (whose narrow range needs a gradient scaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def seed_everything(seed: int) -> None:
@@ -134,7 +145,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 100,
              device: torch.device | None = None, amp: bool = False) -> dict[str, Any]:
-    """Loss, top-1 (%) and predictions of ``model`` on uint8 images ``x`` (normalised here)."""
+    """Loss, top-1 (%) and predictions of ``model`` on uint8 images ``x`` (normalised here); ``amp``:
+    under autocast (amp_dtype)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -143,7 +155,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     for i in range(0, len(y), batch_size):
         xb = normalize(x[i:i + batch_size].to(device, non_blocking=True))
         yb = y[i:i + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             out = model(xb)
         loss_sum += nn.functional.cross_entropy(out.float(), yb, reduction="sum")
         preds.append(out.argmax(1))
@@ -247,6 +259,11 @@ class _Run:
         self.teacher = teacher.to(device).eval() if teacher is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.amp, self.channels_last, self.precision = precision(cfg, device)
+        self.dtype = amp_dtype(device)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp and self.dtype is torch.float16 else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN picks its fastest kernels once
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -304,6 +321,8 @@ def _restore(run: _Run, ckpt_path: Path | None) -> tuple[list[dict], int]:
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
     run.sched.load_state_dict(ck["scheduler"])
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["torch"])
     run.gen.set_state(ck["rng"]["data"])
     if run.device.type == "cuda" and ck["rng"].get("cuda") is not None:
@@ -325,7 +344,7 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
             xb = resize_batch(xb, size)
         if run.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.amp):
             logits = run.forward(xb)
             loss = run.loss_fn(logits.float(), yb)
             if run.teacher is not None:
@@ -334,8 +353,7 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
                 loss = (1 - run.cfg.kd_weight) * loss + run.cfg.kd_weight * kd_loss(logits.float(), soft,
                                                                                     run.cfg.kd_temperature)
         run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.opt.step()
+        _step(run, loss)
         run.sched.step()
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
@@ -351,6 +369,18 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
     return m
 
 
+def _step(run: _Run, loss: torch.Tensor) -> None:
+    """Backward and optimiser step; with fp16 autocast through the gradient scaler (it skips a step whose
+    gradients overflowed and lowers the scale)."""
+    if run.scaler is None:
+        loss.backward()
+        run.opt.step()
+        return
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+
+
 def _save_checkpoint(run: _Run, path: Path, epoch: int, history: list[dict], meta: dict | None) -> None:
     _atomic_save({
         "format": CHECKPOINT_FORMAT, "config": run.cfg.to_dict(), "meta": meta or {}, "epoch": epoch,
@@ -358,4 +388,5 @@ def _save_checkpoint(run: _Run, path: Path, epoch: int, history: list[dict], met
         "rng": {"torch": torch.get_rng_state(), "data": run.gen.get_state(),
                 "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
         "history": history, "classes": list(run.data.classes),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
     }, path)

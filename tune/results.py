@@ -47,7 +47,7 @@ SIZE_METRICS = ("comp_mb", "comp_kb", "ratio", "avg_w_bits", "avg_a_bits")
 METRICS = tuple(m for m, _, _ in QUANTITIES)  # what a trial's final report carries (tune/trial.py)
 # everything a trial reports that is a measurement (Ray adds pid, timestamp, time_* ... : not ours)
 TRIAL_METRICS = frozenset((*METRICS, "epoch", "train_loss", "train_top1", "objective", "metadata_overhead", "alloc_sensitivity",
-                           "over_budget"))
+                           "over_budget", "images_per_s", "gpu_peak_memory_mb"))
 
 
 def trial_metrics(report: dict[str, Any]) -> tuple[dict[str, Any], int]:

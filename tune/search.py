@@ -33,6 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from mlflow_server.tracking import SearchLogger, check_reachable, short_retries
 from tune import storage
 from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
+from tune.resources import Cluster, fit_to_cluster
 from tune.results import close_search, register_models, write_report
 from tune.settings import SETTINGS_FILE, SearchConfigError, SearchSettings, load_settings, validate
 from tune.space import DefineByRun
@@ -61,14 +62,21 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
             auth_log.setLevel(level)
 
 
-def _trainable(s: SearchSettings, trial_callbacks: tuple = ()):
+def cluster(address: str | None) -> Cluster:
+    """What the Ray cluster this process is connected to offers (tune/resources.py)."""
+    where = address or os.environ.get("RAY_ADDRESS") or f"{ray.get_runtime_context().gcs_address} (local)"
+    return Cluster.of(where, ray.cluster_resources(), ray.nodes())
+
+
+def _trainable(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_trial):
     """The trial function with the search's fixed settings (and any extra trainer callbacks) bound
-    once, as Ray's own examples pass datasets: each trial's config holds only sampled keys."""
-    return tune.with_resources(tune.with_parameters(run_trial, settings=s, callbacks=tuple(trial_callbacks)),
+    once, as Ray's own examples pass datasets: each trial's config holds only sampled keys. Ray reserves
+    ``cpus_per_trial`` and ``gpus_per_trial`` for each; the trial computes where that puts it."""
+    return tune.with_resources(tune.with_parameters(trial_fn, settings=s, callbacks=tuple(trial_callbacks)),
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
 
 
-def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
+def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_trial):
 
 
     # Ray's default loggers include TensorBoardX, which is not installed: a warning on every search.
@@ -110,7 +118,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = ()):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), MlflowTrialCallback(s), ProgressCallback(s, _n_trials(s))],
         verbose=0)
-    return tune.Tuner(_trainable(s, trial_callbacks), param_space=param_space, tune_config=tune_config,
+    return tune.Tuner(_trainable(s, trial_callbacks, trial_fn), param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -136,10 +144,11 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
     s = validate(s)
     if s.tracking_uri:
         check_reachable(s.tracking_uri)
-    if log:
-        log(f"{s.mode}: experiment {s.path}")
-    storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     _init_ray(s.address, num_cpus)
+    s, fits = fit_to_cluster(s, cluster(s.address))  # refused here if no node can run a trial
+    if log:
+        log(f"{s.mode}: experiment {s.path}; {fits}")
+    storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     t0 = time.time()
     build_tuner(s, trial_callbacks).fit()
     return finish(s, time.time() - t0)
@@ -156,6 +165,7 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     if trials_left(path, s) == 0:  # nothing to run: no Ray, just the report as it stands
         return {**write_report(path), "nothing_to_resume": True}
     _init_ray(s.address, num_cpus)
+    fit_to_cluster(s, cluster(s.address))  # the cluster may have changed since: refused if no node fits a trial
     t0 = time.time()
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
     tuner.fit()

@@ -41,9 +41,10 @@ class SearchSettings:
     grid: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GRID))
     size_budget_mb: float | None = None
     num_samples: int = 8
-    max_concurrent: int = 2
+    max_concurrent: int | None = None          # default: as many trials as the cluster's CPUs and GPUs hold
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float = 0.0                # > 0: every trial runs on (a share of) a GPU Ray assigns it
+    wait_for_resources: bool = False           # an autoscaling cluster: wait for what the trials ask, do not refuse
     asha: dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     max_failures: int = 2
     seed: int = 0
@@ -60,7 +61,7 @@ class SearchSettings:
     tracking_uri: str | None = None
     experiment: str = "bitsearch"
     address: str | None = None
-    device: str = "auto"
+    device: str = "auto"                       # auto: cuda when gpus_per_trial > 0, else cpu
     # filled in by validate() from the baseline
     subset: int = 0
     val_size: int = 0
@@ -76,6 +77,12 @@ class SearchSettings:
         """The fine-tuning of trials that do not sample it (QuantConfigError if a value is out of range)."""
         return FineTune.from_values({"epochs": self.qat_epochs, "lr": self.qat_lr, "kd_weight": self.kd_weight,
                                      "kd_temperature": self.kd_temperature}, FINE_TUNE_NAMES)
+
+    @property
+    def trial_device(self) -> str:
+        """Where trials compute: on the GPU Ray assigns them when they ask for one, else on the CPU (a trial
+        that asked for no GPU never touches CUDA)."""
+        return "cuda" if self.gpus_per_trial > 0 else "cpu"
 
     @property
     def tracking_store(self) -> str:
@@ -173,14 +180,35 @@ def _check_options(s: SearchSettings) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
         raise SearchConfigError(f"size_budget_mb={v!r} is invalid: a number > 0")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("finetune_subset", 0)):
-        if isinstance(getattr(s, k), bool) or not isinstance(getattr(s, k), int) or getattr(s, k) < lo:
-            raise SearchConfigError(f"{k}={getattr(s, k)!r} is invalid: an integer >= {lo}")
-    if s.cpus_per_trial <= 0 or s.gpus_per_trial < 0:
-        raise SearchConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0 (fractions such as 0.25 share a GPU)")
+        v = getattr(s, k)
+        if (v is not None or k != "max_concurrent") and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise SearchConfigError(f"{k}={v!r} is invalid: an integer >= {lo}")
+    _check_resources_asked(s)
     try:
         s.fine_tune
     except QuantConfigError as e:
         raise SearchConfigError(str(e)) from None
+
+
+def _check_resources_asked(s: SearchSettings) -> None:
+    """Per-trial resources and the device: a trial runs on a GPU exactly when it asks Ray for one."""
+    for k in ("cpus_per_trial", "gpus_per_trial"):
+        v = getattr(s, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise SearchConfigError(f"{k}={v!r} is invalid: a number >= 0")
+    if s.cpus_per_trial <= 0:
+        raise SearchConfigError(f"cpus_per_trial={s.cpus_per_trial!r} is invalid: a number > 0")
+    if s.gpus_per_trial > 1 and not float(s.gpus_per_trial).is_integer():
+        raise SearchConfigError(f"gpus_per_trial={s.gpus_per_trial!r} is invalid: a share of one GPU (0.25) or "
+                                "a whole number of GPUs")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise SearchConfigError(f"device={s.device!r} is invalid: auto, cpu or cuda")
+    if s.device == "cpu" and s.gpus_per_trial > 0:
+        raise SearchConfigError(f"--device cpu contradicts --gpus-per-trial {s.gpus_per_trial:g}: a trial that "
+                                "asks Ray for a GPU computes on it; drop one of them")
+    if s.device == "cuda" and s.gpus_per_trial == 0:
+        raise SearchConfigError("--device cuda needs --gpus-per-trial > 0 (e.g. 0.25): Ray gives a trial a GPU "
+                                "only when it asks for one")
 
 
 def _check_space(s: SearchSettings) -> SearchSettings:

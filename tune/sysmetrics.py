@@ -2,8 +2,8 @@
 
 A background thread samples what MLflow's own system-metrics monitors record, under their names
 (``mlflow.system_metrics``: CPU utilisation and system memory as its CPUMonitor reads them through
-psutil; every GPU's utilisation, memory and power through MLflow's GPUMonitor where CUDA is available),
-plus this trial process's own CPU and memory. ``take()`` returns the means since its last call, named
+psutil; for a trial that computes on a GPU, every GPU's utilisation, memory and power through MLflow's
+GPUMonitor and its own GPU's through NVML), plus this trial process's own CPU and memory. ``take()`` returns the means since its last call, named
 ``system/...`` as MLflow's system metrics are; the trial reports them with each epoch, and the driver
 logs them to the trial's run, where the MLflow UI shows them on the run's "System metrics" tab: whether
 trials sharing a GPU (or the cores) keep it busy. Workers still need no MLflow server, and on a CPU-only
@@ -11,15 +11,23 @@ worker not even the mlflow package: importing it took 1.2-1.4 s of the first tri
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import defaultdict
 
 import psutil
-import torch
+import pynvml
 
 from mlflow_server.monitors import gpu_monitor
 
 PREFIX = "system/"
+
+
+def _trial_gpu_monitor() -> "TrialGPUMonitor | None":
+    try:
+        return TrialGPUMonitor(visible_gpu())
+    except Exception:  # noqa: BLE001 - no NVML library or no such device: the trial's GPU metrics are left out
+        return None
 
 
 class CPUMonitor:
@@ -43,13 +51,43 @@ class CPUMonitor:
         self.metrics.clear()
 
 
+def visible_gpu(env: dict[str, str] | None = None) -> str:
+    """The physical GPU that is cuda:0 in this process: the first of CUDA_VISIBLE_DEVICES (Ray sets it to the
+    GPUs it assigned the trial), an index or a UUID; "0" when it is unset."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[0].strip() if visible else "0"
+
+
+class TrialGPUMonitor:
+    """The trial's own GPU (its share of it, when trials share one): utilisation and memory in use, read
+    through NVML, named ``trial_gpu_*`` beside MLflow's whole-machine ``gpu_*`` metrics."""
+
+    def __init__(self, which: str):
+        pynvml.nvmlInit()
+        self.handle = (pynvml.nvmlDeviceGetHandleByIndex(int(which)) if which.isdigit()
+                       else pynvml.nvmlDeviceGetHandleByUUID(which))
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+
+    def collect_metrics(self) -> None:
+        self.metrics["trial_gpu_utilization_percentage"].append(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+        self.metrics["trial_gpu_memory_usage_megabytes"].append(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 1e6)
+
+    def aggregate_metrics(self) -> dict[str, float]:
+        return {k: round(sum(v) / len(v), 1) for k, v in self.metrics.items()}
+
+    def clear_metrics(self) -> None:
+        self.metrics.clear()
+
+
 class SystemSampler:
-    def __init__(self, interval_s: float = 1.0):
+    """``gpu``: the trial computes on a GPU; its metrics then include that GPU's and (MLflow's monitor) every
+    GPU's of the machine. A CPU trial never touches CUDA or NVML."""
+
+    def __init__(self, interval_s: float = 1.0, gpu: bool = False):
         self.interval_s = interval_s
         self.monitors = [CPUMonitor()]
-        gpu = gpu_monitor() if torch.cuda.is_available() else None
-        if gpu is not None:
-            self.monitors.append(gpu)
+        if gpu:
+            self.monitors += [m for m in (gpu_monitor(), _trial_gpu_monitor()) if m is not None]
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)  # the first reading starts the interval
         self.own: dict[str, list[float]] = defaultdict(list)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -75,29 +76,60 @@ def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float
     return -100.0 * (comp_mb / budget_mb - 1.0)
 
 
+class TrialDeviceError(RuntimeError):
+    """A trial was given a GPU by Ray that its worker cannot use."""
+
+
+def trial_device(s: SearchSettings) -> torch.device:
+    """Where this trial computes: a trial that asked Ray for no GPU on the CPU, without touching CUDA; one
+    that asked for a GPU (share) on the GPU Ray assigned it (Ray sets CUDA_VISIBLE_DEVICES, so it is
+    cuda:0 here), its memory capped at its share (Ray does not enforce fractional GPU memory)."""
+    if s.trial_device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrialDeviceError(f"this trial asked Ray for {s.gpus_per_trial:g} GPU but its worker has no usable CUDA "
+                               f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch "
+                               f"{torch.__version__}, CUDA build {torch.version.cuda}): run the search with "
+                               "--gpus-per-trial 0, or install a CUDA build of torch on the GPU nodes")
+    if s.gpus_per_trial < 1:
+        torch.cuda.set_per_process_memory_fraction(float(s.gpus_per_trial), 0)
+    return torch.device("cuda", 0)
+
+
+def gpu_metrics(device: torch.device) -> dict[str, float]:
+    """The trial's own GPU memory peak (this process's allocations, not the whole GPU's), in MB."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_memory_mb": torch.cuda.max_memory_allocated(device) / 1e6}
+
+
 class _Reporter:
     """trainer Callback: one tune.report per fine-tuning epoch, with the trainer checkpoint."""
 
-    def __init__(self, ckpt_dir: Path, size: dict[str, float], budget: float | None, system: SystemSampler):
-        self.ckpt_dir, self.size, self.budget, self.system = ckpt_dir, size, budget, system
+    def __init__(self, ckpt_dir: Path, size: dict[str, float], budget: float | None, system: SystemSampler,
+                 device: torch.device):
+        self.ckpt_dir, self.size, self.budget, self.system, self.device = ckpt_dir, size, budget, system, device
 
     def on_epoch_end(self, epoch, m, state):
         val = m.get("val_top1", 0.0)
         metrics = {"epoch": m["epoch"], "train_loss": m["train_loss"], "train_top1": m["train_top1"],
-                   "val_top1": val, **self.size, "objective": objective(val, self.size["comp_mb"], self.budget),
-                   "final": False, **self.system.take()}
+                   "val_top1": val, "images_per_s": m["images_per_s"], **self.size,
+                   "objective": objective(val, self.size["comp_mb"], self.budget), "final": False,
+                   **gpu_metrics(self.device), **self.system.take()}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.ckpt_dir)))
 
 
 def run_trial(config: dict[str, Any], settings: SearchSettings, callbacks: Iterable = ()) -> None:
-    system = SystemSampler()  # CPU / memory / GPU while the trial runs, reported with its metrics
+    device = trial_device(settings)
+    system = SystemSampler(gpu=device.type == "cuda")  # CPU / memory / GPU while the trial runs, with its metrics
     try:
-        _run_trial(trial_spec(settings, config), settings, tuple(callbacks), system)
+        _run_trial(trial_spec(settings, config), settings, tuple(callbacks), system, device)
     finally:
         system.close()
 
 
-def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: SystemSampler) -> None:
+def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: SystemSampler,
+               device: torch.device) -> None:
     keep_freed_memory()  # before the trial's first large allocation (evaluation, calibration, fine-tuning)
     torch.set_num_threads(max(1, int(s.cpus_per_trial)))
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
@@ -108,7 +140,7 @@ def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: Sys
         qcfg = alloc["config"]
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_quantized(fp32, qcfg, packed_meta(ck), s.device)
+    prepared = prepare_quantized(fp32, qcfg, packed_meta(ck), device)
     size = {k: prepared.size[k] for k in SIZE_METRICS}
     if alloc is not None:
         size["alloc_sensitivity"] = alloc["sensitivity"]
@@ -118,10 +150,10 @@ def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: Sys
         return
     resume = _restore_checkpoint(work)
     res = quantize_model(fp32, data, qcfg, fine_tune=spec.fine_tune, batch_size=s.batch_size, seed=s.seed,
-                         device=s.device, out_dir=work,
-                         callbacks=[_Reporter(work / "qat", size, s.size_budget_mb, system), *callbacks],
+                         device=device, out_dir=work,
+                         callbacks=[_Reporter(work / "qat", size, s.size_budget_mb, system, device), *callbacks],
                          resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
-    _report_final(spec, res, work / "final", resume, s.size_budget_mb, alloc, system)
+    _report_final(spec, res, work / "final", resume, s.size_budget_mb, alloc, system, device)
 
 
 def _restore_checkpoint(work: Path) -> bool:
@@ -139,7 +171,7 @@ def _restore_checkpoint(work: Path) -> bool:
 
 
 def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bool, budget: float | None,
-                  alloc: dict | None, system: SystemSampler) -> None:
+                  alloc: dict | None, system: SystemSampler, device: torch.device) -> None:
     """The trial's files (quantize.json, trial.json: the spec it ran, model.bsq and model.onnx beside it)
     and its last report to Ray Tune, with them as the checkpoint."""
     write_result(final, res)
@@ -150,7 +182,7 @@ def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bo
              "metadata_overhead": pub.get("metadata_overhead")}
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
-                   resumed=resumed, final=True, epoch=pub["qat_epochs"])
+                   resumed=resumed, final=True, epoch=pub["qat_epochs"], **gpu_metrics(device))
     extra = {}
     if alloc is not None:
         metrics["alloc_sensitivity"] = alloc["sensitivity"]

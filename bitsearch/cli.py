@@ -11,7 +11,9 @@ modules that load torch, which `bitsearch --help` never needs.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 
 from bitsearch import cmd_quantize, cmd_search, cmd_sensitivity, cmd_server, cmd_study, cmd_train
 from bitsearch.common import Parser, UserError
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        quiet_libraries()
     keep_freed_memory()  # glibc: keep freed blocks in the process (trainer/allocator.py)
     try:
         args = build_parser().parse_args(argv)
@@ -53,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
         print(f"bitsearch: error: {msg}", file=sys.stderr)
         return 2
+
+
+# the libraries whose own warnings (torch's "No CUDA runtime is found" on every quantize, its pickle-protocol
+# warning before a refused checkpoint, ...) say nothing to a user; --debug shows them
+LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "optuna", "onnx", "onnxruntime", "pydantic", "sqlalchemy", "alembic")
+
+
+def quiet_libraries() -> None:
+    """Library warnings and library log lines below ERROR stay out of the terminal; bitsearch's own warnings
+    (e.g. an MLflow server that went away mid-search) still show."""
+    warnings.filterwarnings("ignore", module=r"({})(\.|$)".format("|".join(LIBRARIES)))
+    for name in ("torch", "torch.utils.cpp_extension", "torch._inductor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _known_errors() -> tuple[type, ...]:

@@ -4,6 +4,10 @@ Ray, Optuna and torch are imported inside the commands (start-up time of the par
 """
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 from bitsearch.common import UserError, emit, experiment_dir, explicit, load_profile, stderr_console, writable_dir
 from quantization.config import Method
 from tune import storage
@@ -131,7 +135,20 @@ def mlflow_hint(summary: dict) -> str | None:
     route = f"#/experiments/{exp_id}/runs"
     if s.tracking_uri and s.tracking_uri.startswith(("http://", "https://")):
         return f"MLflow: {s.tracking_uri.rstrip('/')}/{route}"
-    return f"MLflow: run `bitsearch ui {s.out}`, then open http://127.0.0.1:5000/{route}"
+    return f"MLflow: run `{bitsearch_command()} ui {s.out}`, then open http://127.0.0.1:5000/{route}"
+
+
+def bitsearch_command() -> str:
+    """How a fresh shell runs this bitsearch: `bitsearch` when that is what PATH finds, else the script's path
+    (e.g. .venv/bin/bitsearch, relative to the working directory when below it)."""
+    mine = Path(sys.executable).with_name("bitsearch")
+    found = shutil.which("bitsearch")
+    if not mine.exists() or (found and Path(found).resolve() == mine.resolve()):
+        return "bitsearch"
+    try:
+        return str(mine.relative_to(Path.cwd()))
+    except ValueError:
+        return str(mine)
 
 
 def cmd_search(args) -> int:

@@ -27,8 +27,9 @@ class UserError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        raise UserError(f"{self.prog}: {message}")
+    def error(self, message: str):  # one line, not usage + message; "search: ...", not "bitsearch search: ..."
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,26 +58,31 @@ def load_profile(profile: str | None, config: str | None) -> dict[str, Any]:
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML: {where}{what}") from None
     if not isinstance(d, dict):
         raise UserError(f"config file {path} must hold a mapping of sections (train:, quantize:, ...)")
     return d
 
 
 def writable_dir(path: str | os.PathLike) -> Path:
+    """Check, before any work, that ``path`` is a writable folder or can be made one; nothing is created (the
+    command makes it once its input has been checked)."""
     p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".bitsearch-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output directory {p} is not writable: {e.strerror or e}") from None
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output directory {p} is not writable: it is a file")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {p} is not writable: {existing} does not let this user write")
     return p
 
 
 def writable_file(path: str | os.PathLike, flag: str) -> Path:
-    """Check, before any work, that ``path`` can be written as a file (its folder is created)."""
+    """Check, before any work, that ``path`` can be written as a file (nothing is created)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {p} is a directory: give a file path such as {p / 'model.bsq'}")

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,12 +97,25 @@ def auth_environment(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return env, {"user": user, "password": password if new else "", "where": where}
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ServerError naming the port when another process listens on it (at ``host``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's lingering connections are no holder
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ServerError(f"port {port} on {host} is in use by another process ({e.strerror or e}): "
+                              "stop it, or pick another with --port") from None
+
+
 def start(root: str | Path = "mlflow", host: str = "127.0.0.1", port: int = 5000, backend: str | None = None,
           artifacts: str | None = None, auth: bool = False, log: Path | None = None,
           allowed_hosts: str | None = None) -> tuple[subprocess.Popen, str, dict | None]:
     """Start `mlflow server` and wait until /health answers: (process, URL, login). With ``auth``, the
     basic-auth app runs with everything it needs under ``root`` and ``login`` says how to sign in
     (see ``auth_environment``); else it is None."""
+    check_port_free(host, port)  # else /health could be answered by whatever holds the port
     root = Path(root).resolve()
     if root.exists() and not root.is_dir():
         raise ServerError(f"--root {root} is a file: give a folder for the tracking data")

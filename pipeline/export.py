@@ -228,6 +228,7 @@ def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
     model = load_packed(packed, model_from_meta)
     proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, tmp)
     tmp.replace(out)

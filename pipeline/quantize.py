@@ -249,11 +249,11 @@ def quantize_checkpoint(checkpoint: str | Path, data_path: str, qcfg: QuantConfi
     label = bits_label(plan_for(fp32, qcfg).values())
     tc = ck["config"]
     out = Path(out_dir or Path(checkpoint).parent / f"quant-{label}-{qcfg.method}")
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(data_path, subset=tc.get("subset", 0), val_size=tc.get("val_size", 0), seed=tc.get("seed", 0),
                         download=download, progress=log)
     if tuple(ck.get("classes", data.classes)) != data.classes:
         raise DataError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
+    out.mkdir(parents=True, exist_ok=True)
     log(f"quantizing {label} {qcfg.method} ({qcfg.w_granularity}) on {data.summary()['train']} "
         "training images; evaluating on the test set")
     res = quantize_model(fp32, data, qcfg, fine_tune=fine_tune, batch_size=batch_size, seed=tc.get("seed", 0),

@@ -471,6 +471,7 @@ def allocate_budgets(table: dict[str, Any], baseline: str | Path, budgets: list[
     allocs = [allocate(table, fp32, base, meta, b, a_bits=a_bits, estimator=est, costs=costs, min_bits=min_bits)
               for b in budgets]  # every budget solved before any file is written
     rows = []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for b, r in zip(budgets, allocs):
         path = Path(out_dir) / f"alloc-{b:g}MB.yaml"
         path.write_text(f"# bitsearch allocate: {b:g} MB budget, {r['predicted_bytes']} bytes packed, "

@@ -81,7 +81,10 @@ CASES = [
     (["train", "--data", "{tree}", "--out", "{root}/empty", "--resume", "--no-download"], "--resume: no checkpoint"),
     (["train", "--data", "{tree}", "--out", "{root}/afile/sub", "--no-download"], "not writable"),
     (TRAIN + ["--config", "{root}/none.yaml"], "does not exist"),
-    (TRAIN + ["--config", "{y}/broken.yaml"], "not valid YAML"),
+    (TRAIN + ["--config", "{y}/broken.yaml"], "not valid YAML: line 2, column 1: expected the node content"),
+    (TRAIN + ["--data", "{root}/cifar10.tar.gz"], "does not exist (an archive is read, never downloaded)"),
+    (["train", "--data", "{root}/cifar10.tar.gz", "--out", "{root}/t"], "an archive is read, never downloaded"),
+    (["search"], "error: search: the following arguments are required: --baseline"),
     (TRAIN + ["--config", "{y}/tlist.yaml"], "train: section"),
     (TRAIN + ["--config", "{y}/tkey.yaml"], "unknown training option(s) colour"),
     (TRAIN + ["--profile", "nope"], "unknown profile 'nope'"),
@@ -183,7 +186,9 @@ CASES = [
 def test_bad_input_is_one_clear_line(env, template, message, capsys, monkeypatch):
     import tune.search as ts
     monkeypatch.setattr(ts, "_init_ray", lambda *a, **k: pytest.fail("Ray started for bad input"))
+    before = sorted(Path(env["root"]).rglob("*"))
     code = main(_argv(template, env))
+    assert sorted(Path(env["root"]).rglob("*")) == before  # nothing created, nothing removed: no side effects
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2, (code, err)
@@ -194,3 +199,30 @@ def test_bad_input_is_one_clear_line(env, template, message, capsys, monkeypatch
 
 def test_failed_export_leaves_nothing_behind(env):
     assert not list(Path(env["root"]).rglob("*.tmp"))
+
+
+def test_library_warnings_stay_out_of_the_terminal_unless_debug(tmp_path):
+    """torch's "No CUDA runtime is found" log line and its pickle-protocol warning say nothing to a user:
+    hidden, unless --debug; bitsearch's own warnings still show. (A fresh process: pytest would capture
+    both itself.)"""
+    import subprocess
+    import sys
+    code = (
+        "import logging, sys, warnings\n"
+        "import bitsearch.cmd_train as ct\n"
+        "from bitsearch.cli import main\n"
+        "def noisy(args):\n"
+        "    logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found')\n"
+        "    warnings.warn_explicit('pickle protocol 2', UserWarning, 'serialization.py', 1, module='torch.serialization')\n"
+        "    warnings.warn_explicit('MLflow not fully updated', UserWarning, 'search.py', 1, module='tune.search')\n"
+        "    return 0\n"
+        "ct.cmd_train = noisy\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    run = lambda *extra: subprocess.run([sys.executable, "-c", code, *extra, *argv], capture_output=True,  # noqa: E731
+                                        text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    quiet, loud = run(), run("--debug")
+    assert quiet.returncode == 0 and loud.returncode == 0, (quiet.stderr, loud.stderr)
+    assert "No CUDA runtime" not in quiet.stderr and "pickle protocol" not in quiet.stderr, quiet.stderr
+    assert "MLflow not fully updated" in quiet.stderr
+    assert "No CUDA runtime" in loud.stderr and "pickle protocol" in loud.stderr, loud.stderr

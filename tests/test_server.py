@@ -182,3 +182,36 @@ def test_trial_system_metrics_are_mlflows_without_importing_mlflow():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_ui_and_server_refuse_a_port_another_process_holds(tmp_path, capsys):
+    """`bitsearch ui` / `server` on a port that something else listens on: exit 2 naming the port, no server
+    started (it used to print its URL and exit 0 while the port served another store)."""
+    import socket
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mlflow.db").write_bytes(b"")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for argv in (["ui", str(out), "--port", str(port)], ["server", "--root", str(tmp_path / "srv"), "--port", str(port)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"port {port} on 127.0.0.1 is in use by another process" in err[0], err
+    assert not (out / "mlflow-ui").exists() and not (tmp_path / "srv").exists()  # nothing made before the check
+
+
+def test_the_printed_ui_command_runs_in_a_fresh_shell(monkeypatch, tmp_path):
+    """The hint after a search names a command a fresh shell can run: `bitsearch` only when PATH finds this
+    one, else the script's path (make demo's venv is not activated)."""
+    from bitsearch.cmd_search import bitsearch_command
+    mine = Path(sys.executable).with_name("bitsearch")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cmd = bitsearch_command()
+    assert cmd != "bitsearch" and Path(cmd).resolve() == mine.resolve()
+    r = subprocess.run(["/bin/sh", "-c", f"{cmd} --help"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin"}, cwd=Path.cwd())
+    assert r.returncode == 0 and "usage: bitsearch" in r.stdout
+    monkeypatch.setenv("PATH", f"{mine.parent}:/usr/bin:/bin")
+    assert bitsearch_command() == "bitsearch"

@@ -98,7 +98,6 @@ def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES,
               callbacks=(), download: bool = True) -> dict[str, Any]:
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise StudyError(f"unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
@@ -109,6 +108,7 @@ def run_study(cfg: dict[str, Any], data: str, out: str | Path, *, stages=STAGES,
     tcfg = TrainConfig.from_dict(cfg.get("train", {}))
     if tcfg.val_size <= 0:
         raise StudyError("train.val_size must be > 0: the searches select on a validation split held out of train")
+    out.mkdir(parents=True, exist_ok=True)
     bdir = out / "baseline"
     ck = bdir / "checkpoint.pt"
     if (bdir / "result.json").exists() and ck.exists() and load_checkpoint(ck)["epoch"] >= tcfg.epochs:

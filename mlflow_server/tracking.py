@@ -237,23 +237,24 @@ class SearchLogger:
     def search_finished(self) -> bool:
         return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"
 
-    def finish_trial(self, run_id: str, final: dict[str, Any] | None, artifacts_dir: str | None,
-                     status: str = "FINISHED", step: int = 0) -> None:
-        """Close a trial run once. FINISHED: its final metrics (at ``step``, its epoch) and artifacts, tag
-        bitsearch.complete=1. KILLED (ASHA stopped it early) and FAILED: no final metrics, only the
-        per-epoch ones already logged, so a stopped trial cannot pass for a finished one. Every closed
-        run has the tag bitsearch.outcome = done | stopped | failed to filter on."""
+    def finish_trial(self, run_id: str, artifacts_dir: str | None, status: str = "FINISHED") -> None:
+        """Close a trial run once; its metrics were logged report by report (each once per step).
+        FINISHED: its artifacts, tag bitsearch.complete=1. KILLED (ASHA stopped it early) and FAILED: only
+        what it measured until then, so a stopped trial cannot pass for a finished one. Every closed run
+        has the tag bitsearch.outcome = done | stopped | failed to filter on."""
         c = _client(self.uri)
         if self.is_complete(run_id):
             return
         if status == "FINISHED":
-            if final:
-                self.log_metrics(run_id, final, step=step)
             if artifacts_dir and Path(artifacts_dir).is_dir():
                 c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
             c.set_tag(run_id, "bitsearch.complete", "1")
         c.set_tag(run_id, OUTCOME_TAG, OUTCOMES[status])
         c.set_terminated(run_id, status)
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``key`` has been logged to the run."""
+        return {m.step for m in _client(self.uri).get_metric_history(run_id, key)}
 
     def drop_orphans(self, trial_ids: set[str]) -> int:
         """Delete this search's unclosed trial runs whose trial is not one of ``trial_ids``: a driver killed

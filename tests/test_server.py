@@ -116,7 +116,8 @@ def test_embedded_store_keeps_artifacts_under_out_and_ui_accepts_the_experiment(
     (exp / "bitsearch.json").write_text(json.dumps({"baseline": "b", "data": "d", "out": str(out), "name": "search"}))
     lg = SearchLogger(default_tracking_uri(out), "bitsearch", str(exp))
     rid = lg.child_run("t1", "trial one")
-    lg.finish_trial(rid, {"val_top1": 50.0}, str(exp / "trial"))
+    lg.log_metrics(rid, {"val_top1": 50.0}, 0)
+    lg.finish_trial(rid, str(exp / "trial"))
     assert not (cwd / "mlruns").exists() and not list(cwd.iterdir())
     assert list((out / "mlartifacts").rglob("model.bsq"))
     port = _free_port()
@@ -155,7 +156,7 @@ def test_a_trial_the_saved_state_never_held_is_left_out_of_report_and_mlflow(tmp
     uri = default_tracking_uri(tmp_path)
     lg = SearchLogger(uri, "bitsearch", str(exp))
     runs = {tid: lg.child_run(tid, tid) for tid in ("kept", "orphan", "closed")}
-    lg.finish_trial(runs["closed"], None, None, status="KILLED")
+    lg.finish_trial(runs["closed"], None, status="KILLED")
     assert lg.drop_orphans({"kept"}) == 1
     c = MlflowClient(uri)
     assert [c.get_run(runs[t]).info.lifecycle_stage for t in ("kept", "orphan", "closed")] == \

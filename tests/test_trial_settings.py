@@ -65,6 +65,9 @@ def _mlflow(out: Path, trial_id: str):
     c = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = c.get_experiment_by_name("bitsearch")
     (run,) = c.search_runs([exp.experiment_id], f"tags.`bitsearch.trial_id` = '{trial_id}'")
+    for key in run.data.metrics:  # each metric once per step (the final report used to repeat the last epoch's)
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
     return run.data.params, run.info.run_name
 
 

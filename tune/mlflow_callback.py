@@ -97,20 +97,19 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid, config, ck, last = trial.trial_id, dict(trial.config), trial.checkpoint, dict(trial.last_result or {})
 
-        def finish():
+        def finish():  # the final report's metrics came through on_trial_result like every other report
             rid = self._run(tid, config)
-            if not last.get("final"):  # ASHA stopped it: its per-epoch metrics are logged, nothing final
-                return self._lg().finish_trial(rid, None, None, "KILLED")
-            final, step = trial_metrics(last)
+            if not last.get("final"):  # ASHA stopped it: what it measured until then is logged, nothing final
+                return self._lg().finish_trial(rid, None, "KILLED")
             if ck is None:
-                return self._lg().finish_trial(rid, final, None, step=step)
+                return self._lg().finish_trial(rid, None)
             with ck.as_directory() as d:  # local for a local experiment, downloaded from S3 otherwise
-                self._lg().finish_trial(rid, final, d, step=step)
+                self._lg().finish_trial(rid, d)
         self._submit(finish)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
-        self._submit(lambda: self._lg().finish_trial(self._run(tid, config), None, None, "FAILED"))
+        self._submit(lambda: self._lg().finish_trial(self._run(tid, config), None, "FAILED"))
 
     def on_experiment_end(self, trials, **info):
         self.flush()

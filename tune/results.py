@@ -324,15 +324,17 @@ def sync(path: str | Path) -> dict[str, int]:
         if lg.is_complete(rid):
             continue
         lg.log_trial_params(rid, t["spec"].params())
+        logged = lg.logged_steps(rid, "comp_mb")  # every report carries the size: what reached the server
         for r in t["reports"]:
-            lg.log_metrics(rid, *trial_metrics(r))
+            metrics, step = trial_metrics(r)
+            if step not in logged:  # once per step: a report the server already has is not written again
+                lg.log_metrics(rid, metrics, step)
             if alloc_params(r):
                 lg.log_trial_params(rid, alloc_params(r))
         if t["final"]:
-            final, step = trial_metrics(t["final"])
-            lg.finish_trial(rid, final, t["checkpoint"], step=step)
-        else:  # ASHA stopped it early (or it failed): its per-epoch metrics are all there is
-            lg.finish_trial(rid, None, None, "FAILED" if t["failed"] else "KILLED")
+            lg.finish_trial(rid, t["checkpoint"])
+        else:  # ASHA stopped it early (or it failed): what it measured until then is all there is
+            lg.finish_trial(rid, None, "FAILED" if t["failed"] else "KILLED")
         written += 1
     if not lg.search_finished():  # the search ended while the server was offline
         close_search(lg, write_report(s.path))

@@ -76,6 +76,12 @@ def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float
     return -100.0 * (comp_mb / budget_mb - 1.0)
 
 
+def final_step(epochs: int) -> int:
+    """The step of a trial's final report: after its last fine-tuning epoch (whose own report has that
+    epoch's step), 0 for a trial that does not fine-tune. Every metric is logged once per step."""
+    return epochs + 1 if epochs else 0
+
+
 class TrialDeviceError(RuntimeError):
     """A trial was given a GPU by Ray that its worker cannot use."""
 
@@ -182,7 +188,7 @@ def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bo
              "metadata_overhead": pub.get("metadata_overhead")}
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
-                   resumed=resumed, final=True, epoch=pub["qat_epochs"], **gpu_metrics(device))
+                   resumed=resumed, final=True, epoch=final_step(pub["qat_epochs"]), **gpu_metrics(device))
     extra = {}
     if alloc is not None:
         metrics["alloc_sensitivity"] = alloc["sensitivity"]

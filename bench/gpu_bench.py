@@ -135,8 +135,9 @@ def main() -> None:
     res["seconds"] = time.time() - T0
     (out / "gpu_bench.json").write_text(json.dumps(res, indent=2, default=str))
     md = [f"# GPU benchmark ({res['date']}, {res.get('gpu', dev)}, tiny={tiny})", "",
-          f"- tensor pipeline {img_s:.0f} img/s vs DataLoader {res['throughput']['dataloader_img_s']:.0f} img/s "
-          f"({res['throughput']['pipeline_speedup']:.2f}x)",
+          f"- tensor pipeline {img_s:.0f} img/s" + (f" vs DataLoader {res['throughput']['dataloader_img_s']:.0f} img/s "
+                                                  f"({res['throughput']['pipeline_speedup']:.2f}x)"
+                                                  if res["throughput"]["dataloader_img_s"] else ""),
           f"- fake-quant step {res['throughput']['fakequant_step_overhead']:.2f}x FP32 with BN statistics live, "
           f"{res['throughput']['fakequant_frozen_bn_step_overhead']:.2f}x with BN frozen",
           f"- baseline {res['baseline']['epochs']} epochs in {res['baseline']['seconds']:.0f} s: test top-1 "

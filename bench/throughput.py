@@ -72,6 +72,32 @@ def _forever(loader):
         yield from loader
 
 
+def _dataloader_img_s(model, data, a, dev) -> float | None:
+    """The torchvision DataLoader pipeline's training throughput, for comparison; None without torchvision
+    (a bare GPU machine: bench/gpu_bundle.py does not carry it, its build is tied to torch's)."""
+    try:
+        import torchvision.transforms as T
+    except ImportError:
+        return None
+    from PIL import Image
+
+    from trainer import CIFAR10_MEAN, CIFAR10_STD
+
+    class PilSet(torch.utils.data.Dataset):
+        tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+        def __len__(self):
+            return len(data.train_y)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(data.train_x[i].permute(1, 2, 0).numpy())), int(data.train_y[i])
+
+    dl = torch.utils.data.DataLoader(PilSet(), batch_size=a.batch_size, shuffle=True, num_workers=2,
+                                     pin_memory=dev.type == "cuda", persistent_workers=True)
+    return _steps(model, _forever(dl), dev, a.steps)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -83,11 +109,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/throughput.json")
     a = ap.parse_args()
 
-    import torchvision.transforms as T
-    from PIL import Image
-
     from quantization import QuantConfig, calibrate, prepare, recalibrate_bn, set_bn_frozen
-    from trainer import CIFAR10_MEAN, CIFAR10_STD, GpuLoader, MobileNetV2, load_dataset, resolve_device
+    from trainer import GpuLoader, MobileNetV2, load_dataset, resolve_device
     from trainer.train import evaluate
 
     dev = resolve_device(a.device)
@@ -103,20 +126,9 @@ def main() -> None:
     tensor_loader = GpuLoader(data.train_x.to(dev), data.train_y.to(dev), a.batch_size, train=True)
     res["tensor_pipeline_img_s"], _ = _steps(model, _forever(tensor_loader), dev, a.steps)
 
-    class PilSet(torch.utils.data.Dataset):
-        tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                        T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-
-        def __len__(self):
-            return len(data.train_y)
-
-        def __getitem__(self, i):
-            return self.tf(Image.fromarray(data.train_x[i].permute(1, 2, 0).numpy())), int(data.train_y[i])
-
-    dl = torch.utils.data.DataLoader(PilSet(), batch_size=a.batch_size, shuffle=True, num_workers=2,
-                                     pin_memory=dev.type == "cuda", persistent_workers=True)
-    res["dataloader_img_s"], _ = _steps(model, _forever(dl), dev, a.steps)
-    res["pipeline_speedup"] = res["tensor_pipeline_img_s"] / res["dataloader_img_s"]
+    res["dataloader_img_s"] = _dataloader_img_s(model, data, a, dev)
+    res["pipeline_speedup"] = (res["tensor_pipeline_img_s"] / res["dataloader_img_s"]
+                               if res["dataloader_img_s"] else None)
 
     # 2. fake-quant training step vs FP32 (same data path), the three variants interleaved over
     # --rounds rounds and the median taken, so a slow spell of a shared machine hits all of them

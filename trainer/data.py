@@ -136,7 +136,7 @@ def source_kind(path: str | os.PathLike, *, download: bool = True) -> str:
         return "torchvision"
     if p.is_dir() and _tree_root(p) is not None:
         return "tree"
-    if not p.exists() and p.name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
+    if not p.exists() and p.name.endswith((".tar", ".tar.gz", ".tgz")):
         raise DataError(f"data path {p} does not exist (an archive is read, never downloaded); {LOCAL_COPY_HINT}")
     if download:
         return "download"

@@ -10,9 +10,11 @@ the parts can travel in consecutive calls while the machine stays warm:
     python bench/gpu_bundle.py bench/bundle            # here: bench/bundle/part-00.tar.xz, part-01, ...
     bash bench/gpu.sh OUT --unpack bench/bundle        # there, once per carried part: into .gpu-site/
 
-What the machine has is left out (torch and its CUDA libraries; numpy goes along, at bitsearch's pin); so are packages bitsearch imports
-only where it does not run there (onnxruntime: the ONNX check; scipy / scikit-learn: mlflow's model
-flavours, never imported by its tracking client; plotly: the report's HTML plot, skipped without it).
+What the machine has is left out: torch and the long list of packages its image holds (THERE, from
+/work/.library/device/KINDS.md, read 2026-11-17: numpy, pandas, pyarrow, matplotlib, pillow, onnx, ...),
+so the bundle holds what it lacks (ray, optuna, mlflow and what they need that it has not) and no second
+copy of anything: a package there is used at its version there. Also left out: files nobody reads on the
+trial path (MLflow's web UI, the only big one).
 """
 from __future__ import annotations
 
@@ -29,13 +31,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
-# bitsearch's own pins (pyproject.toml) of what the GPU machine lacks
-WANTED = ("numpy", "ray[tune]", "optuna", "mlflow", "onnx", "ml_dtypes", "psutil", "nvidia-ml-py", "pyyaml", "rich", "tabulate",
-          "markdown", "pandas", "matplotlib", "pillow", "requests")
-# distributions never installed into the bundle (present there, or not needed on the trial path)
-LEAVE_OUT = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
-             "typing-extensions", "setuptools", "scipy", "scikit-learn", "onnxruntime", "plotly", "joblib",
-             "threadpoolctl", "gunicorn", "graphene", "graphql-core", "graphql-relay", "docker", "huey"}
+# what bitsearch needs that the GPU machine's image lacks (pins from pyproject.toml); their dependencies follow
+WANTED = ("ray[tune]", "optuna", "mlflow")
+# the GPU machine's image ("cuda", /work/.library/device/KINDS.md, as read on 2026-11-17): used as they are there
+THERE = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx humanize
+huggingface-hub hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib
+jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml
+markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
+multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro onnx onnx-ir
+onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint
+packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil
+pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark
+pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich
+sacrebleu safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece
+sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate
+tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch
+torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
+typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+nvidia-ml-py nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft
+nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink
+nvidia-nvshmem-cu13 nvidia-nvtx""".split())
+# not there, and never imported on the trial path: MLflow's server (its tracking client does import fastapi and
+# starlette), its model flavours' helpers, the report's plotly figure (skipped without it). Checked by running
+# bench/gpu.sh --tiny with a Python holding only THERE's packages and the unpacked bundle (docs/lab/2026-12-03b.md)
+NOT_NEEDED = {"gunicorn", "graphene", "graphql-core", "graphql-relay", "docker", "huey", "uvicorn", "flask",
+              "flask-cors", "flask-wtf", "wtforms", "waitress", "plotly"}
+LEAVE_OUT = THERE | NOT_NEEDED
+# files inside kept packages that the trial path never reads (relative to the site folder)
+LEAVE_OUT_PATHS = ("mlflow/server/js",)
 
 
 def pins() -> dict[str, str]:
@@ -69,7 +95,7 @@ def install(wheels: list[Path], site: Path, python: str = "3.12") -> None:
            "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
            *[a for pl in PLATFORMS for a in ("--platform", pl)], *map(str, wheels)]
     subprocess.run(cmd, check=True)
-    for junk in [*site.rglob("__pycache__"), *site.glob("bin")]:
+    for junk in [*site.rglob("__pycache__"), *site.glob("bin"), *(site / p for p in LEAVE_OUT_PATHS)]:
         shutil.rmtree(junk, ignore_errors=True)
 
 
@@ -125,7 +151,8 @@ def _xz(site: Path, entries: list[Path], preset: int = 6) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="folder for part-NN.tar.xz and bundle.json (git-ignored: bench/bundle)")
-    ap.add_argument("--part-mib", type=float, default=60.0, help="largest part (MiB; a call carries at most 64)")
+    ap.add_argument("--part-mib", type=float, default=46.0,
+                    help="largest part (MiB): a call carries at most 64 MiB, the working tree (~9) and the data (~19) included")
     ap.add_argument("--work", default="build/gpu-bundle", help="scratch folder for wheels and the site tree")
     ap.add_argument("--python", default="3.12", help="the Python version there (default 3.12, the lent machine's)")
     a = ap.parse_args()

@@ -98,8 +98,11 @@ def _print_quantized(result: dict) -> None:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="measure a packed model file (.bsq) on its own: test top-1 and size on disk")
-    p.add_argument("--packed", required=True, help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    p = sub.add_parser("eval", help="measure a model file on its own: a packed .bsq (test top-1, size on disk) or a "
+                                    "training checkpoint (FP32 test top-1)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    src.add_argument("--checkpoint", help="a `bitsearch train` checkpoint (e.g. models/*.pt): its FP32 test top-1")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -109,10 +112,15 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.quantize import evaluate_packed
+    from pipeline.quantize import evaluate_checkpoint, evaluate_packed
     con = stderr_console()
-    res = evaluate_packed(args.packed, args.data, batch_size=args.batch_size, device=args.device,
-                          download=not args.no_download, log=con.print)
+    opts = dict(batch_size=args.batch_size, device=args.device, download=not args.no_download, log=con.print)
+    if args.checkpoint:
+        res = evaluate_checkpoint(args.checkpoint, args.data, **opts)
+        emit(res, args.json, lambda: print(f"{args.checkpoint}: FP32 {res['arch']} width {res['width']}, test top-1 "
+                                           f"{res['top1']:.2f}% on {res['test_images']:,} images ({res['device']})"))
+        return 0
+    res = evaluate_packed(args.packed, args.data, **opts)
     emit(res, args.json, lambda: print(f"{args.packed}: {res['label']} {res['method']}, test top-1 {res['top1']:.2f}% "
                                        f"on {res['test_images']:,} images, {res['file_bytes']:,} B on disk "
                                        f"({res['comp_mb']:.4f} MB)"))

@@ -16,7 +16,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train the FP32 MobileNet-v2 baseline")
     p.add_argument("--data", required=True, help="torchvision root, image-folder tree, or .tar/.tar.gz of one")
     p.add_argument("--out", required=True, help="output directory (checkpoint, curves, confusion matrix, summary)")
-    p.add_argument("--profile", help="preset from configs/: quick (CPU minutes), cpu (the CPU reference model, ~42 min on 2 native-bf16 cores) or seed (the reference recipe, GPU)")
+    p.add_argument("--profile", help="preset from configs/: quick (CPU minutes), cpu (the CPU reference model, ~42 min on 2 native-bf16 cores), seed (the reference recipe, GPU) or gpu (width 1.0 in minutes on one GPU: bench/gpu.sh)")
     p.add_argument("--config", help="YAML file with a train: section")
     p.add_argument("--epochs", type=int)
     p.add_argument("--width", type=float, help="width multiplier (1.0 = 2.24M params)")

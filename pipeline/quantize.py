@@ -275,6 +275,24 @@ def packed_with_data(packed: str | Path, data_path: str, download: bool = True,
     return model, data
 
 
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str, *, batch_size: int = 256, device: str = "auto",
+                        download: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`bitsearch eval --checkpoint`: a training checkpoint's FP32 test top-1 (no autocast), on CPU or GPU."""
+    if batch_size < 1:
+        raise QuantConfigError(f"--batch-size={batch_size} is invalid: an integer >= 1")
+    dev = resolve_device(device)
+    fp32, ck = load_baseline(checkpoint)
+    data = load_dataset(data_path, download=download, progress=log)
+    if list(ck.get("classes") or data.classes) != list(data.classes):
+        raise DataError(f"checkpoint classes {ck.get('classes')} differ from the data's {list(data.classes)}")
+    res = evaluate(fp32.to(dev), data.test_x, data.test_y, batch_size=batch_size, device=dev)
+    meta = ck["meta"]
+    return {"top1": res["top1"], "test_loss": res["loss"], "test_images": len(data.test_y), "label": "FP32",
+            "checkpoint": str(checkpoint), "arch": meta.get("arch"), "width": meta.get("width"),
+            "params": sum(p.numel() for p in fp32.parameters()), "epochs": ck.get("epoch"),
+            "file_bytes": Path(checkpoint).stat().st_size, "device": str(dev)}
+
+
 def evaluate_packed(packed: str | Path, data_path: str, *, batch_size: int = 256, device: str = "auto",
                     download: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """`bitsearch eval`: a packed file measured on its own (test top-1) and its size on disk."""

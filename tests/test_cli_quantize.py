@@ -54,3 +54,16 @@ def test_quantize_bad_input(baseline, tmp_path, capsys):
     bad.write_bytes(b"nope")
     code = main(["quantize", "--checkpoint", str(bad), "--data", str(tree), "--w-bits", "4"])
     assert code == 2 and "corrupt" in capsys.readouterr().err
+
+
+def test_eval_checkpoint_measures_what_train_reported(baseline, tmp_path, capsys):
+    """`eval --checkpoint`: the FP32 test top-1 of a training checkpoint, the figure `train` printed."""
+    tree, ck = baseline
+    trained = json.loads((ck.parent / "result.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ck), "--data", str(tree), "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert round(r["top1"], 2) == trained["top1"] and r["label"] == "FP32" and r["test_images"] == 24
+    assert r["width"] == 0.25 and r["epochs"] == 3 and r["params"] == trained["params"]
+    assert main(["eval", "--checkpoint", str(ck), "--packed", "x.bsq", "--data", str(tree)]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -171,3 +171,69 @@ def test_progressive_resizing_trains_early_epochs_small_and_resumes_exactly(lear
 def test_bad_progressive_schedules_are_refused(spec):
     with pytest.raises(ConfigError, match=rf"progressive='{spec}' is invalid: must be empty or SIZE:EPOCHS"):
         TrainConfig(epochs=3, progressive=spec)
+
+
+class _Weights:
+    """The trained model's first conv weight after every optimiser step."""
+
+    def __init__(self):
+        self.model, self.steps = None, []
+
+    def on_train_start(self, state):
+        self.model = state["model"]
+        self.steps.append(next(self.model.parameters()).detach().clone())
+
+    def on_batch_end(self, epoch, step, steps, loss):
+        self.steps.append(next(self.model.parameters()).detach().clone())
+
+
+def test_ema_is_what_is_evaluated_saved_and_returned_and_it_resumes_exactly(learnable_data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "ema_decay": 0.9})
+    seen = _Weights()
+    model = _model()
+    res = train(model, learnable_data, cfg, out_dir=tmp_path / "full", callbacks=[seen], write_reports=False)
+    expect = seen.steps[0]
+    for w in seen.steps[1:]:  # avg = 0.9 avg + 0.1 w after every step, from the initial weights
+        expect = 0.9 * expect + 0.1 * w
+    ck = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    first = next(iter(ck["model"]))
+    torch.testing.assert_close(ck["model"][first], expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.state_dict()[first], ck["model"][first], rtol=0, atol=0)  # returned = saved
+    assert not torch.equal(ck["train_model"][first], ck["model"][first])  # the raw weights kept for resuming
+    from trainer import evaluate
+    assert evaluate(model, learnable_data.test_x, learnable_data.test_y)["top1"] == res["top1"]
+
+    part = tmp_path / "part"
+    train(_model(), learnable_data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
+    resumed = _model(seed=99)
+    train(resumed, learnable_data, cfg, out_dir=part, resume=True, write_reports=False)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_weights_only_checkpoint_quantizes_but_does_not_resume(learnable_data, tmp_path):
+    from pipeline.quantize import load_baseline
+    from trainer import model_meta, save_weights_only
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "ema_decay": 0.5})
+    model = _model()
+    train(model, learnable_data, cfg, out_dir=tmp_path, write_reports=False, meta=model_meta(model))
+    slim = save_weights_only(tmp_path / "checkpoint.pt", tmp_path / "ref.pt")
+    assert slim.stat().st_size < 0.5 * (tmp_path / "checkpoint.pt").stat().st_size  # no momentum, no raw weights
+    fp32, ck = load_baseline(slim)
+    for (k, a), b in zip(model.state_dict().items(), fp32.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    (tmp_path / "again").mkdir()
+    shutil.copy(slim, tmp_path / "again" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="weights only .* cannot resume"):
+        train(_model(), learnable_data, cfg, out_dir=tmp_path / "again", resume=True)
+
+
+def test_final_figures_are_fp32_even_when_training_under_autocast(learnable_data):
+    from trainer import evaluate
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "amp": "on"})
+    model = _model()
+    with two_threads():
+        res = train(model, learnable_data, cfg, write_reports=False)
+    assert res["amp"] is True
+    fp32 = evaluate(model, learnable_data.test_x, learnable_data.test_y, amp=False)
+    assert res["top1"] == fp32["top1"] and res["history"][-1]["test_loss"] == fp32["loss"]

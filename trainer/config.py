@@ -26,6 +26,8 @@ class TrainConfig:
     no_decay_bn_bias: bool = False  # True: no weight decay on BN parameters and biases
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0     # linear warm-up before the cosine (0 = none, as the reference)
+    ema_decay: float = 0.0         # exponential moving average of the weights (and BN statistics), e.g. 0.999:
+                                   # evaluated, checkpointed and returned instead of the raw weights (0 = off)
     progressive: str = ""          # lower training resolution first: "SIZE:EPOCHS,..." e.g. "24:8" (then 32 px)
     kd_weight: float = 0.0         # knowledge distillation: loss = (1 - w) * label loss + w * T^2 * KL(teacher || student)
     kd_temperature: float = 4.0    # softening temperature T of both logits (needs a teacher passed to train)
@@ -57,6 +59,7 @@ class TrainConfig:
         need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(_finite(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = no EMA)")
         need(_finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
         try:
             phases = parse_progressive(self.progressive)

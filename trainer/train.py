@@ -5,6 +5,7 @@ through ``Callback`` objects (Ray Tune and MLflow attach from outside; nothing h
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -188,6 +189,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ck
 
 
+WEIGHTS_ONLY_KEYS = ("format", "config", "meta", "epoch", "model", "history", "classes")
+
+
+def save_weights_only(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A training checkpoint without its optimiser, schedule, RNG and raw (pre-EMA) states: a reference
+    model to quantize, search and evaluate (half the size or less), not to resume. Returns ``dst``."""
+    ck = load_checkpoint(src)
+    dst = Path(dst)
+    _atomic_save({k: ck[k] for k in WEIGHTS_ONLY_KEYS if k in ck}, dst)
+    return dst
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | os.PathLike | None = None,
           callbacks: Iterable[Callback] = (), resume: bool = False, meta: dict[str, Any] | None = None,
           write_reports: bool = True, teacher: nn.Module | None = None,
@@ -232,8 +245,19 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
             _save_checkpoint(run, ckpt_path, epoch + 1, history, meta)
         _fire(callbacks, "on_epoch_end", epoch, m, state)
 
+    result = _final(run, history, test_eval, out, ckpt_path, allocator, write_reports)
+    _fire(callbacks, "on_train_end", result)
+    return result
+
+
+def _final(run: "_Run", history: list[dict], test_eval: dict | None, out: Path | None, ckpt_path: Path | None,
+           allocator: str, write_reports: bool) -> dict[str, Any]:
+    """The run's result: final metrics (the test set measured in FP32), history, reports written."""
+    cfg, data, model = run.cfg, run.data, run.model
+    if run.ema is not None:  # the caller's model ends with the weights that were evaluated and saved
+        model.load_state_dict(run.ema.module.state_dict())
     if test_eval is None and (cfg.eval_test or (out and write_reports)):  # e.g. resumed a finished run
-        test_eval = evaluate(model, data.test_x, data.test_y, device=device, amp=run.amp)
+        test_eval = evaluate(model, data.test_x, data.test_y, device=run.device)
     final = history[-1] if history else {}
     result: dict[str, Any] = {
         "epochs": cfg.epochs, "top1": test_eval["top1"] if test_eval else None,
@@ -246,8 +270,30 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, out_dir: str | o
     if out and write_reports:
         from trainer.analysis import write_reports as _write
         result["reports"] = _write(out, history, data.test_y, test_eval["pred"], data.classes)
-    _fire(callbacks, "on_train_end", result)
     return result
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights and BN statistics, updated after each optimiser
+    step: ``avg = decay * avg + (1 - decay) * current`` for floating tensors, integer buffers (BN's batch
+    count) copied. ``module`` is the averaged copy, in eval mode, never trained."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(_tensors(self.module), _tensors(model)))
+        self._float = [(a, m) for a, m in pairs if a.is_floating_point()]
+        self._other = [(a, m) for a, m in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_([a for a, _ in self._float], [m for _, m in self._float], 1.0 - self.decay)
+        for a, m in self._other:
+            a.copy_(m)
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 class _Run:
@@ -267,6 +313,8 @@ class _Run:
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        self.ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.eval_model = self.ema.module if self.ema is not None else model  # what is evaluated and saved
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias, cfg.lr, lr_scales), lr=cfg.lr,
                                    momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
@@ -286,12 +334,14 @@ def _epoch_with_eval(run: "_Run", epoch: int, callbacks: list, test_eval: dict |
     the test set every ``eval_every`` epochs and at the last; the epoch's metrics and the latest test
     evaluation."""
     m = _train_epoch(run, epoch, callbacks)
-    cfg, data, model = run.cfg, run.data, run.model
+    cfg, data, model = run.cfg, run.data, run.eval_model
+    last = epoch + 1 == cfg.epochs
+    amp = run.amp and not last  # the final figures in FP32: what `bitsearch eval` and quantization measure
     if data.val_y is not None:
-        v = evaluate(model, data.val_x, data.val_y, device=run.device, amp=run.amp)
+        v = evaluate(model, data.val_x, data.val_y, device=run.device, amp=amp)
         m.update(val_loss=v["loss"], val_top1=v["top1"])
-    if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0) and cfg.eval_test:
-        test_eval = evaluate(model, data.test_x, data.test_y, device=run.device, amp=run.amp)
+    if (last or (epoch + 1) % cfg.eval_every == 0) and cfg.eval_test:
+        test_eval = evaluate(model, data.test_x, data.test_y, device=run.device, amp=amp)
         m.update(test_loss=test_eval["loss"], test_top1=test_eval["top1"])
     return m, test_eval
 
@@ -315,8 +365,12 @@ def _restore(run: _Run, ckpt_path: Path | None) -> tuple[list[dict], int]:
     if diff:
         raise CheckpointError("checkpoint was made with a different configuration: " + ", ".join(
             f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
+    if "optimizer" not in ck:
+        raise CheckpointError(f"checkpoint {ckpt_path} holds the weights only (a reference model): it cannot resume training")
     try:
-        run.model.load_state_dict(ck["model"])
+        run.model.load_state_dict(ck["train_model"] if run.ema is not None else ck["model"])
+        if run.ema is not None:
+            run.ema.module.load_state_dict(ck["model"])
         run.opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
@@ -354,6 +408,8 @@ def _train_epoch(run: _Run, epoch: int, callbacks: list) -> dict[str, float]:
                                                                                     run.cfg.kd_temperature)
         run.opt.zero_grad(set_to_none=True)
         _step(run, loss)
+        if run.ema is not None:
+            run.ema.update()
         run.sched.step()
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
@@ -384,7 +440,9 @@ def _step(run: _Run, loss: torch.Tensor) -> None:
 def _save_checkpoint(run: _Run, path: Path, epoch: int, history: list[dict], meta: dict | None) -> None:
     _atomic_save({
         "format": CHECKPOINT_FORMAT, "config": run.cfg.to_dict(), "meta": meta or {}, "epoch": epoch,
-        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        "model": run.eval_model.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        # with EMA, "model" holds the average (what quantize and eval read) and this the weights being trained
+        "train_model": run.model.state_dict() if run.ema is not None else None,
         "rng": {"torch": torch.get_rng_state(), "data": run.gen.get_state(),
                 "cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
         "history": history, "classes": list(run.data.classes),

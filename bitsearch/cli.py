@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bitsearch: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        from tune.settings import SearchInterrupted
+        if isinstance(e, SearchInterrupted):  # Ray Tune caught the Ctrl-C and saved the search's state
+            print(str(e), file=sys.stderr)
+            return 130
         if debug:
             raise
         if isinstance(e, SystemExit):

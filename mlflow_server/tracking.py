@@ -26,6 +26,7 @@ TRIAL_TAG = "bitsearch.trial_id"
 SEARCH_TAG = "bitsearch.experiment_path"
 OUTCOME_TAG = "bitsearch.outcome"
 OUTCOMES = {"FINISHED": "done", "KILLED": "stopped", "FAILED": "failed"}  # MLflow run status -> outcome tag
+INTERRUPTED = "interrupted"  # the outcome of a trial in flight when its search was interrupted (it resumes)
 
 
 class TrackingError(RuntimeError):
@@ -213,6 +214,11 @@ class SearchLogger:
     def child_run(self, trial_id: str, trial_name: str) -> str:
         rid = self.trial_run(trial_id)
         if rid is not None:
+            c = _client(self.uri)
+            run = c.get_run(rid)
+            if run.data.tags.get(OUTCOME_TAG) == INTERRUPTED:  # `bitsearch resume` continues the trial: reopen it
+                c.delete_tag(rid, OUTCOME_TAG)
+                c.update_run(rid, status="RUNNING")
             return rid
         c = _client(self.uri)
         return c.create_run(self.experiment_id, run_name=trial_name,
@@ -231,8 +237,23 @@ class SearchLogger:
         log_metrics(_client(self.uri), run_id, metrics, step)
 
     def is_complete(self, run_id: str) -> bool:
-        """The trial run is closed: final metrics and artifacts written (or its stop or failure noted), once."""
-        return OUTCOME_TAG in _client(self.uri).get_run(run_id).data.tags
+        """The trial run is closed: final metrics and artifacts written (or its stop or failure noted), once.
+        An interrupted trial's run is not: the trial resumes."""
+        return _client(self.uri).get_run(run_id).data.tags.get(OUTCOME_TAG, INTERRUPTED) != INTERRUPTED
+
+    def interrupt_search(self, note: str) -> int:
+        """The search was interrupted: its open trial runs (in flight) end KILLED with outcome "interrupted",
+        the parent KILLED with ``note``; nothing is registered. Returns how many trial runs were open."""
+        c = _client(self.uri)
+        runs = c.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                             max_results=5000)
+        open_runs = [r.info.run_id for r in runs if OUTCOME_TAG not in r.data.tags]
+        for rid in open_runs:
+            c.set_tag(rid, OUTCOME_TAG, INTERRUPTED)
+            c.set_terminated(rid, "KILLED")
+        c.set_tag(self.parent_run_id, "mlflow.note.content", note)
+        c.set_terminated(self.parent_run_id, "KILLED")
+        return len(open_runs)
 
     def search_finished(self) -> bool:
         return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"

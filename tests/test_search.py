@@ -427,6 +427,56 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, ser
     assert len(trial_ids) == 3 and len(set(trial_ids)) == 3
 
 
+def test_ctrl_c_ends_the_search_killed_and_resume_finishes_it(ray_session, baseline, tmp_path):
+    """Ctrl-C (SIGINT) while a trial is in flight: exit 130 with one line naming `bitsearch resume`; the
+    parent and the in-flight trial's MLflow runs KILLED (outcome interrupted), nothing registered, the report
+    calls the trial interrupted. `resume` then finishes it: every run FINISHED once, the model registered."""
+    from mlflow import MlflowClient
+
+    from tune.search import resume
+    tree, ck = baseline
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"search": {"space": {"w_bits": [4, 8], "method": ["qat"]}, "qat_epochs": 3,
+                                          "num_samples": 3, "max_concurrent": 1}}))
+    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
+                             "--out", str(tmp_path), "--name", "ci", "--config", str(cfg), "--batch-size", "16",
+                             "--device", "cpu"], env={**os.environ, "RAY_ADDRESS": ray_session},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    exp, deadline = tmp_path / "ci", time.time() + 240
+    while time.time() < deadline:  # one trial finished, the next one reporting
+        done = _saved_terminated(exp)
+        if done and any((d / "result.json").is_file() and (d / "result.json").stat().st_size
+                        for d in exp.iterdir() if d.is_dir() and d.name not in done):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no second trial in flight in time")
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert re.fullmatch(rf"interrupted: [12] of 3 trials done; continue with `bitsearch resume {exp}`", lines[0])
+    assert "Tuner.restore" not in err and "Configuration for experiment" not in err and "Traceback" not in err, err
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("bitsearch").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("bitsearch.kind") == "search")
+    trials = [r for r in runs if r.data.tags.get("bitsearch.kind") == "trial"]
+    assert parent.info.status == "KILLED" and "bitsearch resume" in parent.data.tags["mlflow.note.content"]
+    cut = [r for r in trials if r.data.tags.get("bitsearch.outcome") == "interrupted"]
+    assert len(cut) == 1 and cut[0].info.status == "KILLED", [(r.info.status, r.data.tags) for r in trials]
+    assert c.search_registered_models() == []
+    report = json.loads((exp / "results.json").read_text())
+    assert [t["status"] for t in report["trials"] if t["trial_id"] == cut[0].data.tags["bitsearch.trial_id"]] == ["interrupted"]
+
+    summary = resume(exp)
+    assert [t["status"] for t in summary["trials"]] == ["done"] * 3 and summary["registry"]["champion_version"]
+    runs = c.search_runs([c.get_experiment_by_name("bitsearch").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("bitsearch.kind") == "trial"]
+    assert len({r.data.tags["bitsearch.trial_id"] for r in trials}) == len(trials) == 3
+    assert all(r.info.status == "FINISHED" and r.data.tags["bitsearch.outcome"] == "done" for r in runs if r in trials)
+    assert next(r for r in runs if r.data.tags.get("bitsearch.kind") == "search").info.status == "FINISHED"
+
+
 def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, server, tmp_path, capsys):
     from tune.search import run
     from tune.settings import settings_from

@@ -30,6 +30,7 @@ class MlflowTrialCallback(tune.Callback):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_logger"], d["_offline"], d["_queue"] = None, False, None  # a resumed search tries the server again
+        d["_runs"] = {}  # and finds its trials' runs again (SearchLogger.child_run reopens an interrupted one)
         return d
 
     def _lg(self) -> SearchLogger:

@@ -69,7 +69,7 @@ COLUMNS = ["trial_id", "label", "W_bits", "A_bits", "method", "granularity", "lr
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
     """One dict per trial: its TrialSpec (``spec``), every report, and the final one."""
     settings = load_settings(str(path))
-    known = _saved_trial_ids(path)
+    known = saved_trial_status(path)
     out = []
     for d in sorted(Path(path).iterdir()):
         pf, rf = d / "params.json", d / "result.json"
@@ -82,6 +82,8 @@ def load_trials(path: str | Path) -> list[dict[str, Any]]:
         out.append({"trial_id": reports[-1]["trial_id"] if reports else d.name, "dir": str(d),
                     "spec": trial_spec(settings, params), "reports": reports, "final": final,
                     "failed": final is None and (d / "error.txt").is_file(),  # Ray writes it for a trial that errored
+                    # in flight when the search was interrupted (ASHA's stopped trials are TERMINATED)
+                    "interrupted": final is None and known is not None and known.get(d.name) in UNFINISHED,
                     "checkpoint": str(ck[-1]) if ck else None})
     return out
 
@@ -108,18 +110,22 @@ def compare(experiment: str, trial_ids: list[str]) -> pd.DataFrame:
     return df[df["trial_id"].isin(trial_ids)]
 
 
-def _saved_trial_ids(path: str | Path) -> set[str] | None:
-    """The trials in Ray Tune's last saved experiment state (their folders are named by trial id), or None
-    without one. A driver killed just after starting a trial leaves its folder behind although the saved
-    state never held it; `resume` runs the search from that state, so the folder is not one of its trials."""
+def saved_trial_status(path: str | Path) -> dict[str, str] | None:
+    """Trial id -> its status (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) in Ray Tune's last saved
+    experiment state (the trials' folders are named by trial id), or None without one. A driver killed just
+    after starting a trial leaves its folder behind although the saved state never held it; `resume` runs
+    the search from that state, so the folder is not one of its trials."""
     states = sorted(Path(path).glob("experiment_state-*.json"))
     if not states:
         return None
     try:
-        trials = json.loads(states[-1].read_text())["trial_data"]
-        return {json.loads(t[0])["trial_id"] for t in trials}
+        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
+        return {t["trial_id"]: str(t.get("status", "")) for t in trials}
     except (ValueError, KeyError, IndexError, TypeError):  # a format this code does not know: keep every folder
         return None
+
+
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Ray Tune statuses of a trial a stopped driver left behind
 
 
 def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
@@ -130,7 +136,8 @@ def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
         if t["spec"].size_budget_mb is not None and f.get("avg_w_bits") is not None:  # allocated by sensitivity
             row["W_bits"] = f"alloc {f['avg_w_bits']:.2f}"
         blocks = {k: row.pop(k) for k in list(row) if k.startswith(BLOCK_PREFIX)}
-        status = "done" if t["final"] else "failed" if t.get("failed") else "stopped" if t["reports"] else "no result"
+        status = ("done" if t["final"] else "failed" if t.get("failed") else "interrupted" if t.get("interrupted")
+                  else "stopped" if t["reports"] else "no result")
         if f.get("over_budget"):
             status = "over budget"
         rows.append({"trial_id": t["trial_id"], **row, **{col: f.get(m) for m, col, _ in QUANTITIES if col},

@@ -34,8 +34,9 @@ from mlflow_server.tracking import SearchLogger, check_reachable, short_retries
 from tune import storage
 from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
 from tune.resources import Cluster, fit_to_cluster
-from tune.results import close_search, register_models, write_report
-from tune.settings import SETTINGS_FILE, SearchConfigError, SearchSettings, load_settings, validate
+from tune.results import UNFINISHED, close_search, register_models, saved_trial_status, write_report
+from tune.settings import (SETTINGS_FILE, SearchConfigError, SearchInterrupted, SearchSettings, load_settings,
+                           validate)
 from tune.space import DefineByRun
 from tune.trial import run_trial
 
@@ -76,17 +77,23 @@ def _trainable(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tria
                                {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
 
 
-def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_trial):
-
-
+def _quiet_ray() -> None:
+    """Ray Tune's output that bitsearch replaces with its own (a new search and a resumed one alike)."""
     # Ray's default loggers include TensorBoardX, which is not installed: a warning on every search.
     # bitsearch reads the JSON results (tune/results.py); the CSV stays for Ray's own analysis tools.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # Ray Tune's new output engine prints an experiment box and result paths even at verbose=0; the
     # legacy one is silent at 0. bitsearch prints its own progress (ProgressCallback) and table.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)  # "Wrote the latest version of all result files"
+    # Ray's own lines a bitsearch user can do nothing with: "Wrote the latest version of all result files",
+    # and on Ctrl-C "Stop signal received" and "Resume experiment with: Tuner.restore(...)" (bitsearch says
+    # how to resume: SearchInterrupted); checkpointing every trial's epochs is what a search does
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
+
+def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_trial):
+    _quiet_ray()
     param_space: dict[str, Any] = {}
     search_alg = scheduler = None
     num_samples = s.num_samples
@@ -151,7 +158,26 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
     storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     t0 = time.time()
     build_tuner(s, trial_callbacks).fit()
+    _check_ended(s)
     return finish(s, time.time() - t0)
+
+
+def _check_ended(s: SearchSettings) -> None:
+    """Raise SearchInterrupted when Ray Tune returned with trials left (it returns normally on Ctrl-C): the
+    in-flight trials' MLflow runs and the parent end KILLED (outcome "interrupted"), the report shows them
+    "interrupted", nothing is registered. A search that ran every trial passes."""
+    status = saved_trial_status(storage.local_copy(s.path)) or {}
+    ended = sum(st not in UNFINISHED for st in status.values())
+    if ended >= _n_trials(s):
+        return
+    done = sum(st == "TERMINATED" for st in status.values())
+    err = SearchInterrupted(done, _n_trials(s), str(s.path))
+    write_report(s.path)
+    try:
+        SearchLogger(s.tracking_store, s.experiment, str(s.path)).interrupt_search(f"**{err}**")
+    except Exception as e:  # noqa: BLE001 - the results are on disk; `bitsearch sync` fills MLflow in later
+        warnings.warn(f"MLflow not updated ({type(e).__name__}: {str(e)[:300]}); `bitsearch sync {s.path}` later")
+    raise err
 
 
 def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
@@ -167,8 +193,10 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     _init_ray(s.address, num_cpus)
     fit_to_cluster(s, cluster(s.address))  # the cluster may have changed since: refused if no node fits a trial
     t0 = time.time()
+    _quiet_ray()
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
     tuner.fit()
+    _check_ended(s)
     return finish(s, time.time() - t0)
 
 

@@ -114,6 +114,14 @@ class SearchConfigError(ValueError):
     pass
 
 
+class SearchInterrupted(Exception):
+    """Ctrl-C (SIGINT) ended the search before its trials: Ray saved its state, `bitsearch resume` goes on."""
+
+    def __init__(self, done: int, total: int, path: str):
+        self.done, self.total, self.path = done, total, path
+        super().__init__(f"interrupted: {done} of {total} trials done; continue with `bitsearch resume {path}`")
+
+
 def settings_from(d: dict[str, Any]) -> SearchSettings:
     known = set(SearchSettings.__dataclass_fields__)
     unknown = sorted(set(d) - known)

@@ -30,7 +30,7 @@ def trial_points(exp: Path, scores: dict[str, dict[int, float]]) -> list[dict]:
     from tune.results import load_trials, table
     trials = load_trials(exp)
     df = table(trials)
-    labels = dict(zip(df["trial_id"], df["W_bits"]))
+    labels = dict(zip(df["trial_id"], df["w_bits"]))
     out = []
     for t in trials:
         q = Path(t["dir"]) / "work" / "final" / "quantize.json"

@@ -140,7 +140,7 @@ def concurrency(b: Bench, ref: str) -> None:
     from tune.search import run
     from tune.settings import settings_from
     b.res["concurrency"] = {}
-    for k in ((1, 2) if b.tiny else (1, 4, 8)):
+    for k in ((2,) if b.tiny else (1, 4, 8)):  # tiny: the same code path once, two half-CPU trials at a time
         if not b.fits(f"concurrency{k}", 20 if b.tiny else 90):
             break
         share = {"gpus_per_trial": 0, "cpus_per_trial": 0.5} if b.tiny else {"gpus_per_trial": 0.25, "cpus_per_trial": 1}
@@ -168,7 +168,7 @@ def sweep(b: Bench, ref: str) -> None:
                        "gpus_per_trial": 0 if b.tiny else 0.16, "cpus_per_trial": 1 if b.tiny else 2, "qat_epochs": 1,
                        "grid": ({"w_bits": [8, 2], "a_bits": [8], "method": ["ptq"]} if b.tiny else
                                 {"w_bits": [8, 4, 2], "a_bits": [8], "method": ["ptq", "qat"]})})
-    b.res["sweep"] = [{k: t.get(k) for k in ("label", "W_bits", "A_bits", "method", "Accuracy", "Drop", "Comp_MB", "Ratio")}
+    b.res["sweep"] = [{k: t.get(k) for k in ("label", "w_bits", "a_bits", "method", "test_top1", "drop", "comp_mb", "ratio")}
                       for t in run(s)["trials"]]
 
 
@@ -194,7 +194,7 @@ def markdown(res: dict) -> str:
     md += [f"- skipped {k}: {v}" for k, v in res["skipped"].items()]
     if res.get("sweep"):
         md += ["", "| trial | method | top-1 | drop | MB | ratio |", "|---|---|---|---|---|---|"]
-        md += [f"| {r['label']} | {r['method']} | {r['Accuracy']:.2f} | {r['Drop']:.2f} | {r['Comp_MB']:.3f} | {r['Ratio']:.2f} |"
+        md += [f"| {r['label']} | {r['method']} | {r['test_top1']:.2f} | {r['drop']:.2f} | {r['comp_mb']:.3f} | {r['ratio']:.2f} |"
                for r in res["sweep"]]
     return "\n".join(md) + "\n"
 

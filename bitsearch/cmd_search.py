@@ -55,6 +55,9 @@ def _common_search_args(p) -> None:
                    help="budget trials: no layer below this many weight bits (default: the table's narrowest, 2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto (default): a trial computes on its GPU when --gpus-per-trial > 0, else on the CPU")
+    p.add_argument("--time-budget", dest="time_budget_s", type=float, metavar="SECONDS",
+                   help="end the search after this long with the trials it finished (in-flight ones stopped; "
+                        "the JSON says \"stopped\": \"time_budget\"); default: no limit")
     p.add_argument("--json", action="store_true")
 
 
@@ -65,7 +68,7 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
                 "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment",
-                "wait_for_resources": "wait_for_resources"}
+                "wait_for_resources": "wait_for_resources", "time_budget_s": "time_budget_s"}
 
 
 def add_search(sub) -> None:
@@ -101,15 +104,19 @@ def add_search(sub) -> None:
 def _search_result(summary: dict) -> dict:
     return {"experiment": summary["experiment"], "trials": summary["trials"], "best": summary["best"],
             "pareto": summary["pareto"], "mlflow_experiment_id": summary.get("mlflow_experiment_id"),
-            "files": summary["files"], "seconds": summary.get("seconds"), "registry": summary.get("registry")}
+            "files": summary["files"], "seconds": summary.get("seconds"), "registry": summary.get("registry"),
+            "stopped": summary.get("stopped", "completed")}
 
 
 def _print_table(summary: dict) -> None:
     import pandas as pd
     df = pd.DataFrame(summary["trials"])
-    cols = [c for c in ("trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Comp_MB", "Ratio",
+    cols = [c for c in ("trial_id", "w_bits", "a_bits", "method", "lr", "test_top1", "val_top1", "drop", "comp_mb", "ratio",
                         "status") if c in df]
-    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") if len(df) else "(no trials)")
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-") if len(df) else "(no trials)")
+    if summary.get("best"):
+        from tune.results import best_line
+        print(best_line(summary["best"]))
     print(f"report: {summary['files'].get('markdown')}")
     reg = summary.get("registry") or {}
     if reg.get("champion_version") is not None:
@@ -122,8 +129,9 @@ def _print_table(summary: dict) -> None:
 
 
 def mlflow_hint(summary: dict) -> str | None:
-    """How to open the search's trials in MLflow: the runs table of its experiment (the UI's default
-    page for an experiment is its GenAI overview, which shows none of them)."""
+    """How to open the search's trials in MLflow: its shared view (its trials in the chart view, the
+    parallel-coordinates chart of bits, size and validation top-1) of the experiment's runs page; the UI's
+    default page for an experiment is its GenAI overview, which shows none of them."""
     from tune.settings import load_settings
     exp_id = summary.get("mlflow_experiment_id")
     if exp_id is None:
@@ -132,7 +140,8 @@ def mlflow_hint(summary: dict) -> str | None:
         s = load_settings(storage.normalize(summary["experiment"]))
     except Exception:  # noqa: BLE001 - a hint, never an error
         return None
-    route = f"#/experiments/{exp_id}/runs"
+    from mlflow_server.tracking import runs_view_route
+    route = runs_view_route(exp_id, summary.get("mlflow_view"))
     if s.tracking_uri and s.tracking_uri.startswith(("http://", "https://")):
         return f"MLflow: {s.tracking_uri.rstrip('/')}/{route}"
     return f"MLflow: run `{bitsearch_command()} ui {s.out}`, then open http://127.0.0.1:5000/{route}"

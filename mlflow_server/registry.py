@@ -54,6 +54,11 @@ def _log_pyfunc(client, run_id: str, packed: Path, quantize_json: Path | None) -
     return client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
 
 
+def _rounded(v: Any, digits: int = 2) -> str:
+    """A figure as a tag or description shows it: 91.67, not 91.66666412353516 (integers and text as they are)."""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
 def register_search(uri: str, experiment: str, search_name: str, trials: list[dict[str, Any]],
                     run_ids: dict[str, str], budget_mb: float | None) -> dict[str, Any]:
     """Register ``trials`` (Pareto-front rows of a search summary with the trial's ``checkpoint`` dir)
@@ -65,11 +70,14 @@ def register_search(uri: str, experiment: str, search_name: str, trials: list[di
 
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = model_name(experiment, search_name)
+    within = f"within the size budget of {budget_mb:g} MB" if budget_mb is not None else "(the search had no size budget)"
+    about = (f"bitsearch: the Pareto-front models of search {search_name!r} (experiment {experiment!r}); alias "
+             f"{CHAMPION!r} = the best validation top-1 {within}")
     try:
         c.get_registered_model(name)
+        c.update_registered_model(name, description=about)
     except MlflowException:
-        c.create_registered_model(name, description=f"bitsearch: the Pareto-front models of search {search_name!r} "
-                                                    f"(experiment {experiment!r}); alias {CHAMPION!r} = best within budget")
+        c.create_registered_model(name, description=about)
     have = {v.tags.get(TRIAL_TAG): v.version for v in c.search_model_versions(f"name = '{name}'")}
     versions: dict[str, str] = {}
     for t in trials:
@@ -80,18 +88,19 @@ def register_search(uri: str, experiment: str, search_name: str, trials: list[di
         if not ck or rid is None or not (Path(ck) / "model.bsq").is_file():
             continue
         source = _log_pyfunc(c, rid, Path(ck) / "model.bsq", Path(ck) / "quantize.json")
-        tags = {TRIAL_TAG: tid, **{k: str(t[k]) for k in ("label", "W_bits", "A_bits", "method", "Val_Acc", "Accuracy",
-                                                          "comp_mb", "Ratio") if t.get(k) is not None}}
+        tags = {TRIAL_TAG: tid, **{k: _rounded(t[k]) for k in ("label", "w_bits", "a_bits", "method", "val_top1",
+                                                               "test_top1", "comp_mb", "ratio") if t.get(k) is not None}}
         v = c.create_model_version(name, source=source, run_id=rid, tags=tags,
-                                   description=f"trial {tid}: val top-1 {t.get('Val_Acc')}%, test top-1 "
-                                               f"{t.get('Accuracy')}%, {t.get('comp_mb')} MB packed")
+                                   description=f"trial {tid} ({t.get('label')}): val top-1 {_rounded(t.get('val_top1'))}%, "
+                                               f"test top-1 {_rounded(t.get('test_top1'))}%, "
+                                               f"{_rounded(t.get('comp_mb'), 4)} MB packed")
         versions[tid] = v.version
-    fits = [t for t in trials if t["trial_id"] in versions and t.get("Val_Acc") is not None
+    fits = [t for t in trials if t["trial_id"] in versions and t.get("val_top1") is not None
             and (budget_mb is None or (t.get("comp_mb") or float("inf")) <= budget_mb)]
     out = {"registered_model": name, "versions": {k: int(v) for k, v in versions.items()},
            "champion_version": None, "champion_trial": None}
     if fits:
-        best = max(fits, key=lambda t: (t["Val_Acc"], -(t.get("comp_mb") or 0)))
+        best = max(fits, key=lambda t: (t["val_top1"], -(t.get("comp_mb") or 0)))
         c.set_registered_model_alias(name, CHAMPION, versions[best["trial_id"]])
         out.update(champion_version=int(versions[best["trial_id"]]), champion_trial=best["trial_id"])
     return out

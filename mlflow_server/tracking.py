@@ -25,8 +25,19 @@ ARTIFACTS_DIR = "mlartifacts"  # next to an embedded store's mlflow.db: every ar
 TRIAL_TAG = "bitsearch.trial_id"
 SEARCH_TAG = "bitsearch.experiment_path"
 OUTCOME_TAG = "bitsearch.outcome"
-OUTCOMES = {"FINISHED": "done", "KILLED": "stopped", "FAILED": "failed"}  # MLflow run status -> outcome tag
+# a closed trial run's outcome tag -> its MLflow status. A trial that ASHA stopped early ended as planned (FINISHED,
+# named "... (stopped early)"): the UI draws KILLED and FAILED alike with its failure mark
+OUTCOMES = {"done": "FINISHED", "stopped": "FINISHED", "failed": "FAILED"}
+STOPPED_SUFFIX = " (stopped early)"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's own prefix for a shared experiment-page view
 INTERRUPTED = "interrupted"  # the outcome of a trial in flight when its search was interrupted (it resumes)
+
+
+def runs_view_route(experiment_id: str, share_key: str | None = None) -> str:
+    """The UI route of an experiment's runs: with ``share_key`` (SearchLogger.share_view), the search's
+    trials in the chart view with its parallel-coordinates chart."""
+    route = f"#/experiments/{experiment_id}/runs"
+    return f"{route}?compareRunsMode=CHART&viewStateShareKey={share_key}" if share_key else route
 
 
 class TrackingError(RuntimeError):
@@ -245,33 +256,47 @@ class SearchLogger:
         """The search was interrupted: its open trial runs (in flight) end KILLED with outcome "interrupted",
         the parent KILLED with ``note``; nothing is registered. Returns how many trial runs were open."""
         c = _client(self.uri)
+        n = self.close_open_trials(INTERRUPTED)
+        c.set_tag(self.parent_run_id, "mlflow.note.content", note)
+        c.set_terminated(self.parent_run_id, "KILLED")
+        return n
+
+    def close_open_trials(self, outcome: str) -> int:
+        """End the search's trial runs still open (in flight when the driver stopped): ``interrupted`` (KILLED:
+        they resume) or ``stopped`` (FINISHED, named so: the time budget ran out). Returns how many."""
+        c = _client(self.uri)
         runs = c.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
                              max_results=5000)
         open_runs = [r.info.run_id for r in runs if OUTCOME_TAG not in r.data.tags]
         for rid in open_runs:
-            c.set_tag(rid, OUTCOME_TAG, INTERRUPTED)
-            c.set_terminated(rid, "KILLED")
-        c.set_tag(self.parent_run_id, "mlflow.note.content", note)
-        c.set_terminated(self.parent_run_id, "KILLED")
+            if outcome == INTERRUPTED:
+                c.set_tag(rid, OUTCOME_TAG, INTERRUPTED)
+                c.set_terminated(rid, "KILLED")
+            else:
+                self.finish_trial(rid, None, outcome)
         return len(open_runs)
 
     def search_finished(self) -> bool:
         return _client(self.uri).get_run(self.parent_run_id).info.status == "FINISHED"
 
-    def finish_trial(self, run_id: str, artifacts_dir: str | None, status: str = "FINISHED") -> None:
+    def finish_trial(self, run_id: str, artifacts_dir: str | None, outcome: str = "done") -> None:
         """Close a trial run once; its metrics were logged report by report (each once per step).
-        FINISHED: its artifacts, tag bitsearch.complete=1. KILLED (ASHA stopped it early) and FAILED: only
-        what it measured until then, so a stopped trial cannot pass for a finished one. Every closed run
-        has the tag bitsearch.outcome = done | stopped | failed to filter on."""
+        done: its artifacts, tag bitsearch.complete=1. stopped (ASHA stopped it early: the run's name says
+        so) and failed: only what it measured until then, so a stopped trial cannot pass for a finished
+        one. Every closed run has the tag bitsearch.outcome = done | stopped | failed to filter on."""
         c = _client(self.uri)
         if self.is_complete(run_id):
             return
-        if status == "FINISHED":
+        if outcome == "done":
             if artifacts_dir and Path(artifacts_dir).is_dir():
                 c.log_artifacts(run_id, artifacts_dir, artifact_path="trial")
             c.set_tag(run_id, "bitsearch.complete", "1")
-        c.set_tag(run_id, OUTCOME_TAG, OUTCOMES[status])
-        c.set_terminated(run_id, status)
+        elif outcome == "stopped":
+            name = c.get_run(run_id).info.run_name or ""
+            if not name.endswith(STOPPED_SUFFIX):
+                c.set_tag(run_id, "mlflow.runName", name + STOPPED_SUFFIX)
+        c.set_tag(run_id, OUTCOME_TAG, outcome)
+        c.set_terminated(run_id, OUTCOMES[outcome])
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """The steps at which ``key`` has been logged to the run."""
@@ -289,6 +314,33 @@ class SearchLogger:
         for rid in gone:
             c.delete_run(rid)
         return len(gone)
+
+    def share_view(self, params: list[str], metrics: list[str]) -> str:
+        """The MLflow UI view of this search's trials, stored in the experiment the way the UI's own "share"
+        button stores one (tag ``mlflow.sharedViewState.<key>``, plain JSON): the trials in the chart view,
+        all of them shown, one parallel-coordinates chart with ``params`` and ``metrics`` as axes. Returns
+        its key (the parent run's id) for ``runs_view_route``."""
+        key = self.parent_run_id
+        section = f"bitsearch-{key[:8]}"
+        state = {
+            # a filter and an order other than start time: the UI lists the trials flat (their parent, nesting
+            # them, would hide them from the chart), best validation top-1 first
+            "searchFilter": f"tags.`mlflow.parentRunId` = '{key}'", "orderByKey": "metrics.`val_top1`",
+            "orderByAsc": False,
+            "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True, "isAccordionReordered": True,
+            "compareRunSections": [{"uuid": section, "name": "bitsearch search", "display": True, "isReordered": True}],
+            "compareRunCharts": [{"uuid": f"{section}-parallel", "type": "PARALLEL", "metricSectionId": section,
+                                  "runsCountToCompare": 100, "deleted": False, "isGenerated": False,
+                                  "displayName": "trials: bits, size and validation top-1", "showAllRuns": True,
+                                  "selectedParams": list(params), "selectedMetrics": list(metrics)}],
+        }
+        _client(self.uri).set_experiment_tag(self.experiment_id, f"{SHARED_VIEW_TAG}{key}", json.dumps(state))
+        return key
+
+    def tag_search(self, tags: dict[str, str]) -> None:
+        c = _client(self.uri)
+        for k, v in tags.items():
+            c.set_tag(self.parent_run_id, k, v)
 
     def finish_search(self, artifacts: list[str], status: str = "FINISHED", metrics: dict[str, Any] | None = None,
                       note: str | None = None) -> None:

@@ -30,6 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
+from quantization.api import bits_summary, quant_layers
 from quantization.modules import QuantConvBn2d, QuantLinear
 from quantization.packing import load_packed
 from pipeline.quantize import packed_with_data
@@ -230,13 +231,14 @@ def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, tmp)
-    tmp.replace(out)
-    cfg = model.bitsearch_header["config"]
+    try:
+        onnx.save(proto, tmp)
+        tmp.replace(out)
+    finally:  # a failed save (disk full, ...) leaves nothing behind
+        tmp.unlink(missing_ok=True)
     return {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "layers_int8": len(layers["int8"]),
             "layers_int4": len(layers["int4"]), "layers_fp32": len(layers["fp32"]), "packed": str(packed),
-            "packed_bytes": Path(packed).stat().st_size, "w_bits": cfg["w_bits"], "a_bits": cfg["a_bits"],
-            "layers": layers}
+            "packed_bytes": Path(packed).stat().st_size, **bits_summary(quant_layers(model).values()), "layers": layers}
 
 
 def run_onnx(path: str | Path, images: torch.Tensor, batch_size: int = 256, threads: int = 0) -> torch.Tensor:

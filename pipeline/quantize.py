@@ -16,7 +16,8 @@ import torch
 from quantization import (FineTune, QATSchedule, QuantConfig, QuantConfigError, calibrate, freeze, lr_scales, prepare,
                           recalibrate_bn, set_act_observing)
 from quantization.actmem import activation_memory
-from quantization.api import bits_label, plan_for, quant_layers
+from quantization.api import bits_label, bits_summary, plan_for, quant_layers
+from quantization.config import FP32
 from quantization.packing import convert, load_packed, save_packed, size_report
 from trainer import (CheckpointError, DataError, Dataset, TrainConfig, evaluate, load_checkpoint, load_dataset,
                      model_from_meta, model_meta, resolve_device, train)
@@ -102,6 +103,10 @@ def _check_finite(q: torch.nn.Module, history: list[dict]) -> None:
                             "diverged; lower the QAT learning rate, or set bn_live_below_bits: 0 to keep BN frozen")
 
 
+def _quantizes_anything(q: torch.nn.Module) -> bool:
+    return any(min(m.w_bits, m.a_bits) < FP32 for m in quant_layers(q).values())
+
+
 def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, fine_tune: FineTune | None = None,
                    batch_size: int = 128, seed: int = 0, device: str = "auto",
                    out_dir: str | Path | None = None, callbacks: Iterable = (), resume: bool = False,
@@ -128,7 +133,8 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, f
         # crops) the cpu FP32 model itself falls from 84.39% to 81.70% (docs/RESULTS.md section 7)
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev, augmented=True),
                               max(qcfg.calib_batches, 16))
-    elif qcfg.bn_reestimate_batches:  # PTQ: BN statistics of the quantized model (the FP32 ones miss its shifts)
+    elif qcfg.bn_reestimate_batches and _quantizes_anything(q):  # PTQ: BN statistics of the quantized model
+        # (the FP32 ones miss its shifts); W32A32 is the FP32 model, returned unchanged
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev, augmented=True),
                               qcfg.bn_reestimate_batches)
     freeze(q)
@@ -302,7 +308,6 @@ def evaluate_packed(packed: str | Path, data_path: str, *, batch_size: int = 256
     model, data = packed_with_data(packed, data_path, download, log)
     res = evaluate(model.to(dev), data.test_x, data.test_y, batch_size=batch_size, device=dev)
     size = Path(packed).stat().st_size
-    cfg = model.bitsearch_header["config"]
-    return {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, "w_bits": cfg["w_bits"],
-            "a_bits": cfg["a_bits"], "method": cfg["method"], "test_images": len(data.test_y), "packed": str(packed),
-            "label": bits_label(quant_layers(model).values())}  # W2-8A8 for a mixed-precision file: its layers' bits
+    bits = bits_summary(quant_layers(model).values())  # a mixed-precision file: its layers' range, W2-8A8
+    return {"top1": res["top1"], "comp_mb": size / 1e6, "file_bytes": size, **bits, "label": bits["bits"],
+            "method": model.bitsearch_header["config"]["method"], "test_images": len(data.test_y), "packed": str(packed)}

@@ -8,7 +8,7 @@ model's module names (``blocks.3.dw.conv``, ``classifier``).
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -69,12 +69,21 @@ def bits_label(layers: Iterable) -> str:
     >>> bits_label([LayerPlan(2, 8, g), LayerPlan(6, 8, g), LayerPlan(32, 32, g)])
     'W2-6A8'
     """
+    s = bits_summary(layers)
+    return f"W{s['w_bits']}A{s['a_bits']}"
+
+
+def bits_summary(layers: Iterable) -> dict[str, Any]:
+    """What a file's JSON says of its bits: ``w_bits`` / ``a_bits`` an int when every quantized layer has the
+    same, else the range ``"lo-hi"`` (FP32 layers left out; 32 when nothing is quantized), and ``bits``
+    the label (``W2-8A8``)."""
     layers = list(layers)
 
-    def span(values) -> str:
+    def span(values) -> int | str:
         v = sorted({b for b in values if b != FP32})
-        return str(FP32) if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
-    return f"W{span(x.w_bits for x in layers)}A{span(x.a_bits for x in layers)}"
+        return FP32 if not v else v[0] if len(v) == 1 else f"{v[0]}-{v[-1]}"
+    w, a = span(x.w_bits for x in layers), span(x.a_bits for x in layers)
+    return {"bits": f"W{w}A{a}", "w_bits": w, "a_bits": a}
 
 
 def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:

@@ -285,6 +285,16 @@ def save_packed(path: str | Path, packed: Packed) -> dict[str, Any]:
             "payload_bytes": packed.payload_bytes}
 
 
+def _header_length(body: bytes) -> int | None:
+    """The length of the zlib stream after the preamble (the header as written), or None if it is not one."""
+    d = zlib.decompressobj()
+    try:
+        d.decompress(body[PREAMBLE.size:])
+    except zlib.error:
+        return None
+    return len(body) - PREAMBLE.size - len(d.unused_data) if d.eof else None
+
+
 def read_packed(path: str | Path) -> tuple[dict, bytes]:
     """(header, payload) of a packed file whose checksum, lengths and header structure are intact."""
     p = Path(path)
@@ -301,6 +311,10 @@ def read_packed(path: str | Path) -> tuple[dict, bytes]:
         raise PackedFileError(f"{path} has format version {version}; this bitsearch reads {FORMAT_VERSION}")
     body, digest = raw[:-DIGEST_BYTES], raw[-DIGEST_BYTES:]
     if len(body) != PREAMBLE.size + hlen + plen:
+        real = _header_length(body)
+        if real is not None and len(body) == PREAMBLE.size + real + plen:  # only the header-length field is off
+            raise PackedFileError(f"{path}: header is corrupt (its length field says {hlen} bytes, the header is "
+                                  f"{real})")
         raise PackedFileError(f"{path} is truncated or padded: {len(raw)} bytes, its preamble says "
                               f"{PREAMBLE.size + hlen + plen + DIGEST_BYTES}")
     if hashlib.sha256(body).digest() != digest:

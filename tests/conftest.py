@@ -15,7 +15,7 @@ import torch
 # module's Ray and MLflow server start once). The longest files go first (the Makefile passes
 # --no-loadscope-reorder: pytest-xdist would otherwise hand out the files with the most tests first) so
 # neither worker is left with one long file at the end.
-LONGEST_FIRST = ("test_search.py", "test_study_and_bench.py", "test_trial_settings.py", "test_gpu_scheduling.py",
+LONGEST_FIRST = ("test_search.py", "test_study_and_bench.py", "test_search_lifecycle.py", "test_trial_settings.py", "test_gpu_scheduling.py",
                  "test_cluster.py", "test_server.py", "test_sensitivity.py")
 
 

@@ -197,8 +197,19 @@ def test_bad_input_is_one_clear_line(env, template, message, capsys, monkeypatch
     assert "Traceback" not in err and "rerun with --debug" not in err, err  # no internal exception leaked
 
 
-def test_failed_export_leaves_nothing_behind(env):
-    assert not list(Path(env["root"]).rglob("*.tmp"))
+def test_failed_export_leaves_nothing_behind(env, tmp_path, capsys, monkeypatch):
+    """The ONNX file is written to a .tmp and renamed: a save that fails half-way (disk full) leaves
+    neither the .tmp nor a partial model."""
+    import onnx
+
+    def half_written(proto, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(onnx, "save", half_written)
+    out = tmp_path / "deploy" / "m.onnx"
+    assert main(["export", "--packed", str(Path(env["root"]) / "m.bsq"), "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
 def test_library_warnings_stay_out_of_the_terminal_unless_debug(tmp_path):

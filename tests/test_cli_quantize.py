@@ -67,3 +67,29 @@ def test_eval_checkpoint_measures_what_train_reported(baseline, tmp_path, capsys
     assert r["width"] == 0.25 and r["epochs"] == 3 and r["params"] == trained["params"]
     assert main(["eval", "--checkpoint", str(ck), "--packed", "x.bsq", "--data", str(tree)]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_w32a32_returns_the_fp32_model_unchanged(baseline, tmp_path, capsys):
+    """Nothing to quantize: no BN re-estimation, the FP32 figure exactly."""
+    tree, ck = baseline
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--w-bits", "32", "--a-bits", "32",
+                 "--out", str(tmp_path / "q"), "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["bn_recalibration_batches"] == 0 and r["top1"] == r["fp32_top1"] and r["drop"] == 0
+
+
+def test_quantize_lsq_from_the_cli(baseline, tmp_path, capsys):
+    """--method lsq fine-tunes with learned step sizes: one epoch, its packed file the size reported."""
+    tree, ck = baseline
+    capsys.readouterr()
+    assert main(["quantize", "--checkpoint", str(ck), "--data", str(tree), "--w-bits", "4", "--a-bits", "8",
+                 "--method", "lsq", "--epochs", "1", "--export", str(tmp_path / "l.bsq"),
+                 "--out", str(tmp_path / "q"), "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["method"] == "lsq" and r["qat_epochs"] == 1 and len(r["history"]) == 1
+    assert r["comp_bytes"] == (tmp_path / "l.bsq").stat().st_size
+    import torch  # learned step sizes (parameters LSQ trains; plain QAT has none), finite
+    trained = torch.load(tmp_path / "q" / "qat" / "checkpoint.pt", weights_only=True)["model"]
+    steps = [v for k, v in trained.items() if k.endswith(".step")]
+    assert steps and all(torch.isfinite(v).all() for v in steps)

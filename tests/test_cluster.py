@@ -77,9 +77,13 @@ def test_search_on_two_node_cluster(cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(res["trials"]) == 2 and all(t["status"] == "done" for t in res["trials"])
-    # both nodes were part of the cluster the trials ran on
+    # the trials ran on both nodes: each node has one CPU and each trial needs one, so the two trials
+    # started together went one to each node
+    exp = Path(res["experiment"])
+    ran_on = {json.loads(ln)["node_id"] for d in exp.iterdir() if (d / "result.json").is_file()
+              for ln in (d / "result.json").read_text().splitlines() if '"final": true' in ln}
     nodes = json.loads(subprocess.run([sys.executable, "-c",
                                        "import ray, json; ray.init(address=%r, log_to_driver=False); "
-                                       "print(json.dumps(len([n for n in ray.nodes() if n['Alive']])))" % cluster],
+                                       "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % cluster],
                                       capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
-    assert nodes == 2
+    assert len(nodes) == 2 and ran_on == set(nodes), (ran_on, nodes)

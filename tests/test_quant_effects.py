@@ -171,3 +171,35 @@ def test_bn_statistics_are_reestimated_on_augmented_batches():
     moved = (means(r["_model"]) - trained_means).abs().mean()
     moved_unaugmented = (means(plain) - trained_means).abs().mean()
     assert moved < 0.3 * moved_unaugmented, (moved, moved_unaugmented)
+
+
+def test_qat_schedule_freezes_bn_and_observers_at_their_epochs():
+    """QATSchedule: BN statistics live until freeze_bn_epoch (except layers below bn_live_below_bits),
+    activation ranges observed until freeze_observer_epoch; LSQ keeps BN frozen and never re-observes."""
+    from quantization import Method, QATSchedule, QuantConfig, prepare
+    from quantization.api import act_quantizers
+    from quantization.modules import QuantConvBn2d
+    from trainer.model import MobileNetV2
+    fp32 = MobileNetV2(num_classes=3, width=0.25)
+    cfg = QuantConfig(w_bits=4, a_bits=8, method="qat", freeze_bn_epoch=1, freeze_observer_epoch=2,
+                      bn_live_below_bits=0, overrides=[{"pattern": "blocks.1.*", "w_bits": 2}])
+    q = prepare(fp32, cfg).train()
+    convs = lambda m: [c for c in m.modules() if isinstance(c, QuantConvBn2d) and c.bn is not None]  # noqa: E731
+    state = []
+    for epoch in range(3):
+        q.train()  # what the trainer does at every epoch start, before the callbacks
+        QATSchedule(cfg).on_epoch_start(epoch, q)
+        state.append(({c.bn_frozen for c in convs(q)}, {a.observing for a in act_quantizers(q)}))
+    assert state == [({False}, {True}), ({True}, {True}), ({True}, {False})]
+    live = cfg.replace(bn_live_below_bits=3)  # the 2-bit block keeps BN live after freeze_bn_epoch
+    q = prepare(fp32, live).train()
+    QATSchedule(live).on_epoch_start(1, q)
+    low = {c.bn_frozen for n, c in q.named_modules() if isinstance(c, QuantConvBn2d) and c.bn is not None
+           and n.startswith("blocks.1.")}
+    rest = {c.bn_frozen for n, c in q.named_modules() if isinstance(c, QuantConvBn2d) and c.bn is not None
+            and c.wq is not None and not n.startswith("blocks.1.")}
+    assert low == {False} and rest == {True}
+    lsq = cfg.replace(method=Method.LSQ)
+    q = prepare(fp32, lsq).train()
+    QATSchedule(lsq).on_epoch_start(0, q)
+    assert {c.bn_frozen for c in convs(q)} == {True} and {a.observing for a in act_quantizers(q)} == {False}

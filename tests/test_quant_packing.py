@@ -112,6 +112,14 @@ def test_every_edit_of_header_or_payload_is_caught(packed_file, tmp_path):
         assert "checksum" in msg or "truncated" in msg, msg
 
 
+@pytest.mark.parametrize("offset", [6, 7, 8, 9])  # the u32 header length after magic and version
+def test_a_flipped_header_length_byte_says_the_header_is_corrupt(packed_file, tmp_path, offset):
+    raw = bytearray(packed_file.read_bytes())
+    raw[offset] ^= 0x01 << (offset - 6)
+    msg = _bad(tmp_path, bytes(raw))
+    assert "header is corrupt" in msg and "truncated" not in msg, msg
+
+
 @pytest.mark.parametrize("cut", [0, 3, 4, 5, 9, 13, 14, 45, -33, -1])
 def test_truncated_files_are_a_clear_error(packed_file, tmp_path, cut):
     raw = packed_file.read_bytes()

@@ -18,7 +18,7 @@ import requests
 import torch
 
 from bitsearch.cli import main
-from conftest import make_tree, tiny_baseline, two_threads
+from conftest import make_tree, tiny_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,8 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     exp = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "srv-search"},
                        timeout=30).json()["experiment"]
     from bitsearch.cmd_search import mlflow_hint  # what the CLI prints after the table: the runs table's address
-    assert mlflow_hint(summary) == f"MLflow: {server.rstrip('/')}/#/experiments/{exp['experiment_id']}/runs"
+    assert mlflow_hint(summary) == (f"MLflow: {server.rstrip('/')}/#/experiments/{exp['experiment_id']}/runs"
+                                    f"?compareRunsMode=CHART&viewStateShareKey={summary['mlflow_view']}")
     runs = _runs(server, exp["experiment_id"])
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if t.get("bitsearch.kind") == "search"]
@@ -142,9 +143,9 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
         tags = {t["key"]: t["value"] for t in c["data"].get("tags", [])}
         params = {p["key"]: p["value"] for p in c["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in c["data"]["metrics"]}
-        # the same numeric params for every trial (parallel coordinates without gaps): 0 = no fine-tuning
-        assert {"w_bits", "a_bits", "method", "qat_lr", "qat_epochs", "granularity"} <= set(params)
-        assert (float(params["qat_lr"]) == 0 and int(params["qat_epochs"]) == 0) == (params["method"] == "ptq")
+        # what the trial ran with: a PTQ trial has no fine-tuning params (not 0, not NaN)
+        assert {"w_bits", "a_bits", "method", "granularity"} <= set(params)
+        assert ({"qat_lr", "qat_epochs"} <= set(params)) == (params["method"] != "ptq")
         # size and bits are known before training: a trial ASHA stopped has them too
         assert {"val_top1", "comp_mb", "comp_kb", "ratio", "avg_w_bits", "avg_a_bits", "objective"} <= set(metrics)
         assert metrics["avg_w_bits"] == float(params["w_bits"]) and metrics["avg_a_bits"] == float(params["a_bits"])
@@ -154,7 +155,7 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
                 "system/process_memory_usage_megabytes"} <= set(metrics)
         assert not {"pid", "timestamp", "time_this_iter_s", "iterations_since_restore", "training_iteration",
                     "time_total_s"} & set(metrics)  # Ray's bookkeeping is not a bitsearch metric
-        name = c["info"]["run_name"]  # what the trial is, e.g. "W4A8 qat lr=0.012"
+        name = c["info"]["run_name"]  # what the trial is, e.g. "W4A8 qat lr=0.012" (+ " (stopped early)")
         assert name.startswith(f"W{params['w_bits']}A{params['a_bits']} {params['method']}"), name
         if tags["bitsearch.trial_id"] in done_ids:
             assert c["info"]["status"] == "FINISHED" and tags["bitsearch.outcome"] == "done"
@@ -163,9 +164,9 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
                                 params={"run_id": c["info"]["run_id"], "path": "trial"}, timeout=30).json()
             names = {Path(f["path"]).name for f in arts.get("files", [])}
             assert {"model.bsq", "model.onnx", "quantize.json"} <= names
-        else:  # stopped by ASHA: marked so, and nothing that looks like a final result
-            assert c["info"]["status"] == "KILLED" and tags["bitsearch.outcome"] == "stopped"
-            assert "bitsearch.complete" not in tags and "test_top1" not in metrics
+        else:  # stopped by ASHA: marked so (not as a failure), and nothing that looks like a final result
+            assert c["info"]["status"] == "FINISHED" and tags["bitsearch.outcome"] == "stopped"
+            assert name.endswith(" (stopped early)") and "bitsearch.complete" not in tags and "test_top1" not in metrics
     # the parent run: the settings that apply to a search (no grid), the best trial, the Pareto table
     parent = parents[0]
     pparams = {p["key"] for p in parent["data"]["params"]}
@@ -174,6 +175,7 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     assert "space.w_bits" in pparams and not any(k.startswith("grid.") for k in pparams) and "address" not in pparams
     assert pmetrics["trials"] == 4 and pmetrics["best_val_top1"] == summary["best"]["val_top1"]
     assert pmetrics["pareto_trials"] == len(summary["pareto"])
+    assert pmetrics["best_val_drop"] == pytest.approx(summary["best"]["val_drop"])
     assert "Pareto front" in ptags["mlflow.note.content"] and summary["best"]["trial_id"] in ptags["mlflow.note.content"]
     parent_arts = requests.get(f"{server}/api/2.0/mlflow/artifacts/list",
                                params={"run_id": parent["info"]["run_id"]}, timeout=30).json()
@@ -188,8 +190,16 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     # the model registry: every Pareto trial a version, the champion loadable and as accurate as logged
     reg = summary["registry"]
     assert reg["registered_model"] == "srv-search-s4" and set(reg["versions"]) == {t["trial_id"] for t in summary["pareto"]}
+    # the parent names them; versions carry rounded figures; the champion's rule names the budget
+    assert ptags["bitsearch.registered_model"] == "srv-search-s4" and ptags["bitsearch.champion"].startswith("version ")
+    model = requests.get(f"{server}/api/2.0/mlflow/registered-models/get", params={"name": "srv-search-s4"},
+                         timeout=30).json()["registered_model"]
+    assert "no size budget" in model["description"]
+    for v in model.get("latest_versions", []):
+        vt = {t["key"]: t["value"] for t in v.get("tags", [])}
+        assert all(len(vt[k].split(".")[-1]) <= 2 for k in ("val_top1", "test_top1") if k in vt), vt
     champion = next(t for t in summary["pareto"] if t["trial_id"] == reg["champion_trial"])
-    assert champion["Val_Acc"] == max(t["Val_Acc"] for t in summary["pareto"])
+    assert champion["val_top1"] == max(t["val_top1"] for t in summary["pareto"])
     import mlflow.pyfunc
 
     from trainer import load_dataset
@@ -200,28 +210,35 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     finally:
         mlflow.set_tracking_uri(before)
     data = load_dataset(baseline[0], download=False)
-    with two_threads():  # with one thread here the packed champion missed the trial's top1 by one image of 18
-        pred = model.predict(data.test_x.numpy())
+    pred = model.predict(data.test_x.numpy())
     acc = 100.0 * float((torch.as_tensor(pred) == data.test_y).float().mean())
-    assert abs(acc - champion["top1"]) < 1e-6, (acc, champion["top1"])
+    # the same packed model: equal up to one image whose logits tie within float summation order (thread
+    # counts differ between this process and the trial's worker); a wrong or unpacked model misses by far more
+    assert abs(acc - champion["top1"]) <= 100.0 / len(data.test_y) + 1e-9, (acc, champion["top1"])
 
 
 def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypatch):
     from tune.search import run
     s = _settings(baseline, tmp_path, name="sw", mode="sweep", grid={"w_bits": [8, 4], "a_bits": [8]})
     summary = run(s)
-    got = sorted((t["W_bits"], t["A_bits"]) for t in summary["trials"])
+    got = sorted((t["w_bits"], t["a_bits"]) for t in summary["trials"])
     assert got == [(4, 8), (8, 8)]
     for t in summary["trials"]:  # the quantize JSON keys of shared/DESIGN.md, per trial
         assert {"w_bits", "a_bits", "top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio",
                 "act_ratio", "quantized_fraction"} <= set(t)
-    sizes = {t["W_bits"]: t["Comp_MB"] for t in summary["trials"]}
+    sizes = {t["w_bits"]: t["comp_mb"] for t in summary["trials"]}
     assert sizes[4] < sizes[8]
     # compare: side by side, floats to 4 significant digits (39.47, not 39.469999)
     ids = [t["trial_id"] for t in summary["trials"]]
     assert main(["compare", summary["experiment"], *ids]) == 0
     out = capsys.readouterr().out
-    assert all(i in out for i in ids) and "Accuracy" in out
+    assert all(i in out for i in ids) and "test_top1" in out
+    # the answer: the best trial next to FP32 (validation drop, ratio) and to the uniform W8A8 model
+    best, w8 = summary["best"], next(t for t in summary["trials"] if t["w_bits"] == 8)
+    fp32_val = torch.load(baseline[1], weights_only=True)["history"][-1]["val_top1"]
+    assert best["val_drop"] == pytest.approx(fp32_val - best["val_top1"], abs=1e-3)
+    assert best["ratio_vs_w8"] == pytest.approx(w8["comp_mb"] / best["comp_mb"], rel=1e-3)
+    assert best["ratio_vs_fp32"] == best["ratio"]
     assert not re.search(r"\d\.\d{5,}", out), out
     # the MLflow hint for an embedded store: the UI command and the runs table's address
     from bitsearch.cmd_search import mlflow_hint
@@ -236,15 +253,28 @@ def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypa
     assert main(["resume", summary["experiment"]]) == 0
     out = capsys.readouterr().out
     assert "nothing to resume: all 2 trials" in out, out
+    # `export EXPERIMENT TRIAL_ID`: a trial's packed model to ONNX without knowing where the search keeps it
+    tid = summary["trials"][0]["trial_id"]
+    onnx_out = tmp_path / "deploy" / "trial.onnx"
+    assert main(["export", summary["experiment"], tid, "--out", str(onnx_out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["out"] == str(onnx_out) and r["onnx_bytes"] == onnx_out.stat().st_size
+    assert Path(r["packed"]) == Path(summary["experiment"]) / tid / "work" / "final" / "model.bsq"
+    assert r["w_bits"] == summary["trials"][0]["w_bits"] and r["packed_bytes"] == Path(r["packed"]).stat().st_size
+    assert main(["export", summary["experiment"], "nosuchtrial", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "no trial 'nosuchtrial'" in capsys.readouterr().err
 
 
 def test_multi_objective_returns_pareto_front(ray_session, baseline, tmp_path):
     from tune.search import run
     s = _settings(baseline, tmp_path, name="mo", objectives="multi", num_samples=2)
     summary = run(s)
-    assert len(summary["trials"]) == 2 and len(summary["pareto"]) >= 1
-    front_sizes = [p["Comp_MB"] for p in summary["pareto"]]
-    assert min(t["Comp_MB"] for t in summary["trials"]) == min(front_sizes)  # the smallest model is never dominated
+    assert len(summary["trials"]) == 2
+    done = [t for t in summary["trials"] if t["status"] == "done"]
+    dominated = {t["trial_id"] for t in done for o in done  # another trial is as good on both, better on one
+                 if o["val_top1"] >= t["val_top1"] and o["comp_mb"] <= t["comp_mb"]
+                 and (o["val_top1"] > t["val_top1"] or o["comp_mb"] < t["comp_mb"])}
+    assert {p["trial_id"] for p in summary["pareto"]} == {t["trial_id"] for t in done} - dominated
 
 
 def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_path, capsys):
@@ -278,7 +308,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     params = {json.loads((Path(summary["experiment"]) / t["trial_id"] / "params.json").read_text())["size_budget_mb"]:
               t for t in summary["trials"]}
     for budget, t in params.items():
-        assert t["comp_mb"] <= budget and str(t["W_bits"]).startswith("alloc ")
+        assert t["comp_mb"] <= budget and str(t["w_bits"]).startswith("alloc ")
         assert 2 <= t["avg_w_bits"] <= 8
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'trial'")
@@ -287,7 +317,8 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     for r in runs:
         bits = {k: int(v) for k, v in r.data.params.items() if k.startswith("bits.")}
         assert len(bits) > 20 and set(bits.values()) <= {2, 3, 4, 5, 6, 8}
-        assert r.data.metrics["avg_w_bits"] > 0 and "alloc_sensitivity" in r.data.metrics
+        assert "alloc_sensitivity" in r.data.metrics  # avg_w_bits: the parameter-weighted mean of those bits
+        assert min(bits.values()) <= r.data.metrics["avg_w_bits"] <= max(bits.values())
         assert r.info.run_name.startswith("alloc ")
     parent = client.search_runs([summary["mlflow_experiment_id"]], "tags.`bitsearch.kind` = 'search'")[0]
     assert parent.data.params["estimator"] == "hessian"  # the only scores this table has
@@ -301,35 +332,8 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     assert len(arm["trials"]) == 2 and set(arm["front"]) <= {t["trial_id"] for t in arm["trials"]}
     for t in arm["trials"]:  # the predicted score is the allocator's own summed sensitivity
         assert t["predicted"] == pytest.approx(runs_by_trial[t["trial_id"]].data.metrics["alloc_sensitivity"], rel=1e-6)
-    rho = arm["spearman_predicted_vs_top1"]  # None when the toy model's accuracies are all equal
-    assert (rho is None or -1 <= rho <= 1) and (tmp_path / "f.png").stat().st_size > 0
-
-
-class FailOnce:
-    """trainer callback injected into the trial: crash once, right after the given epoch's checkpoint."""
-
-    def __init__(self, epoch: int, marker: str):
-        self.epoch, self.marker = epoch, Path(marker)
-
-    def on_epoch_end(self, epoch, m, state):
-        if epoch + 1 == self.epoch and not self.marker.exists():
-            self.marker.write_text("x")
-            raise RuntimeError("injected failure")
-
-
-def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp_path):
-    import ray.cloudpickle
-    from tune.search import run
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
-    s = _settings(baseline, tmp_path, name="retry", num_samples=1, max_concurrent=1,
-                  space={"w_bits": [4, 4], "method": ["qat"]}, qat_epochs=2)
-    summary = run(s, trial_callbacks=(FailOnce(1, str(tmp_path / "failed-once")),))
-    assert (tmp_path / "failed-once").exists()
-    t = summary["trials"][0]
-    assert t["status"] == "done"
-    res = [json.loads(x) for x in (Path(summary["experiment"]) / t["trial_id"] / "result.json").read_text().splitlines()]
-    final = res[-1]
-    assert final["final"] and final["resumed"] is True  # restarted from the epoch-1 checkpoint
+    assert arm["spearman_predicted_vs_top1"] is None  # two trials: a rank correlation needs three
+    assert (tmp_path / "f.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -344,6 +348,7 @@ def test_failing_trial_is_retried_from_its_checkpoint(ray_session, baseline, tmp
     ({"space": {"size_budget_mb": [0.1, 0.2]}}, "give sensitivity: PATH"),
     ({"estimator": "hessian"}, "estimator and min_bits choose how"),
     ({"min_bits": 3}, "estimator and min_bits choose how"),
+    ({"time_budget_s": 0}, "time_budget_s=0 is invalid: a number of seconds > 0"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts
@@ -365,116 +370,6 @@ def test_unreachable_tracking_server_is_a_clear_error(baseline, tmp_path, capsys
                  "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
     err = capsys.readouterr().err
     assert code == 2 and "unreachable" in err
-
-
-def _saved_terminated(exp: Path) -> list[str]:
-    """Trial folders that the driver's last saved experiment state (trials and Optuna study) records as finished."""
-    states = sorted(exp.glob("experiment_state-*.json"))
-    try:
-        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
-    except (OSError, ValueError):  # caught mid-write: try again
-        return []
-    trials = [json.loads(t[0]) for t in data["trial_data"]]
-    done = [t["relative_logdir"] for t in trials if t["status"] == "TERMINATED"]
-    import pickle
-    searcher = sorted(exp.glob("searcher-state-*.pkl"))  # Ray saves the searcher after the trial states
-    try:
-        study = pickle.loads(searcher[-1].read_bytes())["_ot_study"] if searcher else None
-    except Exception:  # caught mid-write: try again
-        return []
-    finished = sum(t.state.name == "COMPLETE" for t in study.trials) if study else 0
-    return done if finished >= len(done) else []
-
-
-def test_killed_search_resumes_without_rerunning_or_duplicating(ray_session, server, baseline, tmp_path):
-    """Kill the search driver after its first trial finishes; resume; 3 trials, no duplicate runs."""
-    from tune.search import resume
-    tree, ck = baseline
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"search": {"space": {"w_bits": [2, 8], "a_bits": [4, 8], "method": ["qat"]},
-                                          "qat_epochs": 1, "num_samples": 3, "max_concurrent": 1,
-                                          "experiment": "srv-resume"}}))
-    env = {**os.environ, "RAY_ADDRESS": ray_session}
-    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
-                             "--out", str(tmp_path), "--name", "kr", "--config", str(cfg), "--batch-size", "16",
-                             "--device", "cpu", "--tracking-uri", server], env=env, stdout=subprocess.DEVNULL,
-                            stderr=(tmp_path / "driver.err").open("w"), start_new_session=True)
-    exp = tmp_path / "kr"
-    first = None
-    deadline = time.time() + 240
-    while time.time() < deadline and first is None:  # kill once the saved state says a trial has finished
-        first = next((exp / d / "result.json" for d in _saved_terminated(exp)), None)
-        time.sleep(0.2)
-    assert first is not None, "no trial finished in time"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    err = (tmp_path / "driver.err").read_text()
-    assert "search: experiment" in err and "A new study created" not in err, err  # no Optuna INFO line
-    first_reports = first.read_text()
-    summary = resume(exp)
-    assert len(summary["trials"]) == 3 and all(t["status"] in ("done", "stopped") for t in summary["trials"])
-    assert first.read_text() == first_reports  # the finished trial was not rerun
-    # the Optuna study came back with the experiment: 3 completed trials, the pre-kill one among them
-    import pickle
-    state = pickle.loads(sorted(exp.glob("searcher-state-*.pkl"))[-1].read_bytes())
-    study = state["_ot_study"]
-    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
-    assert first.parent.name in state["_ot_trials"]
-    exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
-                          params={"experiment_name": "srv-resume"}, timeout=30).json()["experiment"]["experiment_id"]
-    runs = _runs(server, exp_id)
-    trial_ids = [t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "bitsearch.trial_id"]
-    assert len(trial_ids) == 3 and len(set(trial_ids)) == 3
-
-
-def test_ctrl_c_ends_the_search_killed_and_resume_finishes_it(ray_session, baseline, tmp_path):
-    """Ctrl-C (SIGINT) while a trial is in flight: exit 130 with one line naming `bitsearch resume`; the
-    parent and the in-flight trial's MLflow runs KILLED (outcome interrupted), nothing registered, the report
-    calls the trial interrupted. `resume` then finishes it: every run FINISHED once, the model registered."""
-    from mlflow import MlflowClient
-
-    from tune.search import resume
-    tree, ck = baseline
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"search": {"space": {"w_bits": [4, 8], "method": ["qat"]}, "qat_epochs": 3,
-                                          "num_samples": 3, "max_concurrent": 1}}))
-    proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
-                             "--out", str(tmp_path), "--name", "ci", "--config", str(cfg), "--batch-size", "16",
-                             "--device", "cpu"], env={**os.environ, "RAY_ADDRESS": ray_session},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    exp, deadline = tmp_path / "ci", time.time() + 240
-    while time.time() < deadline:  # one trial finished, the next one reporting
-        done = _saved_terminated(exp)
-        if done and any((d / "result.json").is_file() and (d / "result.json").stat().st_size
-                        for d in exp.iterdir() if d.is_dir() and d.name not in done):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("no second trial in flight in time")
-    os.kill(proc.pid, signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
-    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
-    assert proc.returncode == 130 and len(lines) == 1, err
-    assert re.fullmatch(rf"interrupted: [12] of 3 trials done; continue with `bitsearch resume {exp}`", lines[0])
-    assert "Tuner.restore" not in err and "Configuration for experiment" not in err and "Traceback" not in err, err
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = c.search_runs([c.get_experiment_by_name("bitsearch").experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("bitsearch.kind") == "search")
-    trials = [r for r in runs if r.data.tags.get("bitsearch.kind") == "trial"]
-    assert parent.info.status == "KILLED" and "bitsearch resume" in parent.data.tags["mlflow.note.content"]
-    cut = [r for r in trials if r.data.tags.get("bitsearch.outcome") == "interrupted"]
-    assert len(cut) == 1 and cut[0].info.status == "KILLED", [(r.info.status, r.data.tags) for r in trials]
-    assert c.search_registered_models() == []
-    report = json.loads((exp / "results.json").read_text())
-    assert [t["status"] for t in report["trials"] if t["trial_id"] == cut[0].data.tags["bitsearch.trial_id"]] == ["interrupted"]
-
-    summary = resume(exp)
-    assert [t["status"] for t in summary["trials"]] == ["done"] * 3 and summary["registry"]["champion_version"]
-    runs = c.search_runs([c.get_experiment_by_name("bitsearch").experiment_id])
-    trials = [r for r in runs if r.data.tags.get("bitsearch.kind") == "trial"]
-    assert len({r.data.tags["bitsearch.trial_id"] for r in trials}) == len(trials) == 3
-    assert all(r.info.status == "FINISHED" and r.data.tags["bitsearch.outcome"] == "done" for r in runs if r in trials)
-    assert next(r for r in runs if r.data.tags.get("bitsearch.kind") == "search").info.status == "FINISHED"
 
 
 def test_train_logs_the_baseline_and_a_search_loads_it_from_mlflow(ray_session, server, tmp_path, capsys):
@@ -619,7 +514,7 @@ def test_experiment_on_s3_compatible_storage(ray_session, s3, server, baseline, 
     capsys.readouterr()
     assert main(["report", f"{s3}/runs/on-s3", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sorted(t["W_bits"] for t in rep["trials"]) == [4, 8]
+    assert sorted(t["w_bits"] for t in rep["trials"]) == [4, 8]
     again = resume(f"{s3}/runs/on-s3")  # a finished experiment: nothing reruns
     assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in summary["trials"])
 
@@ -646,14 +541,15 @@ ARTIFACTS = Path(os.environ.get("BITSEARCH_TEST_ARTIFACTS", Path(__file__).resol
 def test_mlflow_ui_in_a_real_browser(server, baseline, tmp_path):
     """A sweep as a user runs it (its own local Ray), then the MLflow UI as a user sees it, in Chromium.
     The terminal stays plain: bitsearch's progress lines, its table and where to look, nothing from
-    Ray's or MLflow's internals. The address it prints opens the runs table; the search's row expands
-    to trial rows named by their config; comparing the trials draws a parallel-coordinates plot with
-    w_bits and a_bits axes, and val_top1 once picked as a metric. Screenshots: test-artifacts/."""
+    Ray's or MLflow's internals. The address it prints opens, with no further action, the search's trials
+    (flat, named by their config) in the chart view with a parallel-coordinates chart whose axes are w_bits,
+    a_bits, qat_lr, comp_mb and val_top1. Screenshots: test-artifacts/."""
     sync_playwright, exe = _browser()
     tree, ck = baseline
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "bitsearch", "sweep", "--baseline", str(ck), "--data", str(tree),
-                           "--out", str(tmp_path), "--name", "ui", "--w-bits", "8,2", "--a-bits", "8,4",
+                           "--out", str(tmp_path), "--name", "ui", "--w-bits", "8,2", "--a-bits", "8",
+                           "--method", "qat", "--qat-epochs", "1",
                            "--batch-size", "16", "--device", "cpu", "--max-concurrent", "2", "--cpus-per-trial", "1",
                            "--tracking-uri", server, "--experiment", "srv-ui"],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -663,39 +559,26 @@ def test_mlflow_ui_in_a_real_browser(server, baseline, tmp_path):
                   "Configuration for experiment", "View detailed results", "Downloading artifacts", "Warning",
                   "WARNING", "INFO"):
         assert noise.lower() not in (out + err).lower(), (noise, out, err)
-    assert err.count(" done (") == 4 and "sweep: experiment" in err
+    assert err.count(" done (") == 2 and "sweep: experiment" in err
     lines = out.strip().splitlines()
     assert max(len(x) for x in lines[:8]) > 80  # the table is not wrapped at 80 columns
+    assert sum(x.startswith("best: trial ") and " below FP32" in x and "x W8A8" in x for x in lines) == 1, out
     url = lines[-1].split("MLflow: ", 1)[1]
-    assert url.startswith(server) and url.endswith("/runs")
+    assert url.startswith(server) and "/runs?compareRunsMode=CHART&viewStateShareKey=" in url, url
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    axes = ["w_bits", "a_bits", "qat_lr", "comp_mb", "val_top1"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(url)
-            page.get_by_text("matching runs").wait_for(timeout=90_000)  # the training runs table
-            page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # expand the search
-            page.get_by_text("W8A4 ptq").first.wait_for(timeout=60_000)
-            rows = page.locator("[role=row]").filter(has_text=" ptq")
-            names = sorted(t.strip() for t in rows.locator("a").all_inner_texts() if "ptq" in t)
-            assert names == sorted(f"W{w}A{a} ptq" for w in (8, 2) for a in (8, 4)), names
-            page.screenshot(path=str(ARTIFACTS / "mlflow-runs.png"))
-            for i in range(rows.count()):
-                rows.nth(i).locator("input.ag-checkbox-input").check()
-            page.get_by_role("button", name="Compare").first.click()
-            page.get_by_text("Parallel Coordinates Plot").first.wait_for(timeout=90_000)
-            page.locator(".parcoords").first.wait_for(timeout=90_000)  # plotly's parallel-coordinates trace
-            axes = lambda: [t.text_content() for t in page.locator(".parcoords .axis-title").all()]  # noqa: E731
-            assert {"w_bits", "a_bits"} <= set(axes()), axes()  # the params that differ, chosen by MLflow
-            metrics = page.get_by_role("combobox").nth(1)
-            metrics.click()
-            metrics.fill("val_top1")
-            page.keyboard.press("Enter")
-            page.keyboard.press("Escape")
-            page.wait_for_function("() => [...document.querySelectorAll('.parcoords .axis-title')]"
-                                   ".some(e => e.textContent === 'val_top1')", timeout=30_000)
-            assert {"w_bits", "a_bits", "val_top1"} <= set(axes()), axes()
+            page.goto(url)  # the only action: no clicks, no typing from the printed address to the chart
+            page.get_by_text("bitsearch search").first.wait_for(timeout=90_000)
+            page.get_by_text("W2A8 qat").first.wait_for(timeout=60_000)  # the trials, listed flat
+            names = sorted({t.strip() for t in page.locator("[role=row] a").all_inner_texts() if " qat" in t})
+            assert [n.split(" ")[0] for n in names] == ["W2A8", "W8A8"], names
+            page.wait_for_function("(axes) => { const t = new Set([...document.querySelectorAll('svg text')]"
+                                   ".map(e => e.textContent)); return axes.every(a => t.has(a)); }", arg=axes,
+                                   timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow-parallel.png"))
         finally:
             browser.close()

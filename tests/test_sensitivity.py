@@ -126,7 +126,9 @@ def test_sensitivity_command_caches_and_ranks_bits(baseline, capsys):
     for r in out["layers"]:
         mags = [abs(r["w_hessian"][b]) for b in ("2", "3", "4", "5", "6", "8")]
         assert all(a > b for a, b in zip(mags, mags[1:])), (r["name"], mags)
-    assert -1 <= out["spearman_loss_vs_hessian"] <= 1
+    from pipeline.sensitivity import spearman  # the reported figure is the table's own pairs, ranked
+    pairs = [(r["w"][b], r["w_hessian"][b]) for r in out["layers"] for b in r["w"]]
+    assert out["spearman_loss_vs_hessian"] == pytest.approx(spearman(*zip(*pairs)), abs=1e-12)
     # cached: the same table, no recomputation
     assert main(args) == 0
     again = _last_json(capsys)
@@ -259,6 +261,11 @@ def test_allocate_fits_the_budget_exactly_and_quantize_reproduces_the_size(basel
     assert len(bits) > 1 and f"quantizing W{bits[0]}-{bits[-1]}A8 ptq" in " ".join(out.err.split())
     assert main(["eval", "--packed", str(packed), "--data", str(tree), "--device", "cpu", "--no-download"]) == 0
     assert f"W{bits[0]}-{bits[-1]}A8 ptq, test top-1" in capsys.readouterr().out  # the packed file says so too
+    assert main(["eval", "--packed", str(packed), "--data", str(tree), "--device", "cpu", "--no-download", "--json"]) == 0
+    ev = _last_json(capsys)  # its JSON: the layers' range, not the base config's 8
+    assert ev["w_bits"] == f"{bits[0]}-{bits[-1]}" and ev["a_bits"] == 8 and ev["bits"] == f"W{bits[0]}-{bits[-1]}A8"
+    assert main(["export", "--packed", str(packed), "--out", str(tmp_path / "alloc.onnx"), "--json"]) == 0
+    assert _last_json(capsys)["w_bits"] == f"{bits[0]}-{bits[-1]}"
     # a front over several budgets: more bytes never cost more sensitivity
     assert main(["allocate", "--sensitivity", table, "--budget-mb", f"{budget},{budget + 0.0005},10",
                  "--out", str(tmp_path), "--json"]) == 0

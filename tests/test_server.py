@@ -156,7 +156,7 @@ def test_a_trial_the_saved_state_never_held_is_left_out_of_report_and_mlflow(tmp
     uri = default_tracking_uri(tmp_path)
     lg = SearchLogger(uri, "bitsearch", str(exp))
     runs = {tid: lg.child_run(tid, tid) for tid in ("kept", "orphan", "closed")}
-    lg.finish_trial(runs["closed"], None, status="KILLED")
+    lg.finish_trial(runs["closed"], None, outcome="stopped")
     assert lg.drop_orphans({"kept"}) == 1
     c = MlflowClient(uri)
     assert [c.get_run(runs[t]).info.lifecycle_stage for t in ("kept", "orphan", "closed")] == \

@@ -75,10 +75,21 @@ def test_batch_augmentation_equals_torchvision():
 
 
 def test_augment_draws_all_offsets_and_both_flips():
+    """Each pixel says where it came from (channel 0 = row + 1, channel 1 = column + 1, 0 = padding): read
+    back every augmented image's crop offset and flip; all 9 x 9 offsets and both flips occur."""
     g = torch.Generator().manual_seed(0)
-    x = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32).repeat(2000, 3, 1, 1)
-    out = D.augment(x.clamp(max=255).to(torch.uint8), g)
+    rows = torch.arange(1, 33).view(32, 1).expand(32, 32)
+    x = torch.stack([rows, rows.t(), torch.full((32, 32), 7)]).to(torch.uint8).repeat(2000, 1, 1, 1)
+    out = D.augment(x, g)
     assert out.shape == (2000, 3, 32, 32)
+    mean, std = torch.tensor(D.CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(D.CIFAR10_STD).view(1, 3, 1, 1)
+    px = ((out * std + mean) * 255).round().long()
+    assert (px[:, 2] == 7).logical_or(px[:, 2] == 0).all()  # pixels moved, never mixed
+    top = px[:, 0, 8, 8] - 5  # output (8, 8) is inside the image for every offset: padded row top + 8
+    flipped = px[:, 1, 8, 9] < px[:, 1, 8, 8]
+    left = torch.where(flipped, px[:, 1, 8, 8] - 20, px[:, 1, 8, 8] - 5)
+    assert set(top.tolist()) == set(range(9)) and set(left.tolist()) == set(range(9))
+    assert len(set(zip(top.tolist(), left.tolist()))) == 81 and 0.4 < flipped.float().mean() < 0.6
     # test: only normalisation
     te = D.GpuLoader(x[:5].to(torch.uint8), torch.zeros(5, dtype=torch.long), 2, train=False)
     xb, _ = next(iter(te))

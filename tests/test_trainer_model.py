@@ -39,7 +39,10 @@ def test_every_conv_is_followed_by_bn_and_cifar_strides():
 def test_meta_round_trip():
     m = MobileNetV2(num_classes=7, width=0.5, dropout=0.1)
     m2 = model_from_meta(model_meta(m))
-    assert m2.load_state_dict(m.state_dict()) is not None and m2.num_classes == 7
+    m2.load_state_dict(m.state_dict())  # strict: raises if the rebuilt network has other tensors or shapes
+    assert m2.num_classes == 7 and m2.width == 0.5 and m2.dropout.p == 0.1
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m.eval()(x), m2.eval()(x), rtol=0, atol=0)
 
 
 def test_strided_depthwise_conv_computes_in_fp32_under_cpu_bf16_autocast(monkeypatch):

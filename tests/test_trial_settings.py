@@ -96,9 +96,9 @@ def test_trial_settings_agree(mode, base, ray_local, tmp_path):
     assert params["method"] == row["method"] == method == spec["quant"]["method"]
     fine_tunes = method in ("qat", "lsq")
     assert (ran["qat_epochs"] > 0) == fine_tunes and bool(ran["history"]) == fine_tunes
-    assert float(params["qat_epochs"]) == ran["qat_epochs"] and float(params["qat_lr"]) == ran["qat_lr"]
-    assert float(params["kd_weight"]) == ran["kd_weight"]
     if fine_tunes:
+        assert float(params["qat_epochs"]) == ran["qat_epochs"] and float(params["qat_lr"]) == ran["qat_lr"]
+        assert float(params["kd_weight"]) == ran["kd_weight"]
         assert row["lr"] == ran["qat_lr"] and row["qat_epochs"] == ran["qat_epochs"]
         assert f"lr={ran['qat_lr']:.2g}" in run_name
         assert (f"kd={ran['kd_weight']:.2g}" in run_name) == (ran["kd_weight"] > 0)
@@ -107,9 +107,10 @@ def test_trial_settings_agree(mode, base, ray_local, tmp_path):
             assert sampled[key] == pytest.approx(ran[key]), key
     else:
         assert row.get("lr") is None and "lr=" not in run_name and ran["qat_lr"] == 0.0
+        assert not {"qat_epochs", "qat_lr", "kd_weight"} & set(params)  # not run with: not logged (not 0)
 
     # the bit-widths
-    assert int(params["a_bits"]) == row["A_bits"] == ran["a_bits"]
+    assert int(params["a_bits"]) == row["a_bits"] == ran["a_bits"]
     assert params["granularity"] == row["granularity"] == ran["granularity"]
     blocks = sorted(k for k in sampled if k.startswith("w_bits_b"))
     if mode == "mixed":
@@ -117,15 +118,15 @@ def test_trial_settings_agree(mode, base, ray_local, tmp_path):
         ran_blocks = {o["pattern"]: o["w_bits"] for o in ran["config"]["overrides"]}
         assert [ran_blocks[f"blocks.{int(k[-2:])}.*"] for k in blocks] == [sampled[k] for k in blocks]
         lo, hi = min(sampled[k] for k in blocks), max(sampled[k] for k in blocks)
-        assert row["W_bits"] == f"mixed {lo}-{hi}" and run_name.startswith(f"W{lo}-{hi}A{ran['a_bits']} ")
+        assert row["w_bits"] == f"mixed {lo}-{hi}" and run_name.startswith(f"W{lo}-{hi}A{ran['a_bits']} ")
         assert float(params["w_bits"]) == pytest.approx(sum(sampled[k] for k in blocks) / len(blocks), abs=0.01)
     elif mode == "budget":
         assert not blocks and "w_bits" not in params and ran["config"]["overrides"]
-        assert row["W_bits"] == f"alloc {ran['avg_w_bits']:.2f}"
+        assert row["w_bits"] == f"alloc {ran['avg_w_bits']:.2f}"
         assert run_name.startswith(f"alloc {sampled['size_budget_mb']:.3g}MB A{ran['a_bits']} {method}")
         assert ran["comp_mb"] <= sampled["size_budget_mb"]
     else:
-        assert int(params["w_bits"]) == row["W_bits"] == ran["w_bits"]
+        assert int(params["w_bits"]) == row["w_bits"] == ran["w_bits"]
         assert run_name.startswith(f"W{ran['w_bits']}A{ran['a_bits']} {method}")
     assert spec["label"] == row["label"] == run_name  # the run name, the table's, the report's and the plots' label
-    assert row["Comp_MB"] == ran["comp_mb"] and row["Val_Acc"] == ran["val_top1"]
+    assert row["comp_mb"] == ran["comp_mb"] and row["val_top1"] == ran["val_top1"]

@@ -70,7 +70,10 @@ class MlflowTrialCallback(tune.Callback):
             self._queue.join()
 
     def setup(self, **info):
-        self._submit(lambda: self._lg().log_search(self.settings.applicable()))
+        def start():
+            self._lg().log_search(self.settings.applicable())
+            self._lg().share_view(*self.settings.chart_axes())  # the address printed at the end works at once
+        self._submit(start)
 
     def _run(self, trial_id: str, config: dict) -> str:
         rid = self._runs.get(trial_id)
@@ -101,7 +104,7 @@ class MlflowTrialCallback(tune.Callback):
         def finish():  # the final report's metrics came through on_trial_result like every other report
             rid = self._run(tid, config)
             if not last.get("final"):  # ASHA stopped it: what it measured until then is logged, nothing final
-                return self._lg().finish_trial(rid, None, "KILLED")
+                return self._lg().finish_trial(rid, None, "stopped")
             if ck is None:
                 return self._lg().finish_trial(rid, None)
             with ck.as_directory() as d:  # local for a local experiment, downloaded from S3 otherwise
@@ -110,7 +113,7 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
-        self._submit(lambda: self._lg().finish_trial(self._run(tid, config), None, "FAILED"))
+        self._submit(lambda: self._lg().finish_trial(self._run(tid, config), None, "failed"))
 
     def on_experiment_end(self, trials, **info):
         self.flush()

@@ -22,25 +22,25 @@ from tune.sysmetrics import PREFIX as SYSTEM_PREFIX
 # module (for the metric names) and never draws.
 
 # Each measured quantity has one name from trial to table: the metric a trial reports to Ray Tune and
-# MLflow (per split, like the trainer's per-epoch history: train_top1 / val_top1 / test_top1), and
-# two fixed labels derived from it here and nowhere else: the reference report's table column and the
-# key of the DESIGN.md JSON contract (the `bitsearch quantize` vocabulary, where top1 is test top-1).
-# (metric, table column or None, JSON key)
+# MLflow (per split, like the trainer's per-epoch history: train_top1 / val_top1 / test_top1), which is
+# also its results-table column, and the key of the DESIGN.md JSON contract (the `bitsearch quantize`
+# vocabulary, where top1 is test top-1). (metric, in the results table, JSON key)
 QUANTITIES = (
-    ("test_top1", "Accuracy", "top1"),
-    ("val_top1", "Val_Acc", "val_top1"),
-    ("fp32_top1", None, "fp32_top1"),
-    ("drop", "Drop", "drop"),
-    ("orig_mb", "Orig_MB", "orig_mb"),
-    ("comp_mb", "Comp_MB", "comp_mb"),
-    ("comp_kb", None, "comp_kb"),
-    ("ratio", "Ratio", "ratio"),
-    ("weight_ratio", "Weight_ratio", "weight_ratio"),
-    ("act_ratio", "Act_ratio", "act_ratio"),
-    ("quantized_fraction", None, "quantized_fraction"),
-    ("avg_w_bits", None, "avg_w_bits"),
-    ("avg_a_bits", None, "avg_a_bits"),
+    ("test_top1", True, "top1"),
+    ("val_top1", True, "val_top1"),
+    ("fp32_top1", False, "fp32_top1"),
+    ("drop", True, "drop"),
+    ("orig_mb", True, "orig_mb"),
+    ("comp_mb", True, "comp_mb"),
+    ("comp_kb", False, "comp_kb"),
+    ("ratio", True, "ratio"),
+    ("weight_ratio", True, "weight_ratio"),
+    ("act_ratio", True, "act_ratio"),
+    ("quantized_fraction", False, "quantized_fraction"),
+    ("avg_w_bits", False, "avg_w_bits"),
+    ("avg_a_bits", False, "avg_a_bits"),
 )
+TABLE_QUANTITIES = tuple(m for m, shown, _ in QUANTITIES if shown)
 # known from the config alone, before any training: every report of a trial carries them, so a trial
 # that ASHA stopped early still has its size on a parallel-coordinates plot
 SIZE_METRICS = ("comp_mb", "comp_kb", "ratio", "avg_w_bits", "avg_a_bits")
@@ -62,8 +62,8 @@ def alloc_params(report: dict[str, Any]) -> dict[str, Any]:
     return {f"bits.{k}": v for k, v in (report.get("alloc_bits") or {}).items()}
 
 
-COLUMNS = ["trial_id", "label", "W_bits", "A_bits", "method", "granularity", "lr", "qat_epochs",
-           *(col for _, col, _ in QUANTITIES if col), "status"]
+COLUMNS = ["trial_id", "label", "w_bits", "a_bits", "method", "granularity", "lr", "qat_epochs", *TABLE_QUANTITIES,
+           "status"]
 
 
 def load_trials(path: str | Path) -> list[dict[str, Any]]:
@@ -128,19 +128,23 @@ def saved_trial_status(path: str | Path) -> dict[str, str] | None:
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Ray Tune statuses of a trial a stopped driver left behind
 
 
-def table(trials: list[dict[str, Any]]) -> pd.DataFrame:
+def table(trials: list[dict[str, Any]], unfinished: str = "interrupted") -> pd.DataFrame:
+    """The results table; ``unfinished``: what a trial the driver left in flight is called (interrupted by
+    Ctrl-C, or stopped when the search's time budget ran out)."""
     rows = []
     for t in trials:
         f = t["final"] or {}
         row = t["spec"].row()
         if t["spec"].size_budget_mb is not None and f.get("avg_w_bits") is not None:  # allocated by sensitivity
-            row["W_bits"] = f"alloc {f['avg_w_bits']:.2f}"
+            row["w_bits"] = f"alloc {f['avg_w_bits']:.2f}"
         blocks = {k: row.pop(k) for k in list(row) if k.startswith(BLOCK_PREFIX)}
-        status = ("done" if t["final"] else "failed" if t.get("failed") else "interrupted" if t.get("interrupted")
+        status = ("done" if t["final"] else "failed" if t.get("failed") else unfinished if t.get("interrupted")
                   else "stopped" if t["reports"] else "no result")
         if f.get("over_budget"):
             status = "over budget"
-        rows.append({"trial_id": t["trial_id"], **row, **{col: f.get(m) for m, col, _ in QUANTITIES if col},
+        # a stopped or interrupted trial: what it measured at its last report (validation top-1, size)
+        measured = f or (t["reports"][-1] if t["reports"] else {})
+        rows.append({"trial_id": t["trial_id"], **row, **{m: measured.get(m) for m in TABLE_QUANTITIES},
                      "status": status, **blocks})
     df = pd.DataFrame(rows)
     if df.empty:
@@ -165,7 +169,7 @@ def records(df: pd.DataFrame) -> list[dict[str, Any]]:
             for r in df.to_dict("records")]
 
 
-def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") -> pd.DataFrame:
+def pareto_front(df: pd.DataFrame, acc: str = "val_top1", size: str = "comp_mb") -> pd.DataFrame:
     """Trials not dominated in (higher accuracy, smaller size)."""
     d = df[(df["status"] == "done") & df[acc].notna() & df[size].notna()]
     keep = []
@@ -178,18 +182,18 @@ def pareto_front(df: pd.DataFrame, acc: str = "Val_Acc", size: str = "Comp_MB") 
 
 def _parallel_frame(done: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The numeric axes of a parallel-coordinates plot, one value per trial on every axis: a mixed
-    trial's W_bits is the mean of its block bits, lr and qat_epochs are 0 for PTQ. Axes on which every
+    trial's w_bits is the mean of its block bits, lr and qat_epochs are 0 for PTQ. Axes on which every
     trial has the same value are returned separately (``fixed``) instead of as a flat line."""
     blocks = [c for c in done.columns if c.startswith(BLOCK_PREFIX)]
-    wb = pd.to_numeric(done["W_bits"], errors="coerce")
+    wb = pd.to_numeric(done["w_bits"], errors="coerce")
     if blocks:
         wb = wb.fillna(done[blocks].apply(pd.to_numeric, errors="coerce").mean(axis=1))
-    num = pd.DataFrame({"W_bits": wb})
-    for c in ("A_bits", "lr", "qat_epochs", "Comp_MB", "Ratio", "Val_Acc", "Accuracy"):
+    num = pd.DataFrame({"w_bits": wb})
+    for c in ("a_bits", "lr", "qat_epochs", "comp_mb", "ratio", "val_top1", "test_top1"):
         num[c] = pd.to_numeric(done[c], errors="coerce")
     num[["lr", "qat_epochs"]] = num[["lr", "qat_epochs"]].fillna(0.0)  # PTQ does not fine-tune
     num = num.loc[:, num.notna().all()]
-    fixed = {c: num[c].iloc[0] for c in num.columns if num[c].nunique() == 1 and c != "Val_Acc"}
+    fixed = {c: num[c].iloc[0] for c in num.columns if num[c].nunique() == 1 and c != "val_top1"}
     return num.drop(columns=list(fixed)), fixed
 
 
@@ -203,12 +207,12 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     if done.empty:
         return files
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter(done["Comp_MB"], done["Val_Acc"], c="tab:blue", label="trials")
-    ax.plot(front["Comp_MB"], front["Val_Acc"], "o-", c="tab:red", label="Pareto front")
+    ax.scatter(done["comp_mb"], done["val_top1"], c="tab:blue", label="trials")
+    ax.plot(front["comp_mb"], front["val_top1"], "o-", c="tab:red", label="Pareto front")
     for _, r in front.iterrows():  # the front's points named, so the plot reads without the table
-        ax.annotate(r["label"], (r["Comp_MB"], r["Val_Acc"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(r["label"], (r["comp_mb"], r["val_top1"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set(xlabel="packed model size (MB)", ylabel="validation top-1 (%)",
-           title=f"Accuracy vs size: {len(done)} trials, {len(front)} on the Pareto front")
+           title=f"Validation top-1 vs size: {len(done)} trials, {len(front)} on the Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -220,9 +224,9 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     norm = (num - num.min()) / (num.max() - num.min()).replace(0, 1)
     fig, ax = plt.subplots(figsize=(1.5 * len(num.columns) + 3, 4.5))
     cmap = plt.get_cmap("viridis")
-    lo, hi = float(num["Val_Acc"].min()), float(num["Val_Acc"].max())
+    lo, hi = float(num["val_top1"].min()), float(num["val_top1"].max())
     for i in norm.index:
-        ax.plot(range(len(num.columns)), norm.loc[i], c=cmap(float(norm.loc[i, "Val_Acc"])), alpha=0.85, lw=1.5)
+        ax.plot(range(len(num.columns)), norm.loc[i], c=cmap(float(norm.loc[i, "val_top1"])), alpha=0.85, lw=1.5)
     for j, c in enumerate(num.columns):
         ax.axvline(j, c="0.6", lw=0.8, zorder=0)
         ax.text(j, -0.05, f"{num[c].min():.3g}", ha="center", va="top", fontsize=8)
@@ -243,7 +247,7 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     plt.close(fig)
     try:
         import plotly.express as px
-        p = px.parallel_coordinates(num.reset_index(drop=True), color="Val_Acc", color_continuous_scale="Viridis")
+        p = px.parallel_coordinates(num.reset_index(drop=True), color="val_top1", color_continuous_scale="Viridis")
         files["parallel_html"] = str(out / "parallel.html")
         p.write_html(files["parallel_html"], include_plotlyjs=True)  # self-contained: opens offline
     except ImportError:
@@ -251,21 +255,33 @@ def _plots(df: pd.DataFrame, front: pd.DataFrame, out: Path) -> dict[str, str]:
     return files
 
 
-def write_report(experiment: str | Path) -> dict[str, Any]:
+def _markdown(df: pd.DataFrame) -> str:
+    return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".3f", missingval="-")
+
+
+def results_markdown(path: str | Path, df: pd.DataFrame, front: pd.DataFrame) -> str:
+    """results.md: every trial, then the Pareto front; a value a trial did not measure is "-"."""
+    md = ["# Search results", "", f"Experiment: `{path}`", "",
+          "test_top1 / val_top1: test / validation top-1 (%; validation is what the search compares), drop: FP32 "
+          "test top-1 minus test_top1, sizes in MB (10^6 bytes, comp_mb = the packed file). \"-\": not measured "
+          "(a stopped or interrupted trial ended before its final evaluation; a PTQ trial has no lr).",
+          "", _markdown(df) if not df.empty else "(no trials)", "",
+          "## Pareto front (validation top-1 vs packed size)", "",
+          _markdown(front) if not front.empty else "(none)", ""]
+    return "\n".join(md)
+
+
+def write_report(experiment: str | Path, stopped: str | None = None) -> dict[str, Any]:
     """results.csv, results.md, pareto.png, parallel.png (+ .html), results.json in the experiment dir
     (for a remote experiment: written on a local mirror, then uploaded next to the trials)."""
     path = storage.local_copy(str(experiment))
     trials = load_trials(path)
-    df = table(trials)
+    # a trial left in flight: stopped by the time budget, else interrupted (Ctrl-C; `resume` finishes it)
+    df = table(trials, "stopped" if stopped == "time_budget" else "interrupted")
     front = pareto_front(df) if not df.empty else df
     files = {"csv": str(path / "results.csv"), "markdown": str(path / "results.md"), "json": str(path / "results.json")}
     df.to_csv(files["csv"], index=False)
-    md = ["# Search results", "", f"Experiment: `{path}`", "",
-          "Accuracy = test top-1 (%), Val_Acc = validation top-1 (%, the search objective), sizes in MB (10^6 bytes).",
-          "", df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(no trials)", "",
-          "## Pareto front (validation accuracy vs compressed size)", "",
-          front.to_markdown(index=False, floatfmt=".3f") if not front.empty else "(none)", ""]
-    Path(files["markdown"]).write_text("\n".join(md))
+    Path(files["markdown"]).write_text(results_markdown(path, df, front))
     files.update(_plots(df, front, path))
     done = df[df["status"] == "done"]
     # each trial: the table's columns plus the `quantize` JSON keys (shared/DESIGN.md contract) and the
@@ -273,12 +289,36 @@ def write_report(experiment: str | Path) -> dict[str, Any]:
     keys = {t["trial_id"]: {**quantize_keys(t), **({"checkpoint": t["checkpoint"]} if t["checkpoint"] else {})}
             for t in trials}
     with_keys = lambda d: [{**r, **keys.get(r["trial_id"], {})} for r in records(d)]  # noqa: E731
-    best = with_keys(done.sort_values("Val_Acc", ascending=False).head(1))
-    summary = {"experiment": str(experiment), "trials": with_keys(df), "best": best[0] if best else None,
-               "pareto": with_keys(front), "files": files}
+    best = with_keys(done.sort_values("val_top1", ascending=False).head(1))
+    summary = {"experiment": str(experiment), "trials": with_keys(df),
+               "best": best_summary(best[0], load_settings(str(path))) if best else None,
+               "pareto": with_keys(front), "files": files, **({"stopped": stopped} if stopped else {})}
     Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
     storage.upload(list(files.values()), str(experiment))
     return summary
+
+
+def best_summary(row: dict[str, Any], s) -> dict[str, Any]:
+    """The answer of a search: its best trial (highest validation top-1; within the size budget, a search
+    that has one) with what a user compares it to: ``val_drop`` (FP32 validation top-1 minus its own),
+    ``ratio_vs_fp32`` and ``ratio_vs_w8`` (the FP32 model's and the uniform W8A8 model's bytes over its)."""
+    out = dict(row)
+    if s.fp32_val_top1 is not None and row.get("val_top1") is not None:
+        out["val_drop"] = round(s.fp32_val_top1 - row["val_top1"], 4)
+    if row.get("ratio") is not None:
+        out["ratio_vs_fp32"] = row["ratio"]
+    if s.w8_mb and row.get("comp_mb"):
+        out["ratio_vs_w8"] = round(s.w8_mb / row["comp_mb"], 4)
+    return out
+
+
+def best_line(best: dict[str, Any]) -> str:
+    """The best trial in one line, as the CLI prints it and the parent run's description shows it."""
+    drop = f" ({best['val_drop']:+.2f} below FP32)" if best.get("val_drop") is not None else ""
+    vs = ", ".join(f"{best[k]:.2f}x {name}" for k, name in (("ratio_vs_fp32", "FP32"), ("ratio_vs_w8", "W8A8"))
+                   if best.get(k) is not None)
+    return (f"best: trial {best['trial_id']} ({best.get('label')}): val top-1 {_fmt(best.get('val_top1'), 2)}%{drop}, "
+            f"test top-1 {_fmt(best.get('test_top1'), 2)}%, {_fmt(best.get('comp_mb'), 4)} MB" + (f", {vs} smaller" if vs else ""))
 
 
 def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
@@ -287,18 +327,23 @@ def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
     trials, best, front = summary["trials"], summary.get("best") or {}, summary.get("pareto") or []
     metrics = {"trials": len(trials), "trials_done": sum(t.get("status") == "done" for t in trials),
                "pareto_trials": len(front),
-               **{f"best_{m}": best.get(key) for m, _, key in QUANTITIES if best.get(key) is not None}}
+               **{f"best_{m}": best.get(key) for m, _, key in QUANTITIES if best.get(key) is not None},
+               **{f"best_{k}": best[k] for k in ("val_drop", "ratio_vs_w8") if best.get(k) is not None}}
     def row(t):
-        return (f"| {t.get('trial_id')} | {t.get('label')} | {t.get('Val_Acc', float('nan')):.2f} "
-                f"| {t.get('Accuracy', float('nan')):.2f} | {t.get('comp_kb', float('nan')):.1f} | {t.get('Ratio', float('nan')):.2f} |")
+        return (f"| {t.get('trial_id')} | {t.get('label')} | {_fmt(t.get('val_top1'), 2)} | {_fmt(t.get('test_top1'), 2)} "
+                f"| {_fmt(t.get('comp_kb'), 1)} | {_fmt(t.get('ratio'), 2)} |")
     head = ["| trial | config | val top-1 | test top-1 | size (KB) | ratio |", "|---|---|---|---|---|---|"]
     note = [f"**bitsearch search** `{summary['experiment']}`: {metrics['trials_done']} of {metrics['trials']} trials done.", ""]
     if best:
-        note += ["Best trial (validation top-1):", "", *head, row(best), ""]
+        note += ["Best trial (validation top-1):", "", *head, row(best), "", best_line(best), ""]
     if front:
         note += ["Pareto front (validation top-1 vs packed size):", "", *head, *map(row, front), ""]
     note += ["Plots and tables: the Artifacts tab (pareto.png, parallel.png, parallel.html, results.md)."]
     return metrics, "\n".join(note)
+
+
+def _fmt(v: Any, digits: int) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
 
 
 def close_search(lg, summary: dict[str, Any]) -> None:
@@ -313,7 +358,13 @@ def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     the champion alias on the best within the size budget."""
     front = summary.get("pareto") or []  # each row names its trial's checkpoint folder (write_report)
     run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
-    return register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
+    reg = register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
+    if reg["versions"]:  # the parent run names what it registered
+        lg.tag_search({"bitsearch.registered_model": reg["registered_model"],
+                       "bitsearch.registered_versions": ",".join(str(v) for v in sorted(reg["versions"].values())),
+                       "bitsearch.champion": f"version {reg['champion_version']} (trial {reg['champion_trial']})"
+                       if reg["champion_version"] is not None else "none within the size budget"})
+    return reg
 
 
 def sync(path: str | Path) -> dict[str, int]:
@@ -341,7 +392,7 @@ def sync(path: str | Path) -> dict[str, int]:
         if t["final"]:
             lg.finish_trial(rid, t["checkpoint"])
         else:  # ASHA stopped it early (or it failed): what it measured until then is all there is
-            lg.finish_trial(rid, None, "FAILED" if t["failed"] else "KILLED")
+            lg.finish_trial(rid, None, "failed" if t["failed"] else "stopped")
         written += 1
     if not lg.search_finished():  # the search ended while the server was offline
         close_search(lg, write_report(s.path))

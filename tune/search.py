@@ -114,6 +114,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tri
                                     sampler=sampler)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                  time_budget_s=s.time_budget_s,
                                   max_concurrent_trials=s.max_concurrent if search_alg is None else None,
                                   trial_dirname_creator=lambda t: t.trial_id,
                                   # a finished trial's worker takes the next one: no new process importing torch
@@ -143,10 +144,12 @@ def _max_epochs(s: SearchSettings) -> int:
     return int(spec[1]) if spec else s.qat_epochs
 
 
-def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callbacks: tuple = ()) -> dict[str, Any]:
+def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callbacks: tuple = (),
+        trial_fn=run_trial) -> dict[str, Any]:
     """Validate, start (or join) Ray, run the search, write the report. Returns the summary dict.
     ``log`` (a callable) hears where the experiment goes once every check has passed;
-    ``trial_callbacks`` are extra trainer callbacks every trial runs with."""
+    ``trial_callbacks`` are extra trainer callbacks every trial runs with; ``trial_fn`` replaces the trial
+    (tests: a stand-in that reports chosen figures)."""
     short_retries()
     s = validate(s)
     if s.tracking_uri:
@@ -157,22 +160,24 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
         log(f"{s.mode}: experiment {s.path}; {fits}")
     storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     t0 = time.time()
-    build_tuner(s, trial_callbacks).fit()
-    _check_ended(s)
-    return finish(s, time.time() - t0)
+    build_tuner(s, trial_callbacks, trial_fn).fit()
+    return finish(s, time.time() - t0, _check_ended(s, time.time() - t0))
 
 
-def _check_ended(s: SearchSettings) -> None:
-    """Raise SearchInterrupted when Ray Tune returned with trials left (it returns normally on Ctrl-C): the
-    in-flight trials' MLflow runs and the parent end KILLED (outcome "interrupted"), the report shows them
-    "interrupted", nothing is registered. A search that ran every trial passes."""
+def _check_ended(s: SearchSettings, seconds: float) -> str:
+    """Why Ray Tune returned: "completed" (every trial ran), "time_budget" (it ran out of --time-budget: what
+    finished is the result, trials it stopped are "stopped"), or else a Ctrl-C (Ray returns normally on one):
+    SearchInterrupted, after the in-flight trials' MLflow runs and the parent end KILLED (outcome
+    "interrupted"), the report shows them "interrupted", nothing registered."""
     status = saved_trial_status(storage.local_copy(s.path)) or {}
     ended = sum(st not in UNFINISHED for st in status.values())
     if ended >= _n_trials(s):
-        return
+        return "completed"
+    if s.time_budget_s is not None and seconds >= 0.98 * s.time_budget_s:
+        return "time_budget"
     done = sum(st == "TERMINATED" for st in status.values())
     err = SearchInterrupted(done, _n_trials(s), str(s.path))
-    write_report(s.path)
+    write_report(s.path, "interrupted")
     try:
         SearchLogger(s.tracking_store, s.experiment, str(s.path)).interrupt_search(f"**{err}**")
     except Exception as e:  # noqa: BLE001 - the results are on disk; `bitsearch sync` fills MLflow in later
@@ -196,8 +201,7 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     _quiet_ray()
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
     tuner.fit()
-    _check_ended(s)
-    return finish(s, time.time() - t0)
+    return finish(s, time.time() - t0, _check_ended(s, time.time() - t0))
 
 
 def trials_left(path: str | Path, s: SearchSettings) -> int | None:
@@ -210,13 +214,18 @@ def trials_left(path: str | Path, s: SearchSettings) -> int | None:
     return max(0, _n_trials(s) - sum(st == "TERMINATED" for st in statuses))
 
 
-def finish(s: SearchSettings, seconds: float) -> dict[str, Any]:
-    summary = write_report(s.path)
+def finish(s: SearchSettings, seconds: float, stopped: str = "completed") -> dict[str, Any]:
+    """The report, MLflow's parent run closed and the registry; ``stopped`` says why the search ended
+    (completed or time_budget: an interrupt raises before this)."""
+    summary = write_report(s.path, stopped)
     summary["seconds"] = seconds
     try:
         lg = SearchLogger(s.tracking_store, s.experiment, str(s.path))
         summary["mlflow_experiment_id"] = lg.experiment_id
         summary["mlflow_parent_run_id"] = lg.parent_run_id
+        summary["mlflow_view"] = lg.share_view(*s.chart_axes())
+        if stopped == "time_budget":  # the trials it stopped in flight end as stopped, not open
+            lg.close_open_trials("stopped")
         close_search(lg, summary)
         summary["registry"] = register_models(s, summary, lg)
     except Exception as e:  # results stay on disk; `bitsearch sync` fills MLflow in later

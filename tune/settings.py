@@ -12,7 +12,7 @@ from typing import Any
 from mlflow_server.tracking import default_tracking_uri, fetch_artifact, is_artifact_uri
 from pipeline import load_baseline, packed_meta, prepare_quantized
 from pipeline.sensitivity import FORMAT, SensitivityError, allocation_config, check_min_bits, weight_scores
-from quantization import FineTune, QuantConfig, QuantConfigError
+from quantization import FineTune, Method, QuantConfig, QuantConfigError
 from quantization.api import plan_for
 from trainer.data import source_kind
 from tune import storage
@@ -40,6 +40,7 @@ class SearchSettings:
                                                            "qat_lr": {"low": 1e-4, "high": 0.05, "log": True}})
     grid: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GRID))
     size_budget_mb: float | None = None
+    time_budget_s: float | None = None         # the search ends on time with what it finished (in-flight trials stopped)
     num_samples: int = 8
     max_concurrent: int | None = None          # default: as many trials as the cluster's CPUs and GPUs hold
     cpus_per_trial: float = 1.0
@@ -66,6 +67,8 @@ class SearchSettings:
     subset: int = 0
     val_size: int = 0
     fp32_top1: float | None = None
+    fp32_val_top1: float | None = None
+    w8_mb: float | None = None                 # the uniform W8A8 packed size: the "best" is compared with it
 
     @property
     def base_quant(self) -> QuantConfig:
@@ -96,6 +99,14 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def chart_axes(self) -> tuple[list[str], list[str]]:
+        """(params, metrics) of the search's parallel-coordinates chart: what every trial has. qat_lr only
+        when every trial fine-tunes (a PTQ trial has none, and MLflow draws a missing value at the top of
+        its axis); test_top1 never (a trial ASHA stopped did not measure it)."""
+        methods = (self.space if self.mode == "search" else self.grid).get("method") or [self.base_quant.method]
+        params = ["w_bits", "a_bits"] + (["qat_lr"] if all(Method.parse("method", m).fine_tunes for m in methods) else [])
+        return params, ["comp_mb", "val_top1"]
 
     def applicable(self) -> dict[str, Any]:
         """The settings that shape this search (the parent run's params): a sweep has no sampled space,
@@ -161,7 +172,9 @@ def validate(s: SearchSettings) -> SearchSettings:
         raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
     tc, hist = ck["config"], ck.get("history") or []
     s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
-                            fp32_top1=hist[-1].get("test_top1") if hist else None)  # same test set for every trial
+                            fp32_top1=hist[-1].get("test_top1") if hist else None,  # same test set for every trial
+                            fp32_val_top1=hist[-1].get("val_top1") if hist else None,
+                            w8_mb=_packed_mb(fp32, ck, quant_config({"w_bits": 8, "a_bits": 8}, s.quant_base)))
     if s.size_budget_mb is not None:
         _check_budget(s, fp32, ck)
     return s
@@ -187,6 +200,9 @@ def _check_options(s: SearchSettings) -> None:
     v = s.size_budget_mb
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
         raise SearchConfigError(f"size_budget_mb={v!r} is invalid: a number > 0")
+    v = s.time_budget_s
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+        raise SearchConfigError(f"time_budget_s={v!r} is invalid: a number of seconds > 0")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("finetune_subset", 0)):
         v = getattr(s, k)
         if (v is not None or k != "max_concurrent") and (isinstance(v, bool) or not isinstance(v, int) or v < lo):

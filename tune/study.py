@@ -39,10 +39,10 @@ class StudyError(ValueError):
 
 # The course report this project must beat (FP32 93.71%; weights only, activations never applied).
 REFERENCE = [
-    {"config": "FP32", "W_bits": 32, "A_bits": 32, "Accuracy": 93.71, "Ratio": 1.00},
-    {"config": "W8", "W_bits": 8, "A_bits": "(not applied)", "Accuracy": 93.78, "Ratio": 3.61},
-    {"config": "W4", "W_bits": 4, "A_bits": "(not applied)", "Accuracy": 92.08, "Ratio": 6.38},
-    {"config": "W2", "W_bits": 2, "A_bits": "(not applied)", "Accuracy": 10.0, "Ratio": None},
+    {"config": "FP32", "w_bits": 32, "a_bits": 32, "test_top1": 93.71, "ratio": 1.00},
+    {"config": "W8", "w_bits": 8, "a_bits": "(not applied)", "test_top1": 93.78, "ratio": 3.61},
+    {"config": "W4", "w_bits": 4, "a_bits": "(not applied)", "test_top1": 92.08, "ratio": 6.38},
+    {"config": "W2", "w_bits": 2, "a_bits": "(not applied)", "test_top1": 10.0, "ratio": None},
 ]
 
 
@@ -159,17 +159,17 @@ def recommendations(df: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     if df.empty:
         return out
-    for label, cond in (("smallest within 0.5 point of FP32", df["Drop"] <= 0.5),
-                        ("smallest within 1 point of FP32", df["Drop"] <= 1.0),
-                        ("smallest overall", df["Drop"].notna())):
-        d = df[cond].sort_values(["Comp_MB", "Drop"])
+    for label, cond in (("smallest within 0.5 point of FP32", df["drop"] <= 0.5),
+                        ("smallest within 1 point of FP32", df["drop"] <= 1.0),
+                        ("smallest overall", df["drop"].notna())):
+        d = df[cond].sort_values(["comp_mb", "drop"])
         if not d.empty:
             out.append({"choice": label, **records(d.head(1))[0]})
     return out
 
 
-COLS = ["stage", "trial_id", "W_bits", "A_bits", "method", "lr", "Accuracy", "Val_Acc", "Drop", "Orig_MB", "Comp_MB",
-        "Ratio", "Weight_ratio", "Act_ratio"]
+COLS = ["stage", "trial_id", "w_bits", "a_bits", "method", "lr", "test_top1", "val_top1", "drop", "orig_mb", "comp_mb",
+        "ratio", "weight_ratio", "act_ratio"]
 
 
 def write_study_report(out: Path, cfg: dict, data: str, base: dict, results: dict, seconds: float) -> dict[str, Any]:

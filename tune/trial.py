@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import ray
 from ray import tune
 
 from mlflow_server.tracking import fetch_artifact
@@ -176,6 +177,13 @@ def _restore_checkpoint(work: Path) -> bool:
     return True
 
 
+def _node_id() -> str | None:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside a Ray worker (a trial function called directly)
+        return None
+
+
 def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bool, budget: float | None,
                   alloc: dict | None, system: SystemSampler, device: torch.device) -> None:
     """The trial's files (quantize.json, trial.json: the spec it ran, model.bsq and model.onnx beside it)
@@ -189,7 +197,7 @@ def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bo
     metrics = {k: v for k, v in named.items() if v is not None}
     metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
                    resumed=resumed, final=True, epoch=final_step(pub["qat_epochs"]), **gpu_metrics(device))
-    extra = {}
+    extra = {"node_id": _node_id()}  # which Ray node ran it (hostname and node_ip, Ray's own keys, repeat on one machine)
     if alloc is not None:
         metrics["alloc_sensitivity"] = alloc["sensitivity"]
         extra["alloc_bits"] = dict(alloc["bits"])  # per-layer bits: MLflow params (tune/mlflow_callback.py)

@@ -57,15 +57,14 @@ class TrialSpec:
         return label
 
     def params(self) -> dict[str, Any]:
-        """MLflow params: the same keys, numeric where they can be, for every trial of a search, so a
-        parallel-coordinates plot has no gaps: qat_epochs, qat_lr and kd_weight are 0 for a method that
-        does not fine-tune; a mixed-precision trial's w_bits is the mean of its block bit-widths (the
-        blocks are params too); an allocated trial's bits are its avg_w_bits metric and bits.<layer>
-        params."""
+        """MLflow params, numeric where they can be: what the trial was run with and nothing it was not
+        (a PTQ trial has no qat_epochs, qat_lr or kd_weight: it does not fine-tune); a mixed-precision
+        trial's w_bits is the mean of its block bit-widths (the blocks are params too); an allocated
+        trial's bits are its avg_w_bits metric and bits.<layer> params."""
         ft = self.fine_tune
-        p = {**self.sampled, "method": str(self.method), "a_bits": self.quant.a_bits,
-             "granularity": str(self.quant.w_granularity), "qat_epochs": ft.epochs if ft else 0,
-             "qat_lr": ft.lr if ft else 0.0, "kd_weight": ft.kd_weight if ft else 0.0}
+        p = {**{k: v for k, v in self.sampled.items() if ft or k not in FINE_TUNE_KEYS}, "method": str(self.method),
+             "a_bits": self.quant.a_bits, "granularity": str(self.quant.w_granularity),
+             **({"qat_epochs": ft.epochs, "qat_lr": ft.lr, "kd_weight": ft.kd_weight} if ft else {})}
         if self.block_w_bits:
             p["w_bits"] = round(sum(self.block_w_bits) / len(self.block_w_bits), 2)
         elif self.size_budget_mb is None:
@@ -74,8 +73,8 @@ class TrialSpec:
 
     def row(self) -> dict[str, Any]:
         """The trial's columns in the results table (and so in the JSON, the report and registry tags):
-        its label, W_bits (``mixed 4-8`` for per-block bits, ``alloc`` for an allocation: its average bits are a
-        measurement, filled in from the trial's result), A_bits, method, granularity, lr and qat_epochs
+        its label, w_bits (``mixed 4-8`` for per-block bits, ``alloc`` for an allocation: its average bits are a
+        measurement, filled in from the trial's result), a_bits, method, granularity, lr and qat_epochs
         (None for PTQ), and the per-block bits."""
         ft = self.fine_tune
         w: Any = self.quant.w_bits
@@ -83,7 +82,7 @@ class TrialSpec:
             w = f"mixed {min(self.block_w_bits)}-{max(self.block_w_bits)}"
         elif self.size_budget_mb is not None:
             w = "alloc"
-        return {"label": self.label(), "W_bits": w, "A_bits": self.quant.a_bits, "method": str(self.method),
+        return {"label": self.label(), "w_bits": w, "a_bits": self.quant.a_bits, "method": str(self.method),
                 "granularity": str(self.quant.w_granularity), "lr": ft.lr if ft else None,
                 "qat_epochs": ft.epochs if ft else None,
                 **{block_key(i): b for i, b in enumerate(self.block_w_bits)}}

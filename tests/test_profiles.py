@@ -1,0 +1,34 @@
+"""The shipped profiles (configs/*.yaml) are valid as the commands read them: a typo in one fails here,
+not in a user's first run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantization import QuantConfig
+from trainer import TrainConfig
+from tune.settings import _check_options, _check_space, search_settings
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_profiles_are_the_documented_ones():
+    assert {p.stem for p in CONFIGS} == {"quick", "cpu", "seed", "gpu"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_section_of_a_profile_is_valid(path, tmp_path):
+    doc = yaml.safe_load(path.read_text())
+    assert set(doc) <= {"train", "quantize", "search", "sweep", "mixed"}, set(doc)
+    cfg = TrainConfig.from_dict(doc["train"])  # every profile trains
+    assert cfg.epochs >= 1
+    if "quantize" in doc:
+        QuantConfig.from_dict(doc["quantize"])
+    for mode, section in (("search", doc.get("search")), ("sweep", doc.get("sweep")), ("search", doc.get("mixed"))):
+        if section is None:
+            continue
+        s = search_settings(mode, section, {}, {}, baseline=str(tmp_path / "b.pt"), data=str(tmp_path), out=str(tmp_path))
+        _check_options(s)
+        _check_space(s)

@@ -35,4 +35,6 @@ fi
 export PYTHONUNBUFFERED=1
 args=(--out "$out")
 [ -n "${DATA:-}" ] && args+=(--data "$DATA")
-exec "$PY" "$here/gpu_bench.py" "${args[@]}" "$@"
+mkdir -p "$out"
+set -o pipefail
+"$PY" "$here/gpu_bench.py" "${args[@]}" "$@" 2>&1 | tee "$out/gpu_bench.log"  # the log comes back with the JSON

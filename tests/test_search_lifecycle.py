@@ -168,6 +168,7 @@ def test_ctrl_c_ends_the_search_killed_and_resume_finishes_it(ray_session, basel
     tree, ck = baseline
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"search": {"space": {"w_bits": [4, 8], "method": ["qat"]}, "qat_epochs": 2,
+                                          "objectives": "multi",  # no ASHA: every trial runs to its end
                                           "num_samples": 3, "max_concurrent": 1}}))
     proc = subprocess.Popen([sys.executable, "-m", "bitsearch", "search", "--baseline", str(ck), "--data", str(tree),
                              "--out", str(tmp_path), "--name", "ci", "--config", str(cfg), "--batch-size", "16",

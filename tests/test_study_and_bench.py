@@ -74,7 +74,8 @@ def test_gpu_bench_tiny_setting_runs_on_cpu(tmp_path):
     assert [t["label"] for t in res["sweep"]] == ["W8A8", "W2A8"] or sorted(t["w_bits"] for t in res["sweep"]) == [2, 8]
     # what comes back from the GPU machine: at most 8 files, the reference checkpoint weights-only
     back = sorted(p.name for p in out.iterdir())
-    assert back == ["gpu_bench.json", "gpu_bench.md", "mobilenetv2-w1.0-cifar10.pt"], back
+    assert back == ["gpu_bench.json", "gpu_bench.log", "gpu_bench.md", "mobilenetv2-w1.0-cifar10.pt"], back
+    assert "reference model: test top-1" in (out / "gpu_bench.log").read_text()
     from trainer import load_checkpoint
     ck = load_checkpoint(out / "mobilenetv2-w1.0-cifar10.pt")
     assert "optimizer" not in ck and ck["config"]["ema_decay"] > 0

@@ -48,6 +48,16 @@ def test_resume_reproduces_an_uninterrupted_run(learnable_data, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
+def _resumed_after_epoch_1_ends_as(model, data, cfg, tmp_path):
+    """A run "killed" after epoch 1 and resumed (from another initialisation) ends with ``model``'s weights."""
+    part = tmp_path / "part"
+    train(_model(), data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
+    resumed = _model(seed=99)
+    train(resumed, data, cfg, out_dir=part, resume=True, write_reports=False)
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
 class _StopAfter:
     """Copies the checkpoint as it stood after epoch ``n`` (what a kill leaves behind)."""
 
@@ -151,12 +161,7 @@ def test_progressive_resizing_trains_early_epochs_small_and_resumes_exactly(lear
     assert [h["train_px"] for h in res["history"]] == [16.0, 24.0, 32.0]
     assert res["top1"] > 60.0, res["history"]  # still learns the 3 easy classes
 
-    part = tmp_path / "part"
-    train(_model(), learnable_data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
-    resumed = _model(seed=99)
-    train(resumed, learnable_data, cfg, out_dir=part, resume=True, write_reports=False)
-    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    _resumed_after_epoch_1_ends_as(model, learnable_data, cfg, tmp_path)
 
     # the resize is an antialiased downscale of the whole image: a constant image stays that constant
     x = torch.full((2, 3, 32, 32), 0.7)
@@ -203,12 +208,7 @@ def test_ema_is_what_is_evaluated_saved_and_returned_and_it_resumes_exactly(lear
     from trainer import evaluate
     assert evaluate(model, learnable_data.test_x, learnable_data.test_y)["top1"] == res["top1"]
 
-    part = tmp_path / "part"
-    train(_model(), learnable_data, cfg, out_dir=tmp_path / "tmp", callbacks=[_StopAfter(1, part)], write_reports=False)
-    resumed = _model(seed=99)
-    train(resumed, learnable_data, cfg, out_dir=part, resume=True, write_reports=False)
-    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    _resumed_after_epoch_1_ends_as(model, learnable_data, cfg, tmp_path)
 
 
 def test_weights_only_checkpoint_quantizes_but_does_not_resume(learnable_data, tmp_path):

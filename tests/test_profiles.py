@@ -32,3 +32,16 @@ def test_every_section_of_a_profile_is_valid(path, tmp_path):
         s = search_settings(mode, section, {}, {}, baseline=str(tmp_path / "b.pt"), data=str(tmp_path), out=str(tmp_path))
         _check_options(s)
         _check_space(s)
+
+
+@pytest.mark.parametrize("mode, extra, params, metrics", [
+    ("sweep", {"grid": {"w_bits": [8, 4]}}, ["w_bits", "a_bits"], ["comp_mb", "val_top1"]),
+    ("search", {"space": {"w_bits": [2, 8], "method": ["qat", "lsq"]}}, ["w_bits", "a_bits", "qat_lr"],
+     ["comp_mb", "val_top1"]),
+    ("search", {"space": {"w_bits": [2, 8], "method": ["ptq", "qat"]}}, ["w_bits", "a_bits"], ["comp_mb", "val_top1"]),
+    ("search", {"space": {"size_budget_mb": [0.3, 0.5], "method": ["ptq"]}}, ["a_bits"],
+     ["avg_w_bits", "comp_mb", "val_top1"]),
+])
+def test_the_search_chart_has_only_axes_every_trial_has(mode, extra, params, metrics, tmp_path):
+    s = search_settings(mode, extra, {}, {}, baseline=str(tmp_path / "b.pt"), data=str(tmp_path), out=str(tmp_path))
+    assert s.chart_axes() == (params, metrics)

@@ -103,10 +103,13 @@ class SearchSettings:
     def chart_axes(self) -> tuple[list[str], list[str]]:
         """(params, metrics) of the search's parallel-coordinates chart: what every trial has. qat_lr only
         when every trial fine-tunes (a PTQ trial has none, and MLflow draws a missing value at the top of
-        its axis); test_top1 never (a trial ASHA stopped did not measure it)."""
+        its axis); test_top1 never (a trial ASHA stopped did not measure it); a budget search's trials have
+        no w_bits param (their allocation's mean bits are the metric avg_w_bits)."""
         methods = (self.space if self.mode == "search" else self.grid).get("method") or [self.base_quant.method]
-        params = ["w_bits", "a_bits"] + (["qat_lr"] if all(Method.parse("method", m).fine_tunes for m in methods) else [])
-        return params, ["comp_mb", "val_top1"]
+        lr = ["qat_lr"] if all(Method.parse("method", m).fine_tunes for m in methods) else []
+        if self.mode == "search" and "size_budget_mb" in self.space:  # allocated trials: bits are a measurement
+            return ["a_bits", *lr], ["avg_w_bits", "comp_mb", "val_top1"]
+        return ["w_bits", "a_bits", *lr], ["comp_mb", "val_top1"]
 
     def applicable(self) -> dict[str, Any]:
         """The settings that shape this search (the parent run's params): a sweep has no sampled space,

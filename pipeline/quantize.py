@@ -168,7 +168,8 @@ def _fine_tune(q, fp32, data: Dataset, qcfg: QuantConfig, ft: FineTune, batch_si
     tcfg = TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=batch_size, seed=seed, device=dev.type,
                        no_decay_bn_bias=True, eval_test=False, width=getattr(fp32, "width", 1.0),
                        dropout=float(getattr(getattr(fp32, "dropout", None), "p", 0.2)),
-                       kd_weight=ft.kd_weight, kd_temperature=ft.kd_temperature)
+                       kd_weight=ft.kd_weight, kd_temperature=ft.kd_temperature,
+                       bn_reestimate="off")  # the QAT schedule decides what BN does (QuantConfig, QATSchedule)
     res = train(q, data, tcfg, out_dir=Path(out_dir) / "qat" if out_dir else None,
                 callbacks=[QATSchedule(qcfg), *callbacks], resume=resume, write_reports=False,
                 teacher=fp32 if ft.kd_weight > 0 else None,

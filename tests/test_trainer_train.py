@@ -149,7 +149,8 @@ def test_progressive_resizing_trains_early_epochs_small_and_resumes_exactly(lear
     evaluation always sees 32 px; a run killed in the low-resolution phase resumes to the same weights."""
     from trainer.train import resize_batch
 
-    cfg = TrainConfig(**{**TINY, "epochs": 3, "progressive": "16:1,24:1", "amp": "off", "channels_last": "off"})
+    cfg = TrainConfig(**{**TINY, "epochs": 3, "progressive": "16:1,24:1", "amp": "off", "channels_last": "off",
+                         "bn_reestimate": "off"})  # its train-mode passes are not training steps
     model = _model()
     seen: list[tuple[bool, int]] = []
     model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
@@ -237,3 +238,32 @@ def test_final_figures_are_fp32_even_when_training_under_autocast(learnable_data
     assert res["amp"] is True
     fp32 = evaluate(model, learnable_data.test_x, learnable_data.test_y, amp=False)
     assert res["top1"] == fp32["top1"] and res["history"][-1]["test_loss"] == fp32["loss"]
+
+
+@pytest.mark.parametrize("setting, re_estimated", [("auto", True), ("off", False), ("on", True)])
+def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(learnable_data, setting, re_estimated, monkeypatch):
+    """A run of a few steps leaves BN running averages (momentum 0.1) that describe earlier weights, and in eval
+    mode the predictions collapse to one class (1 epoch on 2,000 CIFAR images: 10.00% test, docs/lab). Short runs
+    ("auto": fewer than SHORT_RUN_STEPS steps) end with the statistics re-estimated on the final weights: then a
+    second re-estimation changes nothing, while without it the statistics are the lagging averages."""
+    import copy
+
+    from trainer.train import reestimate_bn
+    tt = importlib.import_module("trainer.train")  # the module (trainer.train is also the function)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "bn_reestimate": setting})
+    model = _model()
+    with two_threads():
+        train(model, learnable_data, cfg, write_reports=False)
+    again = copy.deepcopy(model)
+    assert reestimate_bn(again, learnable_data.train_x) == 1  # 192 images: one batch of 250
+    stats = lambda m: [t for k, t in m.state_dict().items() if "running_" in k]  # noqa: E731
+    same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats(model), stats(again)))
+    assert same == re_estimated
+    if setting == "auto":  # a run of SHORT_RUN_STEPS steps or more keeps its running averages
+        monkeypatch.setattr(tt, "SHORT_RUN_STEPS", 12)  # 192 images / 16 = 12 steps
+        long_run = _model()
+        with two_threads():
+            train(long_run, learnable_data, cfg, write_reports=False)
+        again = copy.deepcopy(long_run)
+        reestimate_bn(again, learnable_data.train_x)
+        assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(stats(long_run), stats(again)))

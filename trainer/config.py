@@ -41,6 +41,9 @@ class TrainConfig:
     compile: bool = False         # torch.compile the model (static shapes: the last partial batch is dropped)
     amp: str = "auto"             # bf16 autocast: on | off | auto (= on with CUDA or a native-bf16 CPU; train.precision)
     channels_last: str = "auto"   # channels-last memory format: on | off | auto (same rule)
+    bn_reestimate: str = "auto"   # re-estimate BN running statistics on the training images after the last epoch:
+                                  # on | off | auto (= runs of fewer than train.SHORT_RUN_STEPS optimizer steps,
+                                  # whose running averages still lag behind the weights)
     eval_every: int = 1           # evaluate the test set every N epochs (and at the last); val: every epoch
     eval_test: bool = True        # False: validation only (QAT inside a search: test is measured after)
 
@@ -49,7 +52,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        for k in ("amp", "channels_last"):
+        for k in ("amp", "channels_last", "bn_reestimate"):
             object.__setattr__(self, k, _switch(k, getattr(self, k)))
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")

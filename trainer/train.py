@@ -23,7 +23,8 @@ from trainer.data import Dataset, GpuLoader, normalize
 
 CHECKPOINT_FORMAT = "bitsearch-train-v1"
 # config keys that may differ between a checkpoint and a resumed run (they do not change the result)
-RESUME_FREE_KEYS = {"device", "amp", "channels_last", "eval_every", "eval_test"}  # compile drops the last partial batch
+SHORT_RUN_STEPS = 500  # bn_reestimate "auto": runs with fewer optimizer steps in all re-estimate BN at the end
+RESUME_FREE_KEYS = {"device", "amp", "channels_last", "eval_every", "eval_test", "bn_reestimate"}  # compile drops the last partial batch
 
 
 class CheckpointError(RuntimeError):
@@ -165,6 +166,35 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     n = max(1, len(y))
     return {"loss": loss_sum.item() / n, "top1": 100.0 * (pred == y.cpu()).float().mean().item() if len(y) else 0.0,
             "pred": pred}
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 250, max_batches: int = 40,
+                  device: torch.device | None = None) -> int:
+    """Replace every BN's running statistics by their plain average over train-mode passes of (up to
+    ``max_batches`` batches of) the un-augmented uint8 ``images``; the number of batches used. After a few
+    hundred steps the running averages (momentum 0.1) still describe earlier weights, and eval-mode
+    predictions collapse to one class."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images) == 0:
+        return 0
+    device = device or next(model.parameters()).device
+    was = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    n = 0
+    for i in range(0, len(images), batch_size):
+        if n >= max_batches:
+            break
+        model(normalize(images[i:i + batch_size].to(device, non_blocking=True)))
+        n += 1
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was)
+    return n
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -320,6 +350,8 @@ class _Run:
         self.loader = GpuLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, train=True,
                                 generator=self.gen, do_augment=cfg.augment, drop_last=cfg.compile)
         self.steps = len(self.loader)
+        self.reestimate_bn = cfg.bn_reestimate == "on" or (
+            cfg.bn_reestimate == "auto" and cfg.epochs * self.steps < SHORT_RUN_STEPS)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, cosine_lambda(cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps)))
         self.forward = torch.compile(model, dynamic=False) if cfg.compile else model
@@ -336,6 +368,8 @@ def _epoch_with_eval(run: "_Run", epoch: int, callbacks: list, test_eval: dict |
     m = _train_epoch(run, epoch, callbacks)
     cfg, data, model = run.cfg, run.data, run.eval_model
     last = epoch + 1 == cfg.epochs
+    if last and run.reestimate_bn:
+        reestimate_bn(model, data.train_x, device=run.device)
     amp = run.amp and not last  # the final figures in FP32: what `bitsearch eval` and quantization measure
     if data.val_y is not None:
         v = evaluate(model, data.val_x, data.val_y, device=run.device, amp=amp)

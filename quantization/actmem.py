@@ -8,10 +8,10 @@ Method
 2. Storage precision of each tensor, as the model computes it: a tensor is stored at ``b`` bits only
    when its one and only reader is a quantized layer whose input quantizer reads it at ``b`` bits
    (the producer can then write its output straight onto that grid, as integer runtimes do).
-   Views (flatten, reshape, dropout and identity at inference) pass their reader on. Any other
-   reader (the residual ``add``, pooling, an FP32 layer, the model output) needs the full-precision
-   values, so the tensor counts at 32 bits: MobileNet-v2's residual branches are added in FP32, so
-   the block outputs they carry count in full. tests/test_quant_packing.py checks that every tensor
+   Views (flatten, reshape, dropout and identity at inference) pass their reader on. A tensor a
+   quantizer writes (a layer's output quantizer, a residual block's SharedInput: QuantConfig.quantize_outputs)
+   is stored at that quantizer's bits whoever reads it. Any other tensor read by something else (a residual
+   ``add``, pooling, an FP32 layer, the model output) needs the full-precision values and counts at 32 bits. tests/test_quant_packing.py checks that every tensor
    counted below 32 bits really holds at most 2^b distinct values.
 3. Liveness: a tensor lives from the node that makes it to its last reader (a view extends the life
    of the tensor it aliases and adds no bytes of its own). Walking the nodes in execution order, the
@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from quantization.api import described_layers
-from quantization.modules import QuantConvBn2d, QuantLinear
+from quantization.modules import QuantConvBn2d, QuantLinear, SharedInput
 
 VIEW_FUNCTIONS = (torch.flatten, torch.reshape)
 VIEW_METHODS = ("view", "reshape", "flatten", "contiguous")
@@ -48,16 +48,35 @@ class _Tracer(fx.Tracer):
         self.units = units
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (qualname in self.units or isinstance(m, (QuantConvBn2d, QuantLinear))
+        return (qualname in self.units or isinstance(m, (QuantConvBn2d, QuantLinear, SharedInput))
                 or super().is_leaf_module(m, qualname))
 
 
+def _layer_in(module: nn.Module):
+    if isinstance(module, (QuantConvBn2d, QuantLinear)):
+        return module
+    return next((c for c in module.children() if isinstance(c, (QuantConvBn2d, QuantLinear))), None)
+
+
+def _on(q):
+    return q if q is not None and q.enabled else None
+
+
 def input_quantizer(module: nn.Module):
-    """The activation quantizer through which ``module`` (a quantized layer, or a unit holding one) reads
-    its input (None: it reads FP32)."""
-    if not isinstance(module, (QuantConvBn2d, QuantLinear)):
-        module = next((c for c in module.children() if isinstance(c, (QuantConvBn2d, QuantLinear))), None)
-    return module.aq if module is not None and module.aq is not None and module.aq.enabled else None
+    """The activation quantizer through which ``module`` (a quantized layer, a unit holding one, or a
+    block's SharedInput) reads its input (None: it reads FP32)."""
+    if isinstance(module, SharedInput):
+        return _on(module.quantizer)
+    layer = _layer_in(module)
+    return _on(layer.aq) if layer is not None else None
+
+
+def output_quantizer(module: nn.Module):
+    """The quantizer that puts ``module``'s own output on a grid (a layer's ``oq``, a SharedInput), or None."""
+    if isinstance(module, SharedInput):
+        return _on(module.quantizer)
+    layer = _layer_in(module)
+    return _on(layer.oq) if layer is not None else None
 
 
 def is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -100,7 +119,9 @@ def tensor_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[fx.Graph
         if is_view(n, modules) or n.op == "output":
             numel = 0
         rs = readers(n)
-        q = input_quantizer(modules[rs[0].target]) if len(rs) == 1 and rs[0].op == "call_module" else None
+        q = output_quantizer(modules[n.target]) if n.op == "call_module" else None
+        if q is None and len(rs) == 1 and rs[0].op == "call_module":
+            q = input_quantizer(modules[rs[0].target])
         table.append(Tensor(n, numel, q.bits if q is not None else 32))
     return gm, table
 
@@ -125,7 +146,7 @@ def activation_memory(model: nn.Module, input_shape=(1, 3, 32, 32), batch_sizes=
             best = max(best, live)
         return best
 
-    out: dict[str, Any] = {"method": "fx liveness over fused conv units, residual adds in FP32; see quantization/actmem.py"}
+    out: dict[str, Any] = {"method": "fx liveness over fused conv units; see quantization/actmem.py"}
     for b in batch_sizes:
         f, q = peak(b, False), peak(b, True)
         out[f"batch{b}"] = {"fp32_bytes": f, "quant_bytes": q, "ratio": f / q}

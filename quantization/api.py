@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantization.config import FP32, Method, QuantConfig, QuantConfigError
-from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear
+from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear, SharedInput, act_quantizer
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
 
@@ -36,17 +36,16 @@ def described_layers(model: nn.Module) -> list:
     return list(describe())
 
 
-def _fuse_relu6(model: nn.Module, info, qm: nn.Module) -> None:
-    """Let the activation quantizer of ``qm`` apply the ReLU6 that feeds it (``info.relu6_source``, read
-    by this layer only) and drop that module: same values, one full-size pass fewer each way."""
-    src = info.relu6_source
-    if src is None or qm.aq is None or qm.aq.signed or qm.aq.axis is not None:
+def _fuse_relu6(model: nn.Module, src: str | None, q: FakeQuantizer | None) -> None:
+    """Let the (unsigned, per-tensor) quantizer ``q`` apply the ReLU6 module ``src`` whose output only it
+    reads, and drop that module: same values, one full-size pass fewer each way."""
+    if src is None or q is None or q.signed or q.axis is not None:
         return
     parent_name, _, attr = src.rpartition(".")
     parent = model.get_submodule(parent_name)
     if isinstance(getattr(parent, attr, None), nn.ReLU6):
         setattr(parent, attr, nn.Identity())
-        qm.aq.fused_relu6 = True
+        q.fused_relu6 = True
 
 
 def plan_for(model: nn.Module, cfg: QuantConfig) -> dict:
@@ -109,14 +108,47 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         else:
             raise QuantConfigError(f"{info.name} is a {type(layer).__name__}: only Conv2d and Linear layers quantize")
         setattr(parent, attr, qm)
-        _fuse_relu6(q, info, qm)
+        _fuse_relu6(q, info.relu6_source, qm.aq)
         if qm.wq is not None:
             qm.wq.observing = False
             if qm.wq.lsq:  # LSQ weight step starts from the observer's range
                 qm.wq.observe(qm.folded()[0].detach())
+    if cfg.quantize_outputs:
+        _quantize_outputs(q, cfg)
     q.bitsearch_qconfig = cfg
     q.bitsearch_plan = {n: p for n, p in plan.items()}
     return q
+
+
+def _quantize_outputs(model: nn.Module, cfg: QuantConfig) -> None:
+    """QuantConfig.quantize_outputs: where the model says a layer's output is added back to its block's input
+    (LayerInfo.residual) or pooled (LayerInfo.pooled_relu6), the layer quantizes its output too; a residual
+    block's input is quantized once (SharedInput) for its branch and its skip. Only where the layers involved
+    quantize their activations: otherwise that add or pooling stays FP32."""
+    infos = described_layers(model)
+    for info in infos:
+        layer = model.get_submodule(info.name)
+        if not isinstance(layer, QUANT_LAYERS) or layer.aq is None:
+            continue
+        if info.residual:
+            first = model.get_submodule(next(i.name for i in infos if i.name.startswith(info.residual + ".")))
+            block = model.get_submodule(info.residual)
+            if isinstance(first, QUANT_LAYERS) and first.aq is not None and hasattr(block, "input_q"):
+                layer.oq = _output_quantizer(first.aq.bits, cfg, relu6=False)
+                block.input_q = SharedInput(first)
+        if info.pooled_relu6:  # the output quantizer applies that ReLU6 (it comes before the module's place)
+            parent_name, _, attr = info.pooled_relu6.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if isinstance(getattr(parent, attr, None), nn.ReLU6):
+                layer.oq = _output_quantizer(layer.aq.bits, cfg, relu6=True)
+                layer.oq.fused_relu6 = True
+                setattr(parent, attr, nn.Identity())
+
+
+def _output_quantizer(bits: int, cfg: QuantConfig, relu6: bool) -> FakeQuantizer:
+    oq = act_quantizer(bits, cfg, relu6)
+    oq.enabled = False  # until calibrated
+    return oq
 
 
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -124,7 +156,7 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
-    return [m.aq for m in quant_layers(model).values() if m.aq is not None]
+    return [q for m in quant_layers(model).values() for q in (m.aq, m.oq) if q is not None]
 
 
 @torch.no_grad()

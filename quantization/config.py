@@ -201,6 +201,11 @@ class QuantConfig:
     # yet: a search that samples the learning rate would push its 2-bit layers past where they diverge
     live_bn_lr_factor: float = 1.0
     freeze_observer_epoch: int = 0           # QAT: activation ranges (EMA) update until this epoch
+    # also quantize what an integer runtime keeps on a grid beyond layer inputs: both inputs of each residual add
+    # (the block's input once, for branch and skip; the branch's output) and the input of pooling; biases sit
+    # on the int32 grid of input scale x weight scale. Then the ONNX export runs as integer kernels. Packed files
+    # written before this setting existed hold models without it (packing.read_config)
+    quantize_outputs: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -211,7 +216,7 @@ class QuantConfig:
         for k in ("w_observer", "a_observer"):
             if getattr(self, k) not in OBSERVERS:
                 raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: allowed {', '.join(OBSERVERS)}")
-        for k in ("w_symmetric", "a_symmetric"):
+        for k in ("w_symmetric", "a_symmetric", "quantize_outputs"):
             if not isinstance(getattr(self, k), bool):
                 raise QuantConfigError(f"{k}={getattr(self, k)!r} is invalid: true or false")
         for k, lo in (("calib_batches", 1), ("freeze_bn_epoch", 0), ("freeze_observer_epoch", 0),

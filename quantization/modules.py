@@ -111,7 +111,7 @@ class FakeQuantizer(nn.Module):
             self.scale = self.effective_scale().detach().clone()
 
 
-def _act_quantizer(bits: int, cfg, relu6: bool) -> FakeQuantizer:
+def act_quantizer(bits: int, cfg, relu6: bool) -> FakeQuantizer:
     return FakeQuantizer(bits, cfg.a_symmetric, signed=not relu6, observer=cfg.a_observer, percentile=cfg.percentile,
                          lsq=cfg.method == Method.LSQ, max_clip=RELU6_MAX if relu6 else None)
 
@@ -129,16 +129,42 @@ class _QuantLayer(nn.Module):
     def _setup(self, plan, cfg, channels: int, relu6: bool) -> None:
         self.w_bits, self.a_bits = plan.w_bits, plan.a_bits
         self.wq = _weight_quantizer(plan.w_bits, cfg, plan.w_granularity, channels) if plan.w_bits != 32 else None
-        self.aq = _act_quantizer(plan.a_bits, cfg, relu6) if plan.a_bits != 32 else None
+        self.aq = act_quantizer(plan.a_bits, cfg, relu6) if plan.a_bits != 32 else None
         if self.aq is not None:
             self.aq.enabled = False  # until calibrated
+        # set by prepare (QuantConfig.quantize_outputs): the quantizer of this layer's output, where an integer
+        # runtime needs it on a grid (the branch of a residual add, the input of pooling); and whether ``aq`` is
+        # applied outside, by the block's SharedInput (the skip reads the same quantized tensor)
+        self.oq: FakeQuantizer | None = None
+        self.aq_outside = False
         self._cache: tuple | None = None
 
     def _versions(self) -> tuple:
         ts = [t for t in self._fold_inputs() if t is not None]
-        if self.wq is not None:
-            ts += [self.wq.scale] + ([self.wq.step] if self.wq.lsq else [])
-        return tuple((t.data_ptr(), t._version) for t in ts)
+        for q in (self.wq, self.aq):
+            if q is not None:
+                ts += [q.scale] + ([q.step] if q.lsq else [])
+        return tuple((t.data_ptr(), t._version) for t in ts) + (self.aq is not None and self.aq.enabled,)
+
+    def bias_scale(self) -> torch.Tensor | None:
+        """The step of the bias grid, input scale x weight scale (per output channel): integer kernels add
+        the bias to their int32 accumulator in these units. None while either side is not quantized."""
+        if self.wq is None or self.aq is None or not self.aq.enabled:
+            return None
+        return (self.aq.effective_scale().detach() * self.wq.effective_scale().detach()).reshape(-1)
+
+    def _bias_on_grid(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias rounded to the int32 grid (``bias_scale``); gradients pass straight through."""
+        s = self.bias_scale()
+        if b is None or s is None:
+            return b
+        return b + (torch.round(b / s) * s - b).detach()
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aq(x) if self.aq is not None and not self.aq_outside else x
+
+    def _write(self, y: torch.Tensor) -> torch.Tensor:
+        return self.oq(y) if self.oq is not None else y
 
     def quantized_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (fake-)quantized folded weight and folded bias used in inference. Cached while the
@@ -148,6 +174,7 @@ class _QuantLayer(nn.Module):
             return self._cache[1], self._cache[2]
         w, b = self.folded()
         wq = self.wq(w) if self.wq is not None else w
+        b = self._bias_on_grid(b)
         if cacheable:
             self._cache = (self._versions(), wq.detach(), None if b is None else b.detach())
         return wq, b
@@ -229,19 +256,18 @@ class QuantConvBn2d(_QuantLayer):
             # training with BN frozen: folded() and the weight quantizer in one autograd node where it can
             fused = self.wq.fold_quantize(self.conv.weight, self.bn.weight, self.bn.running_var, self.bn.eps, frozen=True)
             if fused is not None:
-                return fused[0], self._folded_bias(fused[1])
+                return fused[0], self._bias_on_grid(self._folded_bias(fused[1]))
         return super().quantized_weight_bias()
 
     def _conv(self, x, w, b):
         return self.conv._conv_forward(x, w, b)  # the conv's own kernel choice (trainer.model.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is not None:
-            x = self.aq(x)
+        x = self._read(x)
         if self.bn is not None and self.training and not self.bn_frozen:
-            return self._live_bn_forward(x)
+            return self._write(self._live_bn_forward(x))
         w, b = self.quantized_weight_bias()
-        return self._conv(x, w, b)
+        return self._write(self._conv(x, w, b))
 
     def _live_bn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """QAT with live BN: quantize the weight folded with the running sigma (sf = gamma/sigma),
@@ -302,10 +328,26 @@ class QuantLinear(_QuantLayer):
         return self.linear.weight, self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is not None:
-            x = self.aq(x)
         w, b = self.quantized_weight_bias()
-        return F.linear(x, w, b)
+        return self._write(F.linear(self._read(x), w, b))
 
     def fold_(self) -> None:
         self._cache = None
+
+
+class SharedInput(nn.Module):
+    """Applies ``layer.aq`` to a residual block's input, so the branch (whose first layer then skips its
+    own ``aq``) and the skip add the same quantized tensor, as an integer runtime computes it. The layer is
+    held as a plain reference: its quantizer stays registered (and saved) under the layer."""
+
+    def __init__(self, layer: _QuantLayer):
+        super().__init__()
+        self._layer = [layer]
+        layer.aq_outside = True
+
+    @property
+    def quantizer(self) -> FakeQuantizer:
+        return self._layer[0].aq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x)

@@ -185,11 +185,12 @@ def convert(qmodel: nn.Module, model_meta: dict[str, Any]) -> Packed:
             entries.append(Entry(wkey, "f32", "weight_fp32", name, w, tuple(w.shape)))
         if b is not None:
             entries.append(Entry(bkey, "f32", "bias", name, b, tuple(b.shape)))
-        if m.aq is not None:
-            s = m.aq.effective_scale()
-            entries.append(Entry(f"{name}.aq.scale", "f32", "meta", name, s, tuple(s.shape)))
-            if not m.aq.symmetric:
-                entries.append(Entry(f"{name}.aq.zero_point", "u8", "meta", name, m.aq.zero_point, tuple(s.shape)))
+        for key, q in (("aq", m.aq), ("oq", m.oq)):
+            if q is not None:
+                s = q.effective_scale()
+                entries.append(Entry(f"{name}.{key}.scale", "f32", "meta", name, s, tuple(s.shape)))
+                if not q.symmetric:
+                    entries.append(Entry(f"{name}.{key}.zero_point", "u8", "meta", name, q.zero_point, tuple(s.shape)))
     prefixes = tuple(f"{n}." for n in qlayers)
     for key, t in qmodel.state_dict().items():
         if key.startswith(prefixes) or not t.is_floating_point():
@@ -329,10 +330,18 @@ def read_packed(path: str | Path) -> tuple[dict, bytes]:
     return header, body[PREAMBLE.size + hlen:]
 
 
+def read_config(d: Any) -> QuantConfig:
+    """A packed header's quantization config. Files written before ``quantize_outputs`` existed hold
+    models without output quantizers."""
+    if isinstance(d, dict) and "quantize_outputs" not in d:
+        d = {**d, "quantize_outputs": False}
+    return QuantConfig.from_dict(d)
+
+
 def _rebuild(path, header: dict, build_model: Callable[[dict], nn.Module]) -> tuple[nn.Module, Packed]:
     """The architecture and quantization the header describes, and the tensor table they imply."""
     try:
-        cfg = QuantConfig.from_dict(header.get("config")).replace(method=Method.PTQ)
+        cfg = read_config(header.get("config")).replace(method=Method.PTQ)
     except QuantConfigError as e:
         raise PackedFileError(f"{path}: the stored quantization config is invalid ({e})") from None
     try:
@@ -384,7 +393,7 @@ def load_packed(path: str | Path, build_model: Callable[[dict], nn.Module]) -> n
     qlayers = quant_layers(model)
     for name, m in qlayers.items():
         inner = m.conv if hasattr(m, "conv") else m.linear
-        for q in (m.wq, m.aq):
+        for q in (m.wq, m.aq, m.oq):
             if q is not None:
                 q.observing = False
         if m.wq is not None:
@@ -396,12 +405,13 @@ def load_packed(path: str | Path, build_model: Callable[[dict], nn.Module]) -> n
             wq.scale, wq.zero_point = s, z
             inner.weight.copy_(dequantize(c, s, z, wq.axis))
             wq.enabled = False  # the weight already sits on the integer grid
-        if m.aq is not None:
-            s = values.pop(f"{name}.aq.scale")
-            z = values.pop(f"{name}.aq.zero_point", torch.zeros((), dtype=torch.int32))
-            _check_qparams(path, name, s, z, m.aq)
-            m.aq.scale, m.aq.zero_point = s, z
-            m.aq.enabled = True
+        for key, q in (("aq", m.aq), ("oq", m.oq)):
+            if q is not None:
+                s = values.pop(f"{name}.{key}.scale")
+                z = values.pop(f"{name}.{key}.zero_point", torch.zeros((), dtype=torch.int32))
+                _check_qparams(path, name, s, z, q)
+                q.scale, q.zero_point = s, z
+                q.enabled = True
     unexpected = model.load_state_dict(values, strict=False).unexpected_keys  # the rest: biases, FP32 layers
     if unexpected:
         raise PackedFileError(f"{path}: tensors {unexpected[:3]} do not fit the model")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantization import QuantConfig, api, calibrate, prepare, primitives
+from quantization import QuantConfig, api, calibrate, prepare, primitives, quant_layers
 from quantization.modules import QuantConvBn2d, _FoldStep
 from quantization.primitives import fake_quantize, fake_quantize_relu6
 from trainer.model import MobileNetV2
@@ -226,7 +226,7 @@ def _fused_and_plain(width: float, cfg: QuantConfig, monkeypatch):
 def test_prepare_fuses_relu6_into_the_next_quantizer_without_changing_the_model(width, method, monkeypatch):
     fused, plain, x = _fused_and_plain(width, QuantConfig(w_bits=4, a_bits=4, method=method), monkeypatch)
     relu6 = lambda q: sum(isinstance(mod, nn.ReLU6) for mod in q.modules())  # noqa: E731
-    n_fused = sum(getattr(mod, "fused_relu6", False) for mod in fused.modules())
+    n_fused = sum(m.aq.fused_relu6 for m in quant_layers(fused).values() if m.aq is not None)
     assert n_fused > 30 and relu6(fused) == relu6(plain) - n_fused
     # at width 0.25 block 0 adds its input (the stem's ReLU6 output) back: that ReLU6 must stay
     assert isinstance(fused.stem.act, nn.ReLU6) == fused.blocks[0].use_res
@@ -267,3 +267,39 @@ def test_a_qat_layer_traces_as_one_graph_for_torch_compile(w_symmetric):
         ref.square().sum().backward()
         torch.testing.assert_close(layer.conv.weight.grad, eager.conv.weight.grad)
         torch.testing.assert_close(layer.bn.running_var, eager.bn.running_var)
+
+
+def test_biases_sit_on_the_int32_grid_of_input_times_weight_scale():
+    """What an integer kernel adds to its int32 accumulator: the folded bias in units of input scale x weight
+    scale (per channel). Layers whose input is not quantized keep the float bias."""
+    torch.manual_seed(0)
+    m = MobileNetV2(num_classes=10, width=0.25)
+    q = prepare(m, QuantConfig(w_bits=4, a_bits=8, overrides=({"pattern": "blocks.2.*", "a_bits": 32},)))
+    calibrate(q, [torch.randn(8, 3, 32, 32)])
+    gridded = 0
+    for name, layer in quant_layers(q.eval()).items():
+        _, b = layer.quantized_weight_bias()
+        s = layer.bias_scale()
+        if name.startswith("blocks.2."):
+            assert s is None
+            continue
+        codes = b / s
+        assert torch.equal(codes, torch.round(codes)), name
+        folded = layer.folded()[1]
+        assert (b - folded).abs().max() <= 0.5 * s.max() + 1e-6  # moved by at most half a step
+        gridded += 1
+    assert gridded > 20
+
+
+def test_old_packed_files_hold_models_without_output_quantizers():
+    from quantization.packing import read_config
+    old = QuantConfig().to_dict(procedure=False)
+    del old["quantize_outputs"]
+    assert read_config(old).quantize_outputs is False and read_config(QuantConfig().to_dict()).quantize_outputs
+    torch.manual_seed(0)
+    m = MobileNetV2(num_classes=10, width=0.25)
+    plain = prepare(m, QuantConfig(quantize_outputs=False))
+    assert not any(layer.oq is not None for layer in quant_layers(plain).values())
+    q = prepare(m, QuantConfig())
+    with_oq = [n for n, layer in quant_layers(q).items() if layer.oq is not None]
+    assert len(with_oq) == sum(b.use_res for b in m.blocks) + 1  # each residual branch + the pooled head

@@ -186,18 +186,19 @@ def test_activation_memory_is_measured_not_32_over_bits():
     assert activation_memory(q2)["act_ratio"] < am["act_ratio"]
 
 
-@pytest.mark.parametrize("width, w_bits, a_bits", [(0.25, 8, 2), (0.25, 4, 4), (0.5, 8, 8)])
-def test_every_tensor_counted_below_32_bits_holds_at_most_2_pow_b_values(width, w_bits, a_bits):
-    """Run the traced model and count the distinct values of each tensor as it is stored: the output of
-    its only reader's input quantizer when it has exactly one reader (through views) and that reader
-    quantizes it, else the tensor itself as computed. Residual sums (read by the next block and the next
-    add) are computed in FP32, so counting them at a_bits would fail here."""
+@pytest.mark.parametrize("width, w_bits, a_bits, outputs", [(0.25, 8, 2, True), (0.25, 4, 4, False), (0.5, 8, 8, True)])
+def test_every_tensor_counted_below_32_bits_holds_at_most_2_pow_b_values(width, w_bits, a_bits, outputs):
+    """Run the traced model and count the distinct values of each tensor as it is stored: as computed when a
+    quantizer writes it (a layer's output quantizer, a block's SharedInput), else the output of its only
+    reader's input quantizer when it has exactly one reader (through views) that quantizes it. Without
+    quantize_outputs the residual sums (read by the next block and the next add) are computed in FP32, so
+    counting them at a_bits would fail here; with it every residual add reads and writes quantized tensors."""
     from torch import fx
-    from quantization.actmem import input_quantizer, is_view, tensor_table
+    from quantization.actmem import input_quantizer, is_view, output_quantizer, tensor_table
 
     torch.manual_seed(0)
     m = MobileNetV2(num_classes=10, width=width).eval()
-    q = prepare(m, QuantConfig(w_bits=w_bits, a_bits=a_bits, keep_fp32=("stem.conv",)))
+    q = prepare(m, QuantConfig(w_bits=w_bits, a_bits=a_bits, keep_fp32=("stem.conv",), quantize_outputs=outputs))
     calibrate(q, [torch.randn(8, 3, 32, 32)])
     gm, table = tensor_table(q)
     modules = dict(gm.named_modules())
@@ -217,10 +218,15 @@ def test_every_tensor_counted_below_32_bits_holds_at_most_2_pow_b_values(width, 
     assert len(counted) > 10
     for t in counted:
         rs = readers(t.node)
+        written = t.node.op == "call_module" and output_quantizer(modules[t.node.target]) is not None
         aq = input_quantizer(modules[rs[0].target]) if len(rs) == 1 and rs[0].op == "call_module" else None
-        stored = aq(values[t.node]) if aq is not None else values[t.node]
+        stored = aq(values[t.node]) if aq is not None and not written else values[t.node]
         assert stored.unique().numel() <= 2 ** t.bits, (t.node.name, t.bits, stored.unique().numel())
-    # a residual sum that a later add reads again is kept at 32 bits; one read only by the next conv is not
     is_add = lambda n: n.op == "call_function" and "add" in str(n.target)  # noqa: E731
-    carried = [t for t in table if is_add(t.node) and any(is_add(u) for u in t.node.users)]
+    adds = [t for t in table if is_add(t.node)]
+    if outputs:  # each residual sum is written once on its grid, then read by the next block's SharedInput
+        assert adds and all(t.bits == a_bits for t in adds)
+        return
+    # a residual sum that a later add reads again is kept at 32 bits; one read only by the next conv is not
+    carried = [t for t in adds if any(is_add(u) for u in readers(t.node))]
     assert carried and all(t.bits == 32 for t in carried)

@@ -48,6 +48,10 @@ class LayerInfo(NamedTuple):
     bn: str | None             # the BN right after it (folded into the conv), if any
     input_relu6: bool          # its input comes straight out of a ReLU6 (range [0, 6]: unsigned grid, clip <= 6)
     relu6_source: str | None   # that ReLU6 module when this layer is its only reader (the quantizer may absorb it)
+    # integer runtimes also need these tensors quantized (quantization.api.prepare, QuantConfig.quantize_outputs):
+    residual: str | None = None       # the residual block that adds this layer's output to its input (the
+                                      # block's input_q reads that input once for the branch and the skip)
+    pooled_relu6: str | None = None   # the ReLU6 after this layer when pooling reads its output
 
 
 class Conv2d(nn.Conv2d):
@@ -87,8 +91,12 @@ class InvertedResidual(nn.Module):
             self.expand = ConvBNAct(cin, hidden, 1)
         self.dw = ConvBNAct(hidden, hidden, 3, stride, groups=hidden)
         self.project = ConvBNAct(hidden, cout, 1, act=False)
+        # a pass-through in the FP32 model; quantized, it reads the block's input once for both the branch and
+        # the skip (LayerInfo.residual), as an integer runtime adds the two
+        self.input_q = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_q(x)
         y = self.expand(x) if hasattr(self, "expand") else x
         y = self.project(self.dw(y))
         return x + y if self.use_res else y
@@ -140,6 +148,11 @@ class MobileNetV2(nn.Module):
             units.append((f"{p}.project", blk.project, True, f"{p}.dw.act"))
         units.append(("head", self.head, False, None))
         out = [LayerInfo(f"{n}.conv", n, f"{n}.bn", relu6, src) for n, _, relu6, src in units]
+        for k, info in enumerate(out):
+            blk = info.name.rpartition(".project.conv")[0]
+            if blk and self.get_submodule(blk).use_res:
+                out[k] = info._replace(residual=blk)
+        out[-1] = out[-1]._replace(pooled_relu6="head.act")
         # the classifier reads the average of ReLU6 outputs (dropout only rescales in training)
         out.append(LayerInfo("classifier", None, None, True, None))
         return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bitsearch.common import (RichProgress, UserError, emit, experiment_dir, explicit, load_profile, stderr_console,
                              writable_file)
+from pipeline.formats import WEIGHT_HELP, WEIGHT_STORAGE as WEIGHTS
 from quantization.config import FineTune, Granularity, Method
 
 QUANT_FLAGS = {"w_bits": "w_bits", "a_bits": "a_bits", "granularity": "w_granularity", "symmetric": "w_symmetric",
@@ -136,6 +137,11 @@ def add_export(sub) -> None:
     p.add_argument("source", nargs="*", metavar="EXPERIMENT TRIAL_ID",
                    help="a search's experiment directory and one of its trial ids (instead of --packed)")
     p.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    p.add_argument("--checkpoint", help="a `bitsearch train` checkpoint instead: its FP32 ONNX graph, the reference "
+                   "for speed and accuracy")
+    p.add_argument("--weights", choices=WEIGHTS, default=WEIGHTS[0],
+                   help="how quantized weights are stored (default %(default)s): " + "; ".join(
+                       f"{k}: {v}" for k, v in WEIGHT_HELP.items()))
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--check", metavar="DATA", help="run the ONNX model in onnxruntime on DATA's test images and "
@@ -148,17 +154,29 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     from pipeline.export import export_model
     from tune.results import trial_packed
-    if bool(args.packed) == bool(args.source):
-        raise UserError("give either --packed FILE.bsq or EXPERIMENT TRIAL_ID, not both or neither")
+    if sum(map(bool, (args.packed, args.source, args.checkpoint))) != 1:
+        raise UserError("give one of --packed FILE.bsq, EXPERIMENT TRIAL_ID or --checkpoint FILE.pt")
     if args.source and len(args.source) != 2:
         raise UserError(f"expected EXPERIMENT TRIAL_ID, got {len(args.source)} value(s): {' '.join(args.source)}")
-    packed = Path(args.packed) if args.packed else trial_packed(experiment_dir(args.source[0]), args.source[1])
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    packed = (Path(args.packed) if args.packed else
+              trial_packed(experiment_dir(args.source[0]), args.source[1]) if args.source else None)
     out = writable_file(args.out, "--out")
-    res = export_model(packed, out, args.check, download=not args.no_download, log=stderr_console().print)
+    res = export_model(packed, out, args.check, download=not args.no_download, log=stderr_console().print,
+                       weights=args.weights, checkpoint=args.checkpoint)
 
     def human():
-        print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; {res['layers_int8']} int8, "
-              f"{res['layers_int4']} int4, {res['layers_fp32']} FP32 layers) from {packed} ({res['packed_bytes']:,} B)")
+        if packed is None:
+            print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; FP32) from {args.checkpoint}")
+        else:
+            print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; {res['layers_int8']} int8, "
+                  f"{res['layers_int4']} int4, {res['layers_fp32']} FP32 layers) from {packed} ({res['packed_bytes']:,} B)")
+        print(f"onnxruntime on this CPU: {res['latency_ms_b1']:.2f} ms per image (batch 1, 1 thread); "
+              f"{res['integer_convs']} of {res['convs']} convolutions as integer kernels")
+        if res.get("weights") == "int8" and res.get("integer_convs") and res.get("cpu_vnni") is False:
+            print("this CPU has no VNNI: its u8s8 kernels saturate, so some predictions differ here "
+                  "(--weights uint8 computes exactly, slower)")
         if "onnx_top1" in res:
             print(f"onnxruntime: test top-1 {res['onnx_top1']:.2f}% vs packed model {res['packed_top1']:.2f}%, "
                   f"same prediction on {res['agreement']:.2f}% of {res['test_images']:,} images")

@@ -1,18 +1,23 @@
-"""ONNX export of a packed model: a QDQ graph that ONNX Runtime runs, with the integer weights stored as such.
+"""ONNX export of a packed model: a QDQ graph whose quantized layers ONNX Runtime runs as integer kernels.
 
 The packed model is traced (torch.fx, quantized layers and torch.nn modules as leaves) and each node is
-written as ONNX (opset 21):
+written as ONNX (opset 21), in the patterns ONNX Runtime's graph optimisation fuses (QLinearConv,
+QLinearAdd, QGemm: DQ inputs -> op -> Q):
 
-* quantized conv / linear: ``DequantizeLinear(int weight, scale, zero_point, axis=0)`` feeding a
-  Conv / Gemm, then the folded FP32 bias as its own Add (see _add_bias); weights at <= 4 bits are INT4 / UINT4 initializers (two codes
-  per byte, 2-3 bit layers included: the smallest integer type ONNX Runtime dequantizes), wider ones
-  INT8 / UINT8. The codes are the packed file's: the export checks that they reproduce its weights.
-* activation quantizer in front of a layer: ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with
-  the quantizer's scale and zero-point), preceded by a Clip to the a_bits range when a_bits < 8, so the
-  values are those of the fake-quant model at a_bits. A quantizer that absorbed the ReLU6 before it
-  (fused_relu6) gets that Clip(0, 6) back first.
-* everything else as itself: Conv + BatchNormalization for FP32 exceptions, Clip(0, 6) for ReLU6, Add,
-  GlobalAveragePool, Flatten, Gemm.
+* quantized conv / linear: ``DequantizeLinear(int weight, scale, zero_point, axis=0)`` and, when the layer's
+  input is quantized too, the bias as int32 codes at scale input scale x weight scale (the grid the
+  fake-quant model uses, _QuantLayer.bias_scale) feeding the Conv / Gemm itself. Weight codes of <= 8 bits
+  are stored as INT8 (``weights="int8"``), as UINT8 around zero-point 128 (``"uint8"``) or, with
+  ``"int4"``, layers of <= 4 bits as INT4 / UINT4 (two codes per byte); the default ``"auto"`` picks int8 or
+  uint8 for this CPU: pipeline/formats.py says what each costs. The codes are the packed file's: the export checks that they reproduce its weights. A float
+  bias (input not quantized) stays its own Add.
+* an activation quantizer (a layer's input ``aq``, its output ``oq``, a residual block's SharedInput):
+  ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with the quantizer's scale and zero-point),
+  preceded by a Clip to the a_bits range when a_bits < 8, so the values are those of the fake-quant model
+  at a_bits. A quantizer that absorbed a ReLU6 (fused_relu6) gets that Clip(0, 6) back first; with an
+  8-bit grid inside [0, 6] ONNX Runtime drops that Clip into the Q (the activation folded into Q's range).
+* everything else as itself: Conv + BatchNormalization for FP32 exceptions (fused by ONNX Runtime),
+  Clip(0, 6) for ReLU6, Add, GlobalAveragePool, Flatten, Gemm.
 
 Input ``image``: float32 [N, 3, 32, 32] in [0, 1] (the CIFAR-10 normalisation is the graph's first two
 nodes); output ``logits``: float32 [N, classes].
@@ -20,6 +25,10 @@ nodes); output ``logits``: float32 [N, classes].
 from __future__ import annotations
 
 import operator
+import statistics
+import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +40,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from quantization.api import bits_summary, quant_layers
-from quantization.modules import QuantConvBn2d, QuantLinear
+from quantization.modules import QuantConvBn2d, QuantLinear, SharedInput
 from quantization.packing import load_packed
-from pipeline.quantize import packed_with_data
+from pipeline.formats import WEIGHT_STORAGE, cpu_has_vnni, resolve_weights
+from pipeline.quantize import load_baseline, packed_with_data
 from quantization.primitives import dequantize, quantize
-from trainer import evaluate, model_from_meta
+from trainer import evaluate, load_dataset, model_from_meta
 from trainer.data import CIFAR10_MEAN, CIFAR10_STD
 
 # onnxruntime is imported where a graph is run (compare_onnx): exporting needs only onnx, and every search
@@ -48,13 +58,18 @@ class ExportError(RuntimeError):
     """The model holds something the ONNX export does not know how to write."""
 
 
-def _int_type(bits: int, signed: bool) -> str:
-    """The smallest integer type ONNX Runtime dequantizes that holds ``bits``: int4 / uint4 / int8 / uint8."""
-    return ("" if signed else "u") + ("int4" if bits <= 4 else "int8")
+def _int_type(bits: int, signed: bool, weights: str = "int4") -> str:
+    """The integer type that holds ``bits``-bit codes: int8 / uint8, or int4 / uint4 for <= 4 bits when
+    ``weights`` is "int4" (the smallest type ONNX Runtime dequantizes)."""
+    return ("" if signed else "u") + ("int4" if bits <= 4 and weights == "int4" else "int8")
 
 
 class _Graph:
-    def __init__(self):
+    def __init__(self, weights: str = WEIGHT_STORAGE[0]):
+        try:
+            self.weights = resolve_weights(weights)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
         self.nodes: list = []
         self.inits: list = []
         self.n = 0
@@ -72,7 +87,7 @@ class _Graph:
     def int_const(self, hint: str, codes: np.ndarray, bits: int, signed: bool) -> str:
         """Integer codes as raw bytes of their ONNX type (INT4/UINT4: two per byte)."""
         np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8,
-                   "uint8": np.uint8}[_int_type(bits, signed)]
+                   "uint8": np.uint8}[_int_type(bits, signed, self.weights)]
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(codes).astype(np.int64).astype(np_type), name))
         return name
@@ -116,28 +131,48 @@ def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
     if not torch.equal(dequantize(codes, s, z, wq.axis), weight.float()):
         raise ExportError(f"{hint}: the weight is not on its quantization grid (export a packed model: load_packed)")
     signed = wq.qmin < 0
-    g.layers["int4" if wq.bits <= 4 else "int8"].append(hint)
-    w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed)
+    g.layers[_int_type(wq.bits, True, g.weights)].append(hint)
     per_ch = wq.axis is not None
-    sc = g.const(f"{hint}.weight_scale", _np(s).reshape(-1) if per_ch else float(s.reshape(())))
     zarr = _np(z).reshape(-1) if per_ch else np.asarray(int(z.reshape(())))
+    if g.weights == "uint8" and signed:  # the same weights as unsigned codes around zero-point 128
+        codes, zarr, signed = codes + 128, zarr + 128, False
+    w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed)
+    sc = g.const(f"{hint}.weight_scale", _np(s).reshape(-1) if per_ch else float(s.reshape(())))
     zp = g.int_const(f"{hint}.weight_zp", zarr, wq.bits, signed)
     return g.op("DequantizeLinear", [w, sc, zp], f"{hint}.weight_dq", **({"axis": 0} if per_ch else {}))
 
 
-def _conv(g: _Graph, x: str, conv: nn.Conv2d, w: str, bias: torch.Tensor | None, hint: str) -> str:
+def _conv(g: _Graph, x: str, conv: nn.Conv2d, w: str, bias: torch.Tensor | None, hint: str,
+          bias_scale: torch.Tensor | None = None) -> str:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ExportError(f"{hint}: only zero padding given as integers is exported")
     ph, pw = conv.padding
-    y = g.op("Conv", [x, w], hint, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+    ins, rest = _bias_input(g, [x, w], bias, bias_scale, hint)
+    y = g.op("Conv", ins, hint, kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
              pads=[ph, pw, ph, pw], dilations=list(conv.dilation), group=conv.groups)
-    return _add_bias(g, y, bias, hint, (1, -1, 1, 1))
+    return _add_bias(g, y, rest, hint, (1, -1, 1, 1))
+
+
+def _bias_input(g: _Graph, ins: list[str], bias: torch.Tensor | None, bias_scale: torch.Tensor | None,
+                hint: str) -> tuple[list[str], torch.Tensor | None]:
+    """The op's inputs with the bias as int32 codes + DequantizeLinear where the layer has a bias grid
+    (what QLinearConv / QGemm add to their accumulator); else the inputs and the float bias left to add."""
+    if bias is None or bias_scale is None:
+        return ins, bias
+    s = bias_scale.detach().float().reshape(-1).expand_as(bias.reshape(-1)).contiguous()
+    codes = torch.round(bias.detach().float().reshape(-1) / s)  # QuantConvBn2d._bias_on_grid's rounding
+    if codes.abs().max() >= 2 ** 31:
+        raise ExportError(f"{hint}: the bias does not fit int32 at its grid")
+    b = g.const(f"{hint}.bias_q", _np(codes).astype(np.int64), np.int32)
+    dq = g.op("DequantizeLinear", [b, g.const(f"{hint}.bias_scale", _np(s)), g.const(f"{hint}.bias_zp", np.zeros(len(s)), np.int32)],
+              f"{hint}.bias_dq", axis=0)
+    return ins + [dq], None
 
 
 def _add_bias(g: _Graph, y: str, bias: torch.Tensor | None, hint: str, shape: tuple) -> str:
-    """The FP32 bias as its own Add: given to a Conv / Gemm whose inputs are dequantized, ONNX Runtime
+    """A float bias as its own Add: given to a Conv / Gemm whose inputs are dequantized, ONNX Runtime
     would requantize it to int32 on the (activation scale x weight scale) grid, a different model
-    (off by up to half a step per channel: 0.02 on a 3-bit layer of the tests' model)."""
+    (off by up to half a step per channel) than one whose input is not quantized."""
     if bias is None:
         return y
     return g.op("Add", [y, g.const(f"{hint}.bias", _np(bias).reshape(shape))], f"{hint}.bias_add")
@@ -146,15 +181,17 @@ def _add_bias(g: _Graph, y: str, bias: torch.Tensor | None, hint: str, shape: tu
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # nn.Conv2d subclasses too (trainer.model.Conv2d: same conv, its own kernel choice under autocast)
-        return isinstance(m, (QuantConvBn2d, QuantLinear, nn.Conv2d)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (QuantConvBn2d, QuantLinear, SharedInput, nn.Conv2d))
+                or super().is_leaf_module(m, qualname))
 
 
-def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32):
-    """The ONNX ModelProto of ``model`` (eval semantics) and what it stored: {int8, int4, fp32: [layer names]}."""
+def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32, weights: str = WEIGHT_STORAGE[0]):
+    """The ONNX ModelProto of ``model`` (eval semantics) and what it stored: {int8, int4, fp32: [layer names]}.
+    ``weights``: how quantized weights are stored (WEIGHT_STORAGE, see the module's docstring)."""
     model = model.eval()
+    g = _Graph(weights)
     graph = _Tracer().trace(model)
     mods = dict(model.named_modules())
-    g = _Graph()
     env: dict[str, str] = {}
     out_name = None
     for node in graph.nodes:
@@ -187,12 +224,16 @@ def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
     if isinstance(m, QuantConvBn2d):
         if m.bn is not None:
             raise ExportError(f"{hint}: fold BN first (export a packed model: load_packed)")
-        x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-        return _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint)
+        x = a[0] if m.aq_outside else _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+        y = _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint, m.bias_scale())
+        return _act_qdq(g, y, m.oq, f"{hint}.oq")
     if isinstance(m, QuantLinear):
-        x = _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-        y = g.op("Gemm", [x, _weight(g, m, m.linear.weight, hint)], hint, transB=1)
-        return _add_bias(g, y, m.linear.bias, hint, (1, -1))
+        x = a[0] if m.aq_outside else _act_qdq(g, a[0], m.aq, f"{hint}.aq")
+        ins, rest = _bias_input(g, [x, _weight(g, m, m.linear.weight, hint)], m.linear.bias, m.bias_scale(), hint)
+        y = _add_bias(g, g.op("Gemm", ins, hint, transB=1), rest, hint, (1, -1))
+        return _act_qdq(g, y, m.oq, f"{hint}.oq")
+    if isinstance(m, SharedInput):
+        return _act_qdq(g, a[0], m.quantizer, f"{hint}")
     if isinstance(m, nn.Conv2d):
         g.layers["fp32"].append(hint)
         return _conv(g, a[0], m, g.const(f"{hint}.weight", _np(m.weight)), m.bias, hint)
@@ -224,10 +265,7 @@ def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
     raise ExportError(f"{node.target} has no ONNX export here")
 
 
-def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the ONNX QDQ model of a packed .bsq file to ``out``; the JSON summary (DESIGN.md keys)."""
-    model = load_packed(packed, model_from_meta)
-    proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+def _save(proto, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -236,18 +274,83 @@ def export_packed(packed: str | Path, out: str | Path) -> dict[str, Any]:
         tmp.replace(out)
     finally:  # a failed save (disk full, ...) leaves nothing behind
         tmp.unlink(missing_ok=True)
-    return {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "layers_int8": len(layers["int8"]),
-            "layers_int4": len(layers["int4"]), "layers_fp32": len(layers["fp32"]), "packed": str(packed),
-            "packed_bytes": Path(packed).stat().st_size, **bits_summary(quant_layers(model).values()), "layers": layers}
+    return out
 
 
-def run_onnx(path: str | Path, images: torch.Tensor, batch_size: int = 256, threads: int = 0) -> torch.Tensor:
-    """Logits of the ONNX model at ``path`` (onnxruntime, CPU) for uint8 or [0, 1] images [N, 3, H, W]."""
+def export_packed(packed: str | Path, out: str | Path, weights: str = WEIGHT_STORAGE[0], latency: bool = True) -> dict[str, Any]:
+    """Write the ONNX QDQ model of a packed .bsq file to ``out``; the JSON summary (DESIGN.md keys), with the
+    measured latency of what was written (``latency_summary``) unless ``latency`` is False."""
+    model = load_packed(packed, model_from_meta)
+    proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD, weights=weights)
+    out = _save(proto, out)
+    res = {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "weights": resolve_weights(weights),
+           "layers_int8": len(layers["int8"]), "layers_int4": len(layers["int4"]), "layers_fp32": len(layers["fp32"]),
+           "packed": str(packed), "packed_bytes": Path(packed).stat().st_size,
+           **bits_summary(quant_layers(model).values()), "layers": layers}
+    return {**res, **(latency_summary(out) if latency else {})}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, latency: bool = True) -> dict[str, Any]:
+    """`bitsearch export --checkpoint`: the FP32 ONNX graph of a baseline, the reference for speed and
+    accuracy."""
+    model, _ = load_baseline(checkpoint)
+    proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    out = _save(proto, out)
+    res = {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "checkpoint": str(checkpoint),
+           "bits": "W32A32", "w_bits": 32, "a_bits": 32, "layers_fp32": len(layers["fp32"])}
+    return {**res, **(latency_summary(out) if latency else {})}
+
+
+def _session(path: str | Path, threads: int = 0, optimized_to: str | Path | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        so.inter_op_num_threads = 1
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+        so.log_severity_level = 3  # not the warning that a file optimised for this CPU is for this CPU
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(path: str | Path, batch: int = 1, threads: int = 1, seconds: float = 0.3, input_size: int = 32) -> float:
+    """Median wall time (ms) of one onnxruntime run of the model at ``path`` on a random batch."""
+    sess = _session(path, threads)
+    x = np.random.default_rng(0).random((batch, 3, input_size, input_size), dtype=np.float32)
+    sess.run(["logits"], {"image": x})  # warm-up: the first run allocates
+    times: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 1000):
+        t0 = time.perf_counter()
+        sess.run(["logits"], {"image": x})
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def optimized_ops(path: str | Path) -> dict[str, int]:
+    """The op types (and how many of each) that onnxruntime runs for the model at ``path`` after its graph
+    optimisation: whether the quantized layers became integer kernels (QLinearConv, QLinearAdd, ...)."""
+    with tempfile.TemporaryDirectory() as d:
+        opt = Path(d) / "optimized.onnx"
+        _session(path, 1, opt)
+        return dict(Counter(n.op_type for n in onnx.load(str(opt)).graph.node))
+
+
+INTEGER_CONVS = ("QLinearConv", "ConvInteger")
+
+
+def latency_summary(path: str | Path) -> dict[str, Any]:
+    """What an export JSON says of the speed of what it wrote: the median latency at batch 1 on 1 thread
+    and how many convolutions onnxruntime runs as integer kernels."""
+    ops = optimized_ops(path)
+    convs = sum(ops.get(k, 0) for k in ("Conv", "FusedConv", "NchwcConv", *INTEGER_CONVS))
+    return {"latency_ms_b1": round(latency_ms(path, 1, 1), 3), "convs": convs,
+            "integer_convs": sum(ops.get(k, 0) for k in INTEGER_CONVS), "ops": ops, "cpu_vnni": cpu_has_vnni()}
+
+
+def run_onnx(path: str | Path, images: torch.Tensor, batch_size: int = 256, threads: int = 0) -> torch.Tensor:
+    """Logits of the ONNX model at ``path`` (onnxruntime, CPU) for uint8 or [0, 1] images [N, 3, H, W]."""
+    sess = _session(path, threads)
     outs = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size]
@@ -266,13 +369,22 @@ def compare_onnx(model: nn.Module, data, onnx_path: str | Path) -> dict[str, Any
             "agreement": 100.0 * (pred == ref["pred"]).sum().item() / n, "test_images": len(data.test_y)}
 
 
-def export_model(packed: str | Path, out: str | Path, check_data: str | None = None, download: bool = True,
-                 log=lambda s: None) -> dict[str, Any]:
-    """`bitsearch export`: the ONNX graph of a packed file; with ``check_data`` (a data path) also run in
-    onnxruntime against the packed model on its test images (the data is read first: a bad path fails
-    before anything is written)."""
-    checked = packed_with_data(packed, check_data, download, log) if check_data else None
-    result = export_packed(packed, out)  # PackedFileError for a bad .bsq: one line
+def export_model(packed: str | Path | None, out: str | Path, check_data: str | None = None, download: bool = True,
+                 log=lambda s: None, weights: str = WEIGHT_STORAGE[0], checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """`bitsearch export`: the ONNX graph of a packed file (or, with ``checkpoint``, of an FP32 baseline);
+    with ``check_data`` (a data path) also run in onnxruntime against the model in PyTorch on its test images
+    (the data is read first: a bad path fails before anything is written)."""
+    if weights not in WEIGHT_STORAGE:
+        raise ExportError(f"--weights {weights} is invalid: allowed {', '.join(WEIGHT_STORAGE)}")
+    if checkpoint is not None:
+        checked = None
+        if check_data:
+            model, ck = load_baseline(checkpoint)
+            checked = (model, load_dataset(check_data, download=download, progress=log))
+        result = export_checkpoint(checkpoint, out)
+    else:
+        checked = packed_with_data(packed, check_data, download, log) if check_data else None
+        result = export_packed(packed, out, weights)  # PackedFileError for a bad .bsq: one line
     if checked:
         result.update(compare_onnx(*checked, out))
     return result

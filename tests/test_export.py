@@ -73,7 +73,8 @@ def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set,
     from pipeline.export import compare_onnx, export_packed, run_onnx
     cfg = CONFIGS[name]
     q = _packed(trained, test_set, cfg, tmp_path / "m.bsq")
-    info = export_packed(tmp_path / "m.bsq", tmp_path / "m.onnx")
+    # uint8 storage: integer kernels that compute exactly on every CPU (int8's saturate on AVX2-only CPUs)
+    info = export_packed(tmp_path / "m.bsq", tmp_path / "m.onnx", weights="uint8")
     assert info["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size and info["opset"] == 21
     model = load_packed(tmp_path / "m.bsq", model_from_meta)
     x = test_set.test_x
@@ -91,15 +92,22 @@ def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set,
 
     types = _types(tmp_path / "m.onnx")
     plan = model.bitsearch_plan
-    for layer, p in plan.items():
+    for layer, p in plan.items():  # every quantized weight as uint8 codes
         if not p.quantized or p.w_bits == 32:
             assert not any(layer in v for v in types.values()), layer
             continue
-        signed = "asym" not in name
-        want = ("INT4" if p.w_bits <= 4 else "INT8") if signed else ("UINT4" if p.w_bits <= 4 else "UINT8")
-        assert layer in types.get(want, set()), (layer, p.w_bits, types.keys())
-    assert info["layers_int4"] == sum(1 for p in plan.values() if p.quantized and p.w_bits <= 4)
-    assert info["layers_int8"] == sum(1 for p in plan.values() if p.quantized and 4 < p.w_bits <= 8)
+        assert layer in types.get("UINT8", set()), (layer, p.w_bits, types.keys())
+    assert info["layers_int4"] == 0
+    assert info["layers_int8"] == sum(1 for p in plan.values() if p.quantized and p.w_bits <= 8)
+    # what onnxruntime runs: with 8-bit activations every quantized conv is an integer kernel and every residual
+    # add a QLinearAdd; a6 keeps the Clip to its range before each Q, so those convs stay float
+    convs = sum(1 for p in plan.values() if p.quantized) - ("classifier" in plan and plan["classifier"].quantized)
+    if cfg.a_bits == 8 and cfg.w_symmetric:
+        assert info["integer_convs"] == convs and info["convs"] == convs + 1  # + the FP32 stem
+        assert info["ops"].get("QLinearAdd") == sum(b.use_res for b in trained.blocks)
+    else:
+        assert info["integer_convs"] == 0
+    assert info["latency_ms_b1"] > 0
 
 
 def test_activation_bits_are_applied_in_the_graph(trained, learnable_data, tmp_path):
@@ -118,14 +126,51 @@ def test_activation_bits_are_applied_in_the_graph(trained, learnable_data, tmp_p
     assert max(len(np.unique(o)) for o in outs) <= 4
 
 
-def test_int4_weights_make_the_file_smaller(trained, learnable_data, tmp_path):
+def test_int4_storage_makes_the_file_smaller_and_the_others_compute_as_integers(trained, learnable_data, tmp_path):
     from pipeline.export import export_packed
-    sizes = {}
-    for bits in (8, 4):
-        _packed(trained, learnable_data, QuantConfig(w_bits=bits, a_bits=8), tmp_path / f"w{bits}.bsq")
-        sizes[bits] = export_packed(tmp_path / f"w{bits}.bsq", tmp_path / f"w{bits}.onnx")["onnx_bytes"]
+    from pipeline.formats import WEIGHT_STORAGE
+    _packed(trained, learnable_data, QuantConfig(w_bits=4, a_bits=8), tmp_path / "w4.bsq")
+    res = {w: export_packed(tmp_path / "w4.bsq", tmp_path / f"{w}.onnx", weights=w) for w in WEIGHT_STORAGE}
+    assert res["auto"]["weights"] in ("int8", "uint8") and res["int4"]["weights"] == "int4"
     weights = sum(p.numel() for n, p in trained.named_parameters() if p.ndim > 1)
-    assert sizes[8] - sizes[4] > 0.4 * weights  # ~half a byte per weight saved (stem/classifier stay FP32)
+    assert res["int8"]["onnx_bytes"] == res["uint8"]["onnx_bytes"]
+    assert res["int8"]["onnx_bytes"] - res["int4"]["onnx_bytes"] > 0.4 * weights  # ~half a byte a weight
+    assert res["int4"]["layers_int4"] == res["int8"]["layers_int8"] > 0 == res["int4"]["integer_convs"]
+    assert res["int8"]["integer_convs"] == res["uint8"]["integer_convs"] == res["int8"]["convs"] - 1  # FP32 stem
+    assert _types(tmp_path / "int8.onnx").keys() == {"INT8"} and _types(tmp_path / "int4.onnx").keys() == {"INT4"}
+
+
+def test_auto_storage_is_exact_on_the_cpu_that_exports(monkeypatch):
+    """auto: int8 (u8s8 kernels) only where they do not saturate (VNNI, or not x86), else uint8."""
+    from pipeline import formats
+    monkeypatch.setattr(formats, "_x86", lambda: True)
+    for vnni, want in ((True, "int8"), (False, "uint8"), (None, "int8")):
+        monkeypatch.setattr(formats, "cpu_has_vnni", lambda v=vnni: v)
+        assert formats.resolve_weights("auto") == want
+    assert formats.resolve_weights("int4") == "int4"
+    monkeypatch.setattr(formats, "_x86", lambda: False)
+    assert formats.resolve_weights("auto") == "int8"
+    with pytest.raises(ValueError, match="allowed auto, int8, uint8, int4"):
+        formats.resolve_weights("int2")
+
+
+def test_cli_exports_a_checkpoint_as_the_fp32_reference(trained, learnable_data, tmp_path, capsys):
+    from pipeline.export import run_onnx
+    from trainer.model import model_meta
+    from trainer.train import CHECKPOINT_FORMAT
+    ck = tmp_path / "ck.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": trained.state_dict(), "meta": {**model_meta(trained), "classes": CLASSES},
+                "config": {}, "classes": CLASSES}, ck)
+    out = tmp_path / "fp32.onnx"
+    assert main(["export", "--checkpoint", str(ck), "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bits"] == "W32A32" and res["onnx_bytes"] == out.stat().st_size and res["integer_convs"] == 0
+    x = learnable_data.test_x[:32]
+    with torch.no_grad():
+        ref = trained.eval()(normalize(x))
+    torch.testing.assert_close(run_onnx(out, x), ref, atol=1e-4, rtol=1e-3)
+    assert main(["export", "--checkpoint", str(ck), "--packed", "x.bsq", "--out", str(tmp_path / "b.onnx")]) == 2
+    assert "give one of" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()
 
 
 def _image_tree(data, root: Path) -> Path:
@@ -143,7 +188,7 @@ def test_cli_export_writes_checks_and_reports(trained, learnable_data, tmp_path,
     tree = _image_tree(learnable_data, tmp_path / "tree")
     out = tmp_path / "deploy" / "m.onnx"
     assert main(["export", "--packed", str(tmp_path / "m.bsq"), "--out", str(out), "--check", str(tree),
-                 "--no-download", "--json"]) == 0
+                 "--no-download", "--json", "--weights", "int4"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["out"] == str(out) and res["onnx_bytes"] == out.stat().st_size and res["opset"] == 21
     assert res["layers_int4"] > 0 and res["layers_int8"] == 0 and res["layers_fp32"] == 2  # stem + classifier

@@ -39,6 +39,7 @@ QUANTITIES = (
     ("quantized_fraction", False, "quantized_fraction"),
     ("avg_w_bits", False, "avg_w_bits"),
     ("avg_a_bits", False, "avg_a_bits"),
+    ("onnx_ms", True, "onnx_ms"),  # the exported model's onnxruntime latency, batch 1 on 1 thread of its node
 )
 TABLE_QUANTITIES = tuple(m for m, shown, _ in QUANTITIES if shown)
 # known from the config alone, before any training: every report of a trial carries them, so a trial

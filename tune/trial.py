@@ -188,9 +188,10 @@ def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bo
                   alloc: dict | None, system: SystemSampler, device: torch.device) -> None:
     """The trial's files (quantize.json, trial.json: the spec it ran, model.bsq and model.onnx beside it)
     and its last report to Ray Tune, with them as the checkpoint."""
+    onnx = export_packed(final / "model.bsq", final / "model.onnx")  # beside it, for deployment
+    res = {**res, "onnx_ms": onnx["latency_ms_b1"]}  # what it costs there: batch 1, 1 thread, this node's CPU
     write_result(final, res)
     (final / "trial.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    export_packed(final / "model.bsq", final / "model.onnx")  # beside it, for deployment
     pub = public(res)
     named = {**{metric: pub.get(key) for metric, _, key in QUANTITIES},  # JSON vocabulary -> metric names
              "metadata_overhead": pub.get("metadata_overhead")}

@@ -1,12 +1,11 @@
-"""ONNX export measured (not a test): accuracy in ONNX Runtime vs the packed model, file sizes, and
-ONNX Runtime latency / throughput of the FP32 graph and of each QDQ graph on this CPU.
+"""ONNX export measured (not a test): on the CPU reference model, the FP32 graph, onnxruntime's own
+quantize_static output (QDQ, per-channel: the anchor) and bitsearch's exports of PTQ-packed files, each in
+every weight storage; test top-1 in onnxruntime vs the packed model, agreement of predictions, how many
+convolutions onnxruntime runs as integer kernels, file sizes, and latency at batch 1 and 128 on 1 and 2
+threads (interleaved rounds, medians; all in one run, so only the ratios carry over to another CPU).
 
-    python bench/onnx_bench.py --baseline runs/cpu/checkpoint.pt --data ../shared/data/cifar10-jpeg.tar.gz \\
-        --packed runs/cpu-q/w8a8.bsq runs/cpu-q/w4a8.bsq --threads 2 --out docs/bench/onnx-cpu.json
-
-For every packed file: ONNX (QDQ) written to --onnx-dir, test top-1 of ONNX Runtime and of the packed
-model in PyTorch on all test images, the share of identical predictions; sizes of the .bsq, the QDQ
-.onnx and the FP32 .onnx; median latency at batch 1 and images/s at batch 128 (interleaved rounds).
+    python bench/onnx_bench.py --baseline models/mobilenetv2-w0.5-cpu.pt \\
+        --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/onnx-int.json
 """
 from __future__ import annotations
 
@@ -20,13 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+CONFIGS = {  # PTQ (calibration only: the bench is about the export, not about reaching accuracy)
+    "w8a8": {},
+    "mixed": {"w_bits": 4, "overrides": ({"pattern": "blocks.[2-5].*", "w_bits": 8}, {"pattern": "blocks.1[4-6].*", "w_bits": 6})},
+}
 
 
 def _time(sess, x: np.ndarray, reps: int) -> float:
@@ -37,72 +33,120 @@ def _time(sess, x: np.ndarray, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def _anchor(fp32_onnx: Path, out: Path, images: torch.Tensor) -> None:
+    """onnxruntime's own static quantization of the FP32 graph: QDQ, per-channel int8 weights, uint8
+    activations, calibrated (minmax) on ``images``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": images[i:i + 64].float().div(255).numpy()} for i in range(0, len(images), 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out.with_name("fp32-pre.onnx")
+    quant_pre_process(str(fp32_onnx), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", required=True, help="the FP32 checkpoint the packed files were quantized from")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", default="models/mobilenetv2-w0.5-cpu.pt")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--packed", nargs="+", required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="docs/bench/onnx-cpu.json")
-    ap.add_argument("--onnx-dir", default="runs/onnx-bench", help="where the .onnx files go (not docs/: no models in git)")
+    ap.add_argument("--calib-images", type=int, default=1024)
+    ap.add_argument("--out", default="docs/bench/onnx-int.json")
+    ap.add_argument("--onnx-dir", default="runs/onnx-bench", help="where the .onnx/.bsq files go (not docs/: no models in git)")
     a = ap.parse_args()
 
-    import onnx
     import onnxruntime as ort
 
     from pipeline import load_baseline
-    from pipeline.export import compare_onnx, export_packed, to_onnx
-    from quantization.packing import load_packed
-    from trainer import load_dataset, model_from_meta
-    from trainer.data import CIFAR10_MEAN, CIFAR10_STD
+    from pipeline.export import (WEIGHT_STORAGE, _session, compare_onnx, export_checkpoint, export_packed,
+                                 optimized_ops, run_onnx)
+    from quantization import QuantConfig, calibrate, prepare
+    from quantization.packing import convert, load_packed, save_packed
+    from trainer import load_dataset, model_from_meta, normalize
 
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_dir = Path(a.onnx_dir)
-    onnx_dir.mkdir(parents=True, exist_ok=True)
+    d = Path(a.onnx_dir)
+    d.mkdir(parents=True, exist_ok=True)
     fp32, ck = load_baseline(a.baseline)
     data = load_dataset(a.data, download=False)
-    models = {}
-    proto, _ = to_onnx(fp32.eval(), mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    onnx.save(proto, onnx_dir / "fp32.onnx")
-    models["fp32"] = {"onnx": onnx_dir / "fp32.onnx", "onnx_bytes": (onnx_dir / "fp32.onnx").stat().st_size}
-    for p in a.packed:
-        name = Path(p).stem
-        info = export_packed(p, onnx_dir / f"{name}.onnx")
-        model = load_packed(p, model_from_meta)
-        cmp = compare_onnx(model, data, info["out"])
-        models[name] = {"onnx": Path(info["out"]), **{k: info[k] for k in (
-            "onnx_bytes", "packed_bytes", "w_bits", "a_bits", "layers_int8", "layers_int4", "layers_fp32")}, **cmp}
-        print(name, {k: v for k, v in models[name].items() if k != "onnx"}, flush=True)
+    calib = data.train_x[:a.calib_images]
+    models: dict[str, dict] = {}
+    info = export_checkpoint(a.baseline, d / "fp32.onnx", latency=False)
+    models["fp32"] = {"onnx": d / "fp32.onnx", "onnx_bytes": info["onnx_bytes"]}
+    _anchor(d / "fp32.onnx", d / "ort-static.onnx", calib)
+    models["ort-static"] = {"onnx": d / "ort-static.onnx", "onnx_bytes": (d / "ort-static.onnx").stat().st_size}
+    labels = data.test_y
+    for k in ("fp32", "ort-static"):
+        pred = run_onnx(models[k]["onnx"], data.test_x).argmax(1)
+        models[k]["onnx_top1"] = 100.0 * (pred == labels).float().mean().item()
+    for name in a.configs:
+        q = prepare(fp32, QuantConfig(**CONFIGS[name]))
+        calibrate(q, [normalize(calib[i:i + 128]) for i in range(0, len(calib), 128)])
+        bsq = d / f"{name}.bsq"
+        save_packed(bsq, convert(q, {**ck["meta"], "classes": list(data.classes)}))
+        model = load_packed(bsq, model_from_meta)
+        for w in WEIGHT_STORAGE:
+            info = export_packed(bsq, d / f"{name}-{w}.onnx", weights=w, latency=False)
+            models[f"{name}-{w}"] = {"onnx": Path(info["out"]), **{k: info[k] for k in (
+                "onnx_bytes", "packed_bytes", "bits", "layers_int8", "layers_int4", "layers_fp32")},
+                **compare_onnx(model, data, info["out"])}
+            print(name, w, {k: v for k, v in models[f"{name}-{w}"].items() if k != "onnx"}, flush=True)
+    for m in models.values():
+        ops = optimized_ops(m["onnx"])
+        m["convs"] = sum(ops.get(k, 0) for k in ("Conv", "FusedConv", "NchwcConv", "QLinearConv", "ConvInteger"))
+        m["integer_convs"] = ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0)
+        m["ops"] = ops
 
     rng = np.random.default_rng(0)
-    x1 = data.test_x[:1].float().div(255).numpy()
-    x128 = data.test_x[:128].float().div(255).numpy()
-    lat: dict[str, list] = {k: [] for k in models}
-    thr: dict[str, list] = {k: [] for k in models}
-    sessions = {k: _session(m["onnx"], a.threads) for k, m in models.items()}
-    for _ in range(a.rounds):  # interleaved: every model once per round
-        for k in rng.permutation(list(models)):
-            lat[k].append(_time(sessions[k], x1, 50) * 1e3)
-            thr[k].append(128 / _time(sessions[k], x128, 5))
-    for k, m in models.items():
-        m["latency_ms_b1"] = round(statistics.median(lat[k]), 3)
-        m["images_per_s_b128"] = round(statistics.median(thr[k]), 1)
+    xs = {1: data.test_x[:1].float().div(255).numpy(), 128: data.test_x[:128].float().div(255).numpy()}
+    for threads in (1, 2):
+        times: dict[tuple, list] = {}
+        sessions = {k: _session(m["onnx"], threads) for k, m in models.items()}
+        for _ in range(a.rounds):  # interleaved: every model once per round
+            for k in rng.permutation(list(models)):
+                for b, x in xs.items():
+                    times.setdefault((k, b), []).append(_time(sessions[k], x, 50 if b == 1 else 4) * 1e3)
+        for (k, b), t in times.items():
+            models[k][f"ms_b{b}_t{threads}"] = round(statistics.median(t), 3)
+    for m in models.values():
         m["onnx"] = str(m["onnx"])
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "cpu": _cpu_name(), "threads": a.threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
-           "baseline": a.baseline, "test_images": len(data.test_y), "models": models}
+    res = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "flags": _flags(), "onnxruntime": ort.__version__,
+           "torch": torch.__version__, "baseline": a.baseline, "test_images": len(labels), "models": models}
     out.write_text(json.dumps(res, indent=1))
-    f = models["fp32"]
-    print(f"{'model':<12} {'onnx B':>10} {'bsq B':>9} {'ORT top1':>9} {'torch top1':>10} {'agree %':>8} "
-          f"{'b1 ms':>7} {'b128 img/s':>10}")
-    for k, m in models.items():
-        print(f"{k:<12} {m['onnx_bytes']:>10,} {m.get('packed_bytes', 0):>9,} {m.get('onnx_top1', float('nan')):>9.2f} "
-              f"{m.get('packed_top1', float('nan')):>10.2f} {m.get('agreement', float('nan')):>8.2f} "
-              f"{m['latency_ms_b1']:>7.3f} {m['images_per_s_b128']:>10.1f}"
-              + ("" if k == "fp32" else f"  ({m['images_per_s_b128'] / f['images_per_s_b128']:.2f}x FP32)"))
+    print(table(res))
+
+
+def table(res: dict) -> str:
+    """The markdown table of a result file (docs/RESULTS.md)."""
+    f = res["models"]["fp32"]
+    a = res["models"]["ort-static"]
+    lines = ["| model | ONNX bytes | integer convs | ORT top-1 | packed top-1 | agree % | b1 ms (1 thr) | b128 ms (2 thr) "
+             "| b128 vs FP32 | b128 vs ORT static | b1 vs FP32 |", "|" + "---|" * 11]
+    for k, m in res["models"].items():
+        def num(key, fmt="{:.2f}"):
+            return fmt.format(m[key]) if key in m else "-"
+        lines.append(f"| {k} | {m['onnx_bytes']:,} | {m['integer_convs']}/{m['convs']} | {num('onnx_top1')} | "
+                     f"{num('packed_top1')} | {num('agreement')} | {m['ms_b1_t1']:.3f} | {m['ms_b128_t2']:.1f} | "
+                     f"{f['ms_b128_t2'] / m['ms_b128_t2']:.2f}x | {a['ms_b128_t2'] / m['ms_b128_t2']:.2f}x | "
+                     f"{f['ms_b1_t1'] / m['ms_b1_t1']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _flags() -> list[str]:
+    try:
+        words = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(w for w in words if w in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"))
 
 
 def _cpu_name() -> str:

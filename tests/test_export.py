@@ -65,11 +65,11 @@ def _types(onnx_path: Path) -> dict[str, set]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set, tmp_path, name):
-    """ONNX Runtime and PyTorch convolve with different float rounding; where x / scale sits within that
-    rounding of a tie an activation code flips (~1 value in 10^4), and this tiny model's low-margin
-    images then change class: measured 96-98% agreement on 600 images at W4A8 (2 seeds). A wrong
-    scale, zero-point, layout or missing activation quantizer gives near-chance agreement (33%). The
-    issue's criterion on the real 10,000 test images is measured by bench/onnx_bench.py."""
+    """onnxruntime's integer kernels (uint8 storage: exact on every CPU) against PyTorch's float convolution of
+    the same dequantized values: they differ only where float rounding moves x / scale across a tie. Measured
+    on 600 images: mean |logit difference| 0.04-0.07% of the largest logit, 100% agreement; the int8 kernels
+    of an AVX2-only CPU (saturating) gave 2.3%, a wrong scale, zero-point, layout or missing quantizer gives
+    near-chance agreement (33%). The criterion on the real 10,000 test images: bench/onnx_bench.py."""
     from pipeline.export import compare_onnx, export_packed, run_onnx
     cfg = CONFIGS[name]
     q = _packed(trained, test_set, cfg, tmp_path / "m.bsq")
@@ -82,12 +82,10 @@ def test_onnx_runtime_predicts_what_the_packed_model_predicts(trained, test_set,
         ref = model(normalize(x))
     got = run_onnx(tmp_path / "m.onnx", x)
     assert got.shape == ref.shape == (len(x), 3)
-    # same grid, same integer weights; conv arithmetic differs in the last float bits between the two
-    # runtimes, which flips an activation code where x / scale sits at a rounding tie (~1 in 10^4 values)
-    assert (got - ref).abs().mean() < 0.01 * ref.abs().max()
+    assert (got - ref).abs().mean() < 0.0025 * ref.abs().max()
     cmp = compare_onnx(model, test_set, tmp_path / "m.onnx")
-    assert cmp["test_images"] == 600 and cmp["agreement"] >= 94
-    assert abs(cmp["onnx_top1"] - cmp["packed_top1"]) <= 3 and cmp["packed_top1"] == pytest.approx(q["top1"])
+    assert cmp["test_images"] == 600 and cmp["agreement"] >= 99.5
+    assert abs(cmp["onnx_top1"] - cmp["packed_top1"]) <= 0.5 and cmp["packed_top1"] == pytest.approx(q["top1"])
     assert cmp["onnx_top1"] > 80  # the learned model survives: the comparison is not between two random guessers
 
     types = _types(tmp_path / "m.onnx")

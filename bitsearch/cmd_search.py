@@ -58,6 +58,10 @@ def _common_search_args(p) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, metavar="SECONDS",
                    help="end the search after this long with the trials it finished (in-flight ones stopped; "
                         "the JSON says \"stopped\": \"time_budget\"); default: no limit")
+    p.add_argument("--latency-budget-ms", dest="latency_budget_ms", type=float, metavar="MS",
+                   help="a trial whose exported ONNX model takes longer than this (onnxruntime, batch 1, 1 thread, on "
+                        "the trial's node: results column onnx_ms) is over budget: not the best, not on the front; "
+                        "default: no limit")
     p.add_argument("--json", action="store_true")
 
 
@@ -68,7 +72,8 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "qat_epochs": "qat_epochs", "qat_lr": "qat_lr", "finetune_subset": "finetune_subset",
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
                 "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment",
-                "wait_for_resources": "wait_for_resources", "time_budget_s": "time_budget_s"}
+                "wait_for_resources": "wait_for_resources", "time_budget_s": "time_budget_s",
+                "latency_budget_ms": "latency_budget_ms"}
 
 
 def add_search(sub) -> None:

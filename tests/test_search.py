@@ -349,6 +349,7 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     ({"estimator": "hessian"}, "estimator and min_bits choose how"),
     ({"min_bits": 3}, "estimator and min_bits choose how"),
     ({"time_budget_s": 0}, "time_budget_s=0 is invalid: a number of seconds > 0"),
+    ({"latency_budget_ms": -1}, "latency_budget_ms=-1 is invalid: a number of milliseconds > 0"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts

@@ -99,6 +99,22 @@ def test_over_budget_trials_skip_the_work_and_say_so(ray_session, baseline, tmp_
     assert summary["best"]["comp_mb"] <= budget
 
 
+def test_a_latency_budget_takes_slow_exports_out_of_the_answer(ray_session, baseline, tmp_path):
+    """Every trial measures its exported ONNX model (onnx_ms: batch 1, 1 thread, on its node); a trial slower
+    than latency_budget_ms is over budget like one larger than the size budget: no best, no front."""
+    from tune.search import run
+    from tune.trial import objective
+    assert objective(80.0, 1.0, None, 2.0, 4.0) == 80.0 and objective(80.0, 1.0, 2.0, 6.0, 4.0) == pytest.approx(-50.0)
+    assert objective(80.0, 3.0, 2.0, 1.0, 4.0) == pytest.approx(-50.0)  # the larger overshoot counts
+    s = _settings(baseline, tmp_path, name="lat", num_samples=2, latency_budget_ms=1e-6,
+                  space={"w_bits": [8, 8], "a_bits": [8, 8], "method": ["ptq"]})
+    summary = run(s)
+    assert len(summary["trials"]) == 2
+    for t in summary["trials"]:
+        assert t["status"] == "over budget" and t["onnx_ms"] > 0 and t["test_top1"] is not None, t
+    assert summary["best"] is None and summary["pareto"] == []
+
+
 def _saved_terminated(exp: Path) -> list[str]:
     """Trial folders that the driver's last saved experiment state (trials and Optuna study) records as finished."""
     states = sorted(exp.glob("experiment_state-*.json"))

@@ -41,6 +41,8 @@ class SearchSettings:
     grid: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GRID))
     size_budget_mb: float | None = None
     time_budget_s: float | None = None         # the search ends on time with what it finished (in-flight trials stopped)
+    latency_budget_ms: float | None = None     # a trial whose exported ONNX model takes longer (batch 1, 1 thread, on
+                                               # the trial's node) is over budget, as one larger than size_budget_mb
     num_samples: int = 8
     max_concurrent: int | None = None          # default: as many trials as the cluster's CPUs and GPUs hold
     cpus_per_trial: float = 1.0
@@ -206,6 +208,9 @@ def _check_options(s: SearchSettings) -> None:
     v = s.time_budget_s
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
         raise SearchConfigError(f"time_budget_s={v!r} is invalid: a number of seconds > 0")
+    v = s.latency_budget_ms
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+        raise SearchConfigError(f"latency_budget_ms={v!r} is invalid: a number of milliseconds > 0")
     for k, lo in (("num_samples", 1), ("max_concurrent", 1), ("batch_size", 1), ("finetune_subset", 0)):
         v = getattr(s, k)
         if (v is not None or k != "max_concurrent") and (isinstance(v, bool) or not isinstance(v, int) or v < lo):

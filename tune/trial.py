@@ -69,12 +69,13 @@ def _data(path: str, subset: int, val_size: int, seed: int, finetune_subset: int
     return data.with_train_subset(finetune_subset, seed) if finetune_subset else data
 
 
-def objective(val_top1: float, comp_mb: float, budget_mb: float | None) -> float:
-    """Single-objective score: validation top-1 if the model fits the budget, else a penalty below
-    any real accuracy that shrinks as the model approaches the budget."""
-    if budget_mb is None or comp_mb <= budget_mb:
-        return val_top1
-    return -100.0 * (comp_mb / budget_mb - 1.0)
+def objective(val_top1: float, comp_mb: float, budget_mb: float | None, onnx_ms: float | None = None,
+              latency_budget_ms: float | None = None) -> float:
+    """Single-objective score: validation top-1 if the model fits the budgets (size; latency where the
+    search has one), else a penalty below any real accuracy that shrinks as the model approaches them."""
+    over = max(comp_mb / budget_mb - 1.0 if budget_mb is not None else 0.0,
+               onnx_ms / latency_budget_ms - 1.0 if latency_budget_ms is not None and onnx_ms is not None else 0.0)
+    return val_top1 if over <= 0 else -100.0 * over
 
 
 def final_step(epochs: int) -> int:
@@ -160,7 +161,7 @@ def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: Sys
                          device=device, out_dir=work,
                          callbacks=[_Reporter(work / "qat", size, s.size_budget_mb, system, device), *callbacks],
                          resume=resume, export=work / "final" / "model.bsq", fp32_top1=s.fp32_top1, prepared=prepared)
-    _report_final(spec, res, work / "final", resume, s.size_budget_mb, alloc, system, device)
+    _report_final(spec, res, work / "final", resume, s, alloc, system, device)
 
 
 def _restore_checkpoint(work: Path) -> bool:
@@ -184,7 +185,7 @@ def _node_id() -> str | None:
         return None
 
 
-def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bool, budget: float | None,
+def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bool, s: SearchSettings,
                   alloc: dict | None, system: SystemSampler, device: torch.device) -> None:
     """The trial's files (quantize.json, trial.json: the spec it ran, model.bsq and model.onnx beside it)
     and its last report to Ray Tune, with them as the checkpoint."""
@@ -196,8 +197,11 @@ def _report_final(spec: TrialSpec, res: dict[str, Any], final: Path, resumed: bo
     named = {**{metric: pub.get(key) for metric, _, key in QUANTITIES},  # JSON vocabulary -> metric names
              "metadata_overhead": pub.get("metadata_overhead")}
     metrics = {k: v for k, v in named.items() if v is not None}
-    metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], budget),
+    metrics.update(objective=objective(pub["val_top1"] or 0.0, pub["comp_mb"], s.size_budget_mb, pub["onnx_ms"],
+                                       s.latency_budget_ms),
                    resumed=resumed, final=True, epoch=final_step(pub["qat_epochs"]), **gpu_metrics(device))
+    if s.latency_budget_ms is not None and pub["onnx_ms"] > s.latency_budget_ms:
+        metrics["over_budget"] = True  # not the answer, not on the front (its latency was measured after training)
     extra = {"node_id": _node_id()}  # which Ray node ran it (hostname and node_ip, Ray's own keys, repeat on one machine)
     if alloc is not None:
         metrics["alloc_sensitivity"] = alloc["sensitivity"]

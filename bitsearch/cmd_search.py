@@ -102,6 +102,10 @@ def add_search(sub) -> None:
         p.add_argument("path", help="experiment directory (OUT/NAME)")
         if name == "compare":
             p.add_argument("trials", nargs="+", help="trial ids (see `bitsearch report`)")
+        if name == "resume":
+            p.add_argument("--more", type=int, default=0, metavar="N",
+                           help="a finished search: run exactly N more trials, proposed by the same Optuna study "
+                                "(default 0: only finish what was interrupted)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
@@ -184,7 +188,7 @@ def cmd_search(args) -> int:
 
 def cmd_resume(args) -> int:
     from tune.search import resume
-    summary = resume(experiment_dir(args.path))
+    summary = resume(experiment_dir(args.path), more=args.more)
     if summary.get("nothing_to_resume"):
         n = len(summary["trials"])
         emit({**_search_result(summary), "nothing_to_resume": True}, args.json,

@@ -115,6 +115,33 @@ def test_a_latency_budget_takes_slow_exports_out_of_the_answer(ray_session, base
     assert summary["best"] is None and summary["pareto"] == []
 
 
+def test_resume_more_adds_exactly_n_trials_from_the_same_study(ray_session, baseline, tmp_path, capsys):
+    """`bitsearch resume EXP --more 2` on a finished 2-trial search: 4 trials in all, the 2 new ones proposed by
+    the continued Optuna study (a restarted study with the same seed would propose the first two again);
+    refused with nothing changed on a sweep, on a search with trials still to run, and for N < 1."""
+    from tune.search import run
+    s = _settings(baseline, tmp_path, name="more", num_samples=2, max_concurrent=1)
+    first = run(s)["trials"]
+    exp = tmp_path / "more"
+    assert main(["resume", str(exp), "--more", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trials = res["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert {t["trial_id"] for t in first} < {t["trial_id"] for t in trials}
+    new = [(t["w_bits"], t["a_bits"]) for t in trials if t["trial_id"] not in {f["trial_id"] for f in first}]
+    assert len(new) == 2 and new != [(t["w_bits"], t["a_bits"]) for t in first]
+    assert json.loads((exp / "bitsearch.json").read_text())["num_samples"] == 4
+    before = sorted(p.name for p in exp.iterdir())
+    assert main(["resume", str(exp), "--more", "0"]) == 0 and "nothing to resume" in capsys.readouterr().out
+    assert main(["resume", str(exp), "--more", "-1"]) == 2
+    assert "--more -1 is invalid" in capsys.readouterr().err
+    assert sorted(p.name for p in exp.iterdir()) == before
+    from tune.search import add_samples
+    from tune.settings import SearchConfigError
+    with pytest.raises(SearchConfigError, match="is a sweep"):
+        add_samples(str(exp), _settings(baseline, tmp_path, name="more", mode="sweep"), 2)
+
+
 def _saved_terminated(exp: Path) -> list[str]:
     """Trial folders that the driver's last saved experiment state (trials and Optuna study) records as finished."""
     states = sorted(exp.glob("experiment_state-*.json"))

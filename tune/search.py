@@ -13,6 +13,7 @@ nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -185,14 +186,17 @@ def _check_ended(s: SearchSettings, seconds: float) -> str:
     raise err
 
 
-def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
+def resume(path: str | Path, num_cpus: int | None = None, more: int = 0) -> dict[str, Any]:
     """Continue an interrupted search: finished trials are kept, errored ones resumed from their last
-    checkpoint, the Optuna study's history is restored with the searcher."""
+    checkpoint, the Optuna study's history is restored with the searcher. ``more``: a finished search runs
+    exactly that many more trials, proposed by the same Optuna study."""
     short_retries()
     path = storage.normalize(path)
     s = load_settings(path)
     if not tune.Tuner.can_restore(str(path)):
         raise SearchConfigError(f"{path} holds no Ray Tune state to resume (the search never started?)")
+    if more:
+        s = add_samples(path, s, more)
     if trials_left(path, s) == 0:  # nothing to run: no Ray, just the report as it stands
         return {**write_report(path), "nothing_to_resume": True}
     _init_ray(s.address, num_cpus)
@@ -202,6 +206,35 @@ def resume(path: str | Path, num_cpus: int | None = None) -> dict[str, Any]:
     tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
     tuner.fit()
     return finish(s, time.time() - t0, _check_ended(s, time.time() - t0))
+
+
+def add_samples(path: str, s: SearchSettings, more: int) -> SearchSettings:
+    """Let a finished search propose ``more`` trials: the search algorithm's saved sample count (Ray Tune's
+    SearchGenerator state beside the Optuna searcher's) and bitsearch.json's num_samples grow by ``more``, so
+    the restored study continues where it stopped. Refused, with nothing changed, for a sweep (its grid is
+    the whole search) and for a search with trials still to run."""
+    if isinstance(more, bool) or not isinstance(more, int) or more < 1:
+        raise SearchConfigError(f"--more {more!r} is invalid: a number of trials >= 1")
+    if s.mode != "search":
+        raise SearchConfigError(f"--more adds trials to a search; {path} is a sweep, whose grid is all it runs")
+    left = trials_left(path, s)
+    if left:
+        raise SearchConfigError(f"{path} still has {left} trial(s) to run: `bitsearch resume {path}` first, then --more")
+    local = storage.local_copy(path)
+    states = sorted(local.glob("search_gen_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not states:
+        raise SearchConfigError(f"{path} holds no saved search-algorithm state to continue")
+    import ray.cloudpickle as cloudpickle
+    state = cloudpickle.loads(states[-1].read_bytes())
+    state["total_samples"] = int(state["total_samples"]) + more
+    state["finished"] = False
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    tmp.replace(states[-1])
+    storage.upload([str(states[-1])], str(path))
+    s = dataclasses.replace(s, num_samples=s.num_samples + more)
+    storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
+    return s
 
 
 def trials_left(path: str | Path, s: SearchSettings) -> int | None:

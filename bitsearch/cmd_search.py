@@ -58,6 +58,10 @@ def _common_search_args(p) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, metavar="SECONDS",
                    help="end the search after this long with the trials it finished (in-flight ones stopped; "
                         "the JSON says \"stopped\": \"time_budget\"); default: no limit")
+    p.add_argument("--max-drop", dest="max_drop", type=float, metavar="POINTS",
+                   help="search: the smallest model whose validation top-1 is at most this many points below FP32, by "
+                        "bisection over the allocator's size budgets (needs --sensitivity; --num-samples caps the "
+                        "trials); the answer is `best`")
     p.add_argument("--latency-budget-ms", dest="latency_budget_ms", type=float, metavar="MS",
                    help="a trial whose exported ONNX model takes longer than this (onnxruntime, batch 1, 1 thread, on "
                         "the trial's node: results column onnx_ms) is over budget: not the best, not on the front; "
@@ -73,7 +77,7 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "kd_weight": "kd_weight", "kd_temperature": "kd_temperature", "sensitivity": "sensitivity",
                 "estimator": "estimator", "min_bits": "min_bits", "experiment": "experiment",
                 "wait_for_resources": "wait_for_resources", "time_budget_s": "time_budget_s",
-                "latency_budget_ms": "latency_budget_ms"}
+                "latency_budget_ms": "latency_budget_ms", "max_drop": "max_drop"}
 
 
 def add_search(sub) -> None:

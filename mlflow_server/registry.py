@@ -60,9 +60,11 @@ def _rounded(v: Any, digits: int = 2) -> str:
 
 
 def register_search(uri: str, experiment: str, search_name: str, trials: list[dict[str, Any]],
-                    run_ids: dict[str, str], budget_mb: float | None) -> dict[str, Any]:
+                    run_ids: dict[str, str], budget_mb: float | None,
+                    answer: tuple[str, str] | None = None) -> dict[str, Any]:
     """Register ``trials`` (Pareto-front rows of a search summary with the trial's ``checkpoint`` dir)
-    as versions of the search's model; alias ``champion`` on the best within ``budget_mb``.
+    as versions of the search's model; alias ``champion`` on the best within ``budget_mb``, or on the trial
+    ``answer`` = (trial id, the rule that chose it) names.
     ``run_ids`` maps trial id -> its MLflow run. Returns {registered_model, versions, champion_version,
     champion_trial}."""
     from mlflow.exceptions import MlflowException
@@ -71,8 +73,9 @@ def register_search(uri: str, experiment: str, search_name: str, trials: list[di
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = model_name(experiment, search_name)
     within = f"within the size budget of {budget_mb:g} MB" if budget_mb is not None else "(the search had no size budget)"
+    rule = answer[1] if answer else f"the best validation top-1 {within}"
     about = (f"bitsearch: the Pareto-front models of search {search_name!r} (experiment {experiment!r}); alias "
-             f"{CHAMPION!r} = the best validation top-1 {within}")
+             f"{CHAMPION!r} = {rule}")
     try:
         c.get_registered_model(name)
         c.update_registered_model(name, description=about)
@@ -99,6 +102,8 @@ def register_search(uri: str, experiment: str, search_name: str, trials: list[di
             and (budget_mb is None or (t.get("comp_mb") or float("inf")) <= budget_mb)]
     out = {"registered_model": name, "versions": {k: int(v) for k, v in versions.items()},
            "champion_version": None, "champion_trial": None}
+    if answer:  # the search named its answer (a max-drop search: the smallest model within the drop)
+        fits = [t for t in fits if t["trial_id"] == answer[0]] if budget_mb is None else []
     if fits:
         best = max(fits, key=lambda t: (t["val_top1"], -(t.get("comp_mb") or 0)))
         c.set_registered_model_alias(name, CHAMPION, versions[best["trial_id"]])

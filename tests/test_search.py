@@ -350,6 +350,9 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     ({"min_bits": 3}, "estimator and min_bits choose how"),
     ({"time_budget_s": 0}, "time_budget_s=0 is invalid: a number of seconds > 0"),
     ({"latency_budget_ms": -1}, "latency_budget_ms=-1 is invalid: a number of milliseconds > 0"),
+    ({"max_drop": -1.0}, "max_drop=-1.0 is invalid: validation points below FP32, a number >= 0"),
+    ({"max_drop": 1.0, "space": {"a_bits": [4, 8], "method": ["ptq"]}}, "give space.a_bits one value"),
+    ({"max_drop": 1.0, "objectives": "multi"}, "max_drop applies to single-objective searches only"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
     import tune.search as ts

@@ -14,6 +14,7 @@ import pandas as pd
 from mlflow_server.registry import register_search
 from mlflow_server.tracking import SearchLogger, check_reachable
 from tune import storage
+from tune.bisect import within
 from tune.settings import SearchConfigError, load_settings
 from tune.trial_spec import BLOCK_PREFIX, trial_spec
 from tune.sysmetrics import PREFIX as SYSTEM_PREFIX
@@ -290,13 +291,23 @@ def write_report(experiment: str | Path, stopped: str | None = None) -> dict[str
     keys = {t["trial_id"]: {**quantize_keys(t), **({"checkpoint": t["checkpoint"]} if t["checkpoint"] else {})}
             for t in trials}
     with_keys = lambda d: [{**r, **keys.get(r["trial_id"], {})} for r in records(d)]  # noqa: E731
-    best = with_keys(done.sort_values("val_top1", ascending=False).head(1))
+    s = load_settings(str(path))
+    best = with_keys(best_rows(done, s))
     summary = {"experiment": str(experiment), "trials": with_keys(df),
-               "best": best_summary(best[0], load_settings(str(path))) if best else None,
+               "best": best_summary(best[0], s) if best else None,
                "pareto": with_keys(front), "files": files, **({"stopped": stopped} if stopped else {})}
     Path(files["json"]).write_text(json.dumps(summary, indent=2, default=str))
     storage.upload(list(files.values()), str(experiment))
     return summary
+
+
+def best_rows(done: pd.DataFrame, s) -> pd.DataFrame:
+    """The answer among the finished trials: the highest validation top-1; for a max-drop search the smallest
+    model within the drop (none if no trial is)."""
+    if s.max_drop is None:
+        return done.sort_values("val_top1", ascending=False).head(1)
+    ok = done[[within(r, s.fp32_val_top1, s.max_drop) for r in records(done)]] if not done.empty else done
+    return ok.sort_values(["comp_mb", "val_top1"], ascending=[True, False]).head(1)
 
 
 def best_summary(row: dict[str, Any], s) -> dict[str, Any]:
@@ -359,7 +370,10 @@ def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     the champion alias on the best within the size budget."""
     front = summary.get("pareto") or []  # each row names its trial's checkpoint folder (write_report)
     run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
-    reg = register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb)
+    best = summary.get("best")
+    answer = ((best["trial_id"], f"the smallest model within {s.max_drop:g} validation points of FP32")
+              if s.max_drop is not None and best else None)
+    reg = register_search(s.tracking_store, s.experiment, s.name, front, run_ids, s.size_budget_mb, answer)
     if reg["versions"]:  # the parent run names what it registered
         lg.tag_search({"bitsearch.registered_model": reg["registered_model"],
                        "bitsearch.registered_versions": ",".join(str(v) for v in sorted(reg["versions"].values())),

@@ -36,8 +36,9 @@ from tune import storage
 from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
 from tune.resources import Cluster, fit_to_cluster
 from tune.results import UNFINISHED, close_search, register_models, saved_trial_status, write_report
-from tune.settings import (SETTINGS_FILE, SearchConfigError, SearchInterrupted, SearchSettings, load_settings,
-                           validate)
+from tune.bisect import DropBisection
+from tune.settings import (SETTINGS_FILE, SearchConfigError, SearchInterrupted, SearchSettings, fixed_space,
+                           load_settings, validate)
 from tune.space import DefineByRun
 from tune.trial import run_trial
 
@@ -102,6 +103,9 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tri
         for k, vals in s.grid.items():
             param_space[k] = tune.grid_search(vals)
         num_samples = 1
+    elif s.max_drop is not None:  # one trial at a time, each budget chosen from the results so far
+        b = s.space["size_budget_mb"]
+        search_alg = DropBisection(b["low"], b["high"], s.fp32_val_top1, s.max_drop, fixed_space(s.space), s.num_samples)
     else:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created in memory" line
@@ -172,7 +176,7 @@ def _check_ended(s: SearchSettings, seconds: float) -> str:
     "interrupted"), the report shows them "interrupted", nothing registered."""
     status = saved_trial_status(storage.local_copy(s.path)) or {}
     ended = sum(st not in UNFINISHED for st in status.values())
-    if ended >= _n_trials(s):
+    if ended >= _n_trials(s) or (ended == len(status) and _searcher_finished(s)):
         return "completed"
     if s.time_budget_s is not None and seconds >= 0.98 * s.time_budget_s:
         return "time_budget"
@@ -184,6 +188,19 @@ def _check_ended(s: SearchSettings, seconds: float) -> str:
     except Exception as e:  # noqa: BLE001 - the results are on disk; `bitsearch sync` fills MLflow in later
         warnings.warn(f"MLflow not updated ({type(e).__name__}: {str(e)[:300]}); `bitsearch sync {s.path}` later")
     raise err
+
+
+def _searcher_finished(s: SearchSettings) -> bool:
+    """Whether the search algorithm said it had nothing more to propose (a max-drop bisection that converged
+    before --num-samples), from Ray Tune's saved search-algorithm state."""
+    states = sorted(storage.local_copy(s.path).glob("search_gen_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not states:
+        return False
+    import ray.cloudpickle as cloudpickle
+    try:
+        return bool(cloudpickle.loads(states[-1].read_bytes()).get("finished"))
+    except Exception:  # noqa: BLE001 - unreadable: not known to be finished
+        return False
 
 
 def resume(path: str | Path, num_cpus: int | None = None, more: int = 0) -> dict[str, Any]:

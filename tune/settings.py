@@ -41,6 +41,8 @@ class SearchSettings:
     grid: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GRID))
     size_budget_mb: float | None = None
     time_budget_s: float | None = None         # the search ends on time with what it finished (in-flight trials stopped)
+    max_drop: float | None = None              # the smallest model within this many validation points of FP32, by
+                                               # bisection over the allocator's size budgets (tune/bisect.py)
     latency_budget_ms: float | None = None     # a trial whose exported ONNX model takes longer (batch 1, 1 thread, on
                                                # the trial's node) is over budget, as one larger than size_budget_mb
     num_samples: int = 8
@@ -167,19 +169,25 @@ def validate(s: SearchSettings) -> SearchSettings:
     an absolute local --out, the normalised space, and the baseline's data split and FP32 test top-1."""
     s = _check_storage(s)
     _check_options(s)
+    default_space = SearchSettings.__dataclass_fields__["space"].default_factory()
+    if s.max_drop is not None and s.space == default_space:  # no space given: PTQ at A8, bits by allocation
+        s = dataclasses.replace(s, space={"a_bits": [8, 8], "method": ["ptq"]})
     s = _check_space(s)
     source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
     fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
     _check_baseline(s, fp32, ck)
-    if s.mode == "search" and "size_budget_mb" in s.space:
-        s = _check_allocation(s, fp32, ck)
+    w8_mb = _packed_mb(fp32, ck, quant_config({"w_bits": 8, "a_bits": 8}, s.quant_base))
+    if s.max_drop is not None:
+        _check_max_drop(s)
+    if s.mode == "search" and ("size_budget_mb" in s.space or s.max_drop is not None):
+        s = _check_allocation(s, fp32, ck, w8_mb)
     elif s.estimator is not None or s.min_bits is not None:
         raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
     tc, hist = ck["config"], ck.get("history") or []
     s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
                             fp32_top1=hist[-1].get("test_top1") if hist else None,  # same test set for every trial
                             fp32_val_top1=hist[-1].get("val_top1") if hist else None,
-                            w8_mb=_packed_mb(fp32, ck, quant_config({"w_bits": 8, "a_bits": 8}, s.quant_base)))
+                            w8_mb=w8_mb)
     if s.size_budget_mb is not None:
         _check_budget(s, fp32, ck)
     return s
@@ -208,6 +216,9 @@ def _check_options(s: SearchSettings) -> None:
     v = s.time_budget_s
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
         raise SearchConfigError(f"time_budget_s={v!r} is invalid: a number of seconds > 0")
+    v = s.max_drop
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+        raise SearchConfigError(f"max_drop={v!r} is invalid: validation points below FP32, a number >= 0")
     v = s.latency_budget_ms
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
         raise SearchConfigError(f"latency_budget_ms={v!r} is invalid: a number of milliseconds > 0")
@@ -273,15 +284,33 @@ def _check_baseline(s: SearchSettings, fp32, ck: dict) -> None:
                                 "needs one: train it with --val-size N")
 
 
-def _check_allocation(s: SearchSettings, fp32, ck: dict) -> SearchSettings:
+def _check_max_drop(s: SearchSettings) -> None:
+    """--max-drop: a single-objective search whose only sampled value is the size budget (bisection)."""
+    if s.mode != "search" or s.objectives != "single":
+        raise SearchConfigError("max_drop applies to single-objective searches only (bisection over size budgets)")
+    if s.size_budget_mb is not None:
+        raise SearchConfigError("give either max_drop (the smallest model within the drop) or size_budget_mb")
+    for k, v in s.space.items():
+        fixed = (v["low"] == v["high"]) if isinstance(v, dict) else (len(v) == 1 or (len(v) == 2 and v[0] == v[1]))
+        if k != "size_budget_mb" and (k == "block_w_bits" or not fixed):
+            raise SearchConfigError(f"with max_drop the search chooses only the size budget: give space.{k} one value")
+
+
+def fixed_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The one value of each fixed space key (a max-drop search), the size budget left out."""
+    return {k: v["low"] if isinstance(v, dict) else v[0] for k, v in space.items() if k != "size_budget_mb"}
+
+
+def _check_allocation(s: SearchSettings, fp32, ck: dict, w8_mb: float) -> SearchSettings:
     """space.size_budget_mb: a sensitivity table of this baseline, and a budget range that an allocation
-    can meet. Returns the settings with the table's absolute path and the estimator resolved."""
+    can meet (a max-drop search without one: from the smallest allocation to the W8A8 size). Returns the
+    settings with the table's absolute path, the estimator and the budget range resolved."""
     try:
         table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
     except (OSError, ValueError):
         table = None
     if not table or table.get("format") != FORMAT:
-        raise SearchConfigError("space.size_budget_mb allocates bits by sensitivity: give sensitivity: PATH, a table "
+        raise SearchConfigError("space.size_budget_mb and max_drop allocate bits by sensitivity: give sensitivity: PATH, a table "
                                 f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
     plan = plan_for(fp32, s.base_quant)
     unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
@@ -295,6 +324,9 @@ def _check_allocation(s: SearchSettings, fp32, ck: dict) -> SearchSettings:
     lo_bits = max(s.min_bits or 2, min(int(b) for r in table["layers"] for b in r["w"]))
     floor = allocation_config(s.base_quant, {r["name"]: lo_bits for r in table["layers"]})
     floor_mb = _packed_mb(fp32, ck, floor)
+    if "size_budget_mb" not in s.space:  # max-drop: the whole front
+        s = dataclasses.replace(s, space={**s.space, "size_budget_mb": {"low": floor_mb, "high": max(w8_mb, floor_mb),
+                                                                         "log": False}})
     low = num_range("size_budget_mb", s.space["size_budget_mb"])[0]
     if low < floor_mb:
         raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "

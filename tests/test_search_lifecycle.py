@@ -116,28 +116,28 @@ def test_a_latency_budget_takes_slow_exports_out_of_the_answer(ray_session, base
 
 
 def test_resume_more_adds_exactly_n_trials_from_the_same_study(ray_session, baseline, tmp_path, capsys):
-    """`bitsearch resume EXP --more 2` on a finished 2-trial search: 4 trials in all, the 2 new ones proposed by
-    the continued Optuna study (a restarted study with the same seed would propose the first two again);
+    """`resume EXP --more 2` on a finished 2-trial search: 4 trials in all, the 2 new ones proposed by the
+    continued Optuna study (a restarted study with the same seed would propose the first two again);
     refused with nothing changed on a sweep, on a search with trials still to run, and for N < 1."""
-    from tune.search import run
-    s = _settings(baseline, tmp_path, name="more", num_samples=2, max_concurrent=1)
-    first = run(s)["trials"]
+    import ray.cloudpickle
+
+    from tune.search import add_samples, resume, run
+    from tune.settings import SearchConfigError
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    s = _settings(baseline, tmp_path, name="more", num_samples=2, max_concurrent=1,
+                  space={"w_bits": [2, 8], "method": ["qat"]})
+    first = run(s, trial_fn=_asha_probe)["trials"]
     exp = tmp_path / "more"
-    assert main(["resume", str(exp), "--more", "2", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    trials = res["trials"]
-    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    trials = resume(str(exp), more=2, trial_fn=_asha_probe)["trials"]
+    assert len(trials) == 4 and all(t["status"] in ("done", "stopped") for t in trials)
     assert {t["trial_id"] for t in first} < {t["trial_id"] for t in trials}
-    new = [(t["w_bits"], t["a_bits"]) for t in trials if t["trial_id"] not in {f["trial_id"] for f in first}]
-    assert len(new) == 2 and new != [(t["w_bits"], t["a_bits"]) for t in first]
+    new = [t["w_bits"] for t in trials if t["trial_id"] not in {f["trial_id"] for f in first}]
+    assert len(new) == 2 and new != [t["w_bits"] for t in first]
     assert json.loads((exp / "bitsearch.json").read_text())["num_samples"] == 4
     before = sorted(p.name for p in exp.iterdir())
-    assert main(["resume", str(exp), "--more", "0"]) == 0 and "nothing to resume" in capsys.readouterr().out
     assert main(["resume", str(exp), "--more", "-1"]) == 2
     assert "--more -1 is invalid" in capsys.readouterr().err
     assert sorted(p.name for p in exp.iterdir()) == before
-    from tune.search import add_samples
-    from tune.settings import SearchConfigError
     with pytest.raises(SearchConfigError, match="is a sweep"):
         add_samples(str(exp), _settings(baseline, tmp_path, name="more", mode="sweep"), 2)
 
@@ -299,17 +299,17 @@ def _drop_probe(config, settings, callbacks=()):
 def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_session, baseline, tmp_path, capsys):
     """--max-drop 3: models at >= 70% of the W8A8 size are within 3 points. Bisection measures the top budget
     first, then halves toward 70%: the answer (`best`) is the smallest measured model within the drop, within
-    an eighth of the budget range of the true edge after 4 trials, one at a time; the test-set figure is not
+    a quarter of the budget range of the true edge after 3 trials, one at a time; the test-set figure is not
     what chose it (refusals: tests/test_search.py)."""
     import ray.cloudpickle
 
     from tune.search import run
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tree, ck = baseline
-    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--images", "9", "--no-download",
-                 "--json"]) == 0
+    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--estimator", "hessian", "--images", "9",
+                 "--no-download", "--json"]) == 0
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["file"]
-    s = _settings(baseline, tmp_path, name="drop", num_samples=4, max_drop=3.0, sensitivity=table,
+    s = _settings(baseline, tmp_path, name="drop", num_samples=3, max_drop=3.0, sensitivity=table,
                   space={"a_bits": 8, "method": "ptq"})
     summary = run(s, trial_fn=_drop_probe)
     from tune.settings import load_settings
@@ -317,8 +317,8 @@ def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_
     trials, best = summary["trials"], summary["best"]
     budgets = sorted(t["comp_mb"] for t in trials)
     lo = s.space["size_budget_mb"]["low"]
-    assert len(trials) == 4 and budgets[-1] == pytest.approx(s.w8_mb)  # the top of the range is measured first
+    assert len(trials) == 3 and budgets[-1] == pytest.approx(s.w8_mb)  # the top of the range is measured first
     within = [b for b in budgets if b >= 0.7 * s.w8_mb]
     assert best["val_drop"] <= 3.0 and best["comp_mb"] == min(within) < s.w8_mb
-    # each halving keeps the edge (70% of W8) inside the interval: after 3 the answer is within 1/8 of the range
-    assert best["comp_mb"] - 0.7 * s.w8_mb <= (s.w8_mb - lo) / 8 + 1e-9, (budgets, lo, s.w8_mb)
+    # each halving keeps the edge (70% of W8) inside the interval: after 2 the answer is within 1/4 of the range
+    assert best["comp_mb"] - 0.7 * s.w8_mb <= (s.w8_mb - lo) / 4 + 1e-9, (budgets, lo, s.w8_mb)

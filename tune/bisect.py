@@ -55,10 +55,10 @@ class DropBisection(Searcher):
         if budget is None:
             return
         val = None if error or not result else result.get("val_top1")
-        within = val is not None and result.get("final") and not result.get("over_budget") \
+        ok = val is not None and result.get("final") and not result.get("over_budget") \
             and self.fp32_val - float(val) <= self.max_drop
-        self.measured.append((budget, val, bool(within)))
-        if within:
+        self.measured.append((budget, val, bool(ok)))
+        if ok:
             self.hi = min(self.hi, budget)
         elif budget >= self.top:
             self.hopeless = True

@@ -367,7 +367,7 @@ def close_search(lg, summary: dict[str, Any]) -> None:
 
 def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
     """The search's Pareto-front trials as versions of its registered model (mlflow_server.registry);
-    the champion alias on the best within the size budget."""
+    the champion alias on the best within the size budget (a max-drop search: on its answer, ``best``)."""
     front = summary.get("pareto") or []  # each row names its trial's checkpoint folder (write_report)
     run_ids = {t["trial_id"]: rid for t in front if (rid := lg.trial_run(t["trial_id"])) is not None}
     best = summary.get("best")
@@ -378,7 +378,8 @@ def register_models(s, summary: dict[str, Any], lg) -> dict[str, Any]:
         lg.tag_search({"bitsearch.registered_model": reg["registered_model"],
                        "bitsearch.registered_versions": ",".join(str(v) for v in sorted(reg["versions"].values())),
                        "bitsearch.champion": f"version {reg['champion_version']} (trial {reg['champion_trial']})"
-                       if reg["champion_version"] is not None else "none within the size budget"})
+                       if reg["champion_version"] is not None else
+                       "none within the drop" if s.max_drop is not None else "none within the size budget"})
     return reg
 
 

@@ -176,10 +176,12 @@ def _check_ended(s: SearchSettings, seconds: float) -> str:
     "interrupted"), the report shows them "interrupted", nothing registered."""
     status = saved_trial_status(storage.local_copy(s.path)) or {}
     ended = sum(st not in UNFINISHED for st in status.values())
-    if ended >= _n_trials(s) or (ended == len(status) and _searcher_finished(s)):
+    if ended >= _n_trials(s):
         return "completed"
     if s.time_budget_s is not None and seconds >= 0.98 * s.time_budget_s:
         return "time_budget"
+    if s.max_drop is not None and ended == len(status) and _searcher_finished(s):  # the bisection converged early
+        return "completed"
     done = sum(st == "TERMINATED" for st in status.values())
     err = SearchInterrupted(done, _n_trials(s), str(s.path))
     write_report(s.path, "interrupted")
@@ -190,23 +192,29 @@ def _check_ended(s: SearchSettings, seconds: float) -> str:
     raise err
 
 
+def _search_state(path: str) -> tuple[Path, dict] | None:
+    """Ray Tune's newest saved search-algorithm state of the experiment (``search_gen_state-*.json``,
+    cloudpickle despite the name: counter, total_samples, finished) and its file; None if there is none or it
+    cannot be read."""
+    import ray.cloudpickle as cloudpickle
+    states = sorted(storage.local_copy(path).glob("search_gen_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:
+        return (states[-1], cloudpickle.loads(states[-1].read_bytes())) if states else None
+    except Exception:  # noqa: BLE001 - unreadable: treated as absent
+        return None
+
+
 def _searcher_finished(s: SearchSettings) -> bool:
     """Whether the search algorithm said it had nothing more to propose (a max-drop bisection that converged
-    before --num-samples), from Ray Tune's saved search-algorithm state."""
-    states = sorted(storage.local_copy(s.path).glob("search_gen_state-*.json"), key=lambda f: f.stat().st_mtime)
-    if not states:
-        return False
-    import ray.cloudpickle as cloudpickle
-    try:
-        return bool(cloudpickle.loads(states[-1].read_bytes()).get("finished"))
-    except Exception:  # noqa: BLE001 - unreadable: not known to be finished
-        return False
+    before --num-samples)."""
+    saved = _search_state(s.path)
+    return bool(saved and saved[1].get("finished"))
 
 
-def resume(path: str | Path, num_cpus: int | None = None, more: int = 0) -> dict[str, Any]:
+def resume(path: str | Path, num_cpus: int | None = None, more: int = 0, trial_fn=run_trial) -> dict[str, Any]:
     """Continue an interrupted search: finished trials are kept, errored ones resumed from their last
     checkpoint, the Optuna study's history is restored with the searcher. ``more``: a finished search runs
-    exactly that many more trials, proposed by the same Optuna study."""
+    exactly that many more trials, proposed by the same Optuna study. ``trial_fn``: as for ``run``."""
     short_retries()
     path = storage.normalize(path)
     s = load_settings(path)
@@ -220,7 +228,7 @@ def resume(path: str | Path, num_cpus: int | None = None, more: int = 0) -> dict
     fit_to_cluster(s, cluster(s.address))  # the cluster may have changed since: refused if no node fits a trial
     t0 = time.time()
     _quiet_ray()
-    tuner = tune.Tuner.restore(str(path), trainable=_trainable(s), resume_errored=True)
+    tuner = tune.Tuner.restore(str(path), trainable=_trainable(s, trial_fn=trial_fn), resume_errored=True)
     tuner.fit()
     return finish(s, time.time() - t0, _check_ended(s, time.time() - t0))
 
@@ -237,18 +245,17 @@ def add_samples(path: str, s: SearchSettings, more: int) -> SearchSettings:
     left = trials_left(path, s)
     if left:
         raise SearchConfigError(f"{path} still has {left} trial(s) to run: `bitsearch resume {path}` first, then --more")
-    local = storage.local_copy(path)
-    states = sorted(local.glob("search_gen_state-*.json"), key=lambda f: f.stat().st_mtime)
-    if not states:
+    saved = _search_state(path)
+    if saved is None:
         raise SearchConfigError(f"{path} holds no saved search-algorithm state to continue")
     import ray.cloudpickle as cloudpickle
-    state = cloudpickle.loads(states[-1].read_bytes())
+    file, state = saved
     state["total_samples"] = int(state["total_samples"]) + more
     state["finished"] = False
-    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_bytes(cloudpickle.dumps(state))
-    tmp.replace(states[-1])
-    storage.upload([str(states[-1])], str(path))
+    tmp.replace(file)
+    storage.upload([str(file)], str(path))
     s = dataclasses.replace(s, num_samples=s.num_samples + more)
     storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     return s

@@ -315,7 +315,10 @@ def _session(path: str | Path, threads: int = 0, optimized_to: str | Path | None
 
 def latency_ms(path: str | Path, batch: int = 1, threads: int = 1, seconds: float = 0.3, input_size: int = 32) -> float:
     """Median wall time (ms) of one onnxruntime run of the model at ``path`` on a random batch."""
-    sess = _session(path, threads)
+    return _median_ms(_session(path, threads), batch, seconds, input_size)
+
+
+def _median_ms(sess, batch: int, seconds: float, input_size: int = 32) -> float:
     x = np.random.default_rng(0).random((batch, 3, input_size, input_size), dtype=np.float32)
     sess.run(["logits"], {"image": x})  # warm-up: the first run allocates
     times: list[float] = []
@@ -327,24 +330,29 @@ def latency_ms(path: str | Path, batch: int = 1, threads: int = 1, seconds: floa
     return 1000.0 * statistics.median(times)
 
 
+def _op_counts(optimized: Path) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in onnx.load(str(optimized)).graph.node))
+
+
 def optimized_ops(path: str | Path) -> dict[str, int]:
     """The op types (and how many of each) that onnxruntime runs for the model at ``path`` after its graph
     optimisation: whether the quantized layers became integer kernels (QLinearConv, QLinearAdd, ...)."""
     with tempfile.TemporaryDirectory() as d:
-        opt = Path(d) / "optimized.onnx"
-        _session(path, 1, opt)
-        return dict(Counter(n.op_type for n in onnx.load(str(opt)).graph.node))
+        _session(path, 1, Path(d) / "optimized.onnx")
+        return _op_counts(Path(d) / "optimized.onnx")
 
 
 INTEGER_CONVS = ("QLinearConv", "ConvInteger")
 
 
-def latency_summary(path: str | Path) -> dict[str, Any]:
+def latency_summary(path: str | Path, seconds: float = 0.2) -> dict[str, Any]:
     """What an export JSON says of the speed of what it wrote: the median latency at batch 1 on 1 thread
-    and how many convolutions onnxruntime runs as integer kernels."""
-    ops = optimized_ops(path)
+    and how many convolutions onnxruntime runs as integer kernels (one session serves both)."""
+    with tempfile.TemporaryDirectory() as d:
+        sess = _session(path, 1, Path(d) / "optimized.onnx")
+        ops = _op_counts(Path(d) / "optimized.onnx")
     convs = sum(ops.get(k, 0) for k in ("Conv", "FusedConv", "NchwcConv", *INTEGER_CONVS))
-    return {"latency_ms_b1": round(latency_ms(path, 1, 1), 3), "convs": convs,
+    return {"latency_ms_b1": round(_median_ms(sess, 1, seconds), 3), "convs": convs,
             "integer_convs": sum(ops.get(k, 0) for k in INTEGER_CONVS), "ops": ops, "cpu_vnni": cpu_has_vnni()}
 
 

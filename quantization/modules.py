@@ -137,6 +137,7 @@ class _QuantLayer(nn.Module):
         # applied outside, by the block's SharedInput (the skip reads the same quantized tensor)
         self.oq: FakeQuantizer | None = None
         self.aq_outside = False
+        self.int_bias = cfg.quantize_outputs  # the bias on the int32 grid (bias_scale): part of the same setting
         self._cache: tuple | None = None
 
     def _versions(self) -> tuple:
@@ -149,7 +150,7 @@ class _QuantLayer(nn.Module):
     def bias_scale(self) -> torch.Tensor | None:
         """The step of the bias grid, input scale x weight scale (per output channel): integer kernels add
         the bias to their int32 accumulator in these units. None while either side is not quantized."""
-        if self.wq is None or self.aq is None or not self.aq.enabled:
+        if not self.int_bias or self.wq is None or self.aq is None or not self.aq.enabled:
             return None
         return (self.aq.effective_scale().detach() * self.wq.effective_scale().detach()).reshape(-1)
 

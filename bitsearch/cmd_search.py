@@ -48,7 +48,8 @@ def _common_search_args(p) -> None:
                    help="QAT/LSQ trials distil from the baseline with this weight (0..1; space key kd_weight samples it)")
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument("--sensitivity", help="table from `bitsearch sensitivity`: with space key size_budget_mb every trial "
-                   "allocates per-layer weight bits within its sampled budget")
+                   "allocates per-layer weight bits within its sampled budget; with block_w_bits the allocator's "
+                   "per-block solutions are the first trials; with --max-drop the search bisects budgets")
     p.add_argument("--estimator", choices=["loss", "hessian", "max"],
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--min-bits", dest="min_bits", type=int,
@@ -59,9 +60,10 @@ def _common_search_args(p) -> None:
                    help="end the search after this long with the trials it finished (in-flight ones stopped; "
                         "the JSON says \"stopped\": \"time_budget\"); default: no limit")
     p.add_argument("--max-drop", dest="max_drop", type=float, metavar="POINTS",
-                   help="search: the smallest model whose validation top-1 is at most this many points below FP32, by "
-                        "bisection over the allocator's size budgets (needs --sensitivity; --num-samples caps the "
-                        "trials); the answer is `best`")
+                   help="search: the smallest model whose validation top-1 is at most this many points below FP32: "
+                        "with --sensitivity by bisection over the allocator's size budgets (--num-samples caps the "
+                        "trials), without it Optuna samples the space with the drop as a constraint; the answer is "
+                        "`best`")
     p.add_argument("--latency-budget-ms", dest="latency_budget_ms", type=float, metavar="MS",
                    help="a trial whose exported ONNX model takes longer than this (onnxruntime, batch 1, 1 thread, on "
                         "the trial's node: results column onnx_ms) is over budget: not the best, not on the front; "

@@ -371,10 +371,13 @@ def check_min_bits(min_bits: Any, name: str = "min_bits") -> None:
 
 def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: dict, budget_mb: float, *,
              a_bits: int | None = None, estimator: str | None = None, costs: dict | None = None,
-             min_bits: int | None = None) -> dict[str, Any]:
+             min_bits: int | None = None, groups: dict[str, tuple[list[str], Iterable[int]]] | None = None
+             ) -> dict[str, Any]:
     """The allocation for ``budget_mb`` (10^6 bytes of packed file): per-layer weight bits, the config,
     its exact packed size. ``min_bits``: no layer narrower than that (the summed scores miss how a few
-    2-3 bit layers interact). SensitivityError when no allocation fits."""
+    2-3 bit layers interact). ``groups``: name -> (layers, the bit-widths they may take), layers that share
+    one bit-width (a per-block search's blocks; ``group_bits`` in the result); by default each layer is its
+    own group. SensitivityError when no allocation fits."""
     check_min_bits(min_bits)
     layers = [r["name"] for r in table["layers"]]
     scores = weight_scores(table, estimator)[1]
@@ -384,23 +387,38 @@ def allocate(table: dict[str, Any], fp32: nn.Module, base: QuantConfig, meta: di
             raise SensitivityError(f"min_bits={min_bits} leaves no bit-width the table scores (at most "
                                    f"{max(b for sc in weight_scores(table, estimator)[1].values() for b in sc)})")
     costs = costs or layer_bytes(fp32, base, meta, layers, sorted({b for s in scores.values() for b in s}), a_bits)
+    groups = groups or {n: ([n], scores[n]) for n in layers}
+    missing = set(layers) - {n for members, _ in groups.values() for n in members}
+    if missing:
+        raise SensitivityError(f"the allocation's groups leave out {sorted(missing)[0]} (and {len(missing) - 1} more)")
+    g_scores = {g: {b: sum(scores[n][b] for n in members) for b in set(allowed) if all(b in scores[n] for n in members)}
+                for g, (members, allowed) in groups.items()}
+    empty = [g for g, sc in g_scores.items() if not sc]
+    if empty:
+        raise SensitivityError(f"group {empty[0]} may take no bit-width the table scores for all its layers")
+    g_costs = {g: {b: sum(costs[n][b] for n in groups[g][0]) for b in sc} for g, sc in g_scores.items()}
+
+    def per_layer(g_bits: dict[str, int]) -> dict[str, int]:
+        return {n: g_bits[g] for g, (members, _) in groups.items() for n in members}
+    lowest = {g: min(sc) for g, sc in g_scores.items()}
     budget = int(math.floor(budget_mb * MB))
-    lo_cfg = allocation_config(base, {n: min(scores[n]) for n in layers}, a_bits)
-    fixed = _packed_bytes(fp32, lo_cfg, meta) - sum(costs[n][min(scores[n])] for n in layers)  # header + FP32 layers
+    lo_cfg = allocation_config(base, per_layer(lowest), a_bits)
+    fixed = _packed_bytes(fp32, lo_cfg, meta) - sum(g_costs[g][b] for g, b in lowest.items())  # header + FP32 layers
     capacity = budget - fixed
     for attempt in range(12):  # the header's length depends a little on the chosen bits: check, tighten, re-solve
-        got = solve(scores, costs, capacity)
+        got = solve(g_scores, g_costs, capacity)
         if got is None:
-            smallest = (fixed + sum(costs[n][min(scores[n])] for n in layers)) / MB
+            smallest = (fixed + sum(g_costs[g][b] for g, b in lowest.items())) / MB
             raise SensitivityError(f"budget {budget_mb} MB is below the smallest allocation ({smallest:.6f} MB with "
-                                   f"every layer at {min(min(s) for s in scores.values())} bits)")
-        bits, score = got
+                                   f"every layer at {min(lowest.values())} bits)")
+        g_bits, score = got
+        bits = per_layer(g_bits)
         cfg = allocation_config(base, bits, a_bits)
         size = _packed_bytes(fp32, cfg, meta)
         if size <= budget:
             params = {r["name"]: r["params"] for r in table["layers"]}
             return {"budget_mb": budget_mb, "predicted_bytes": size, "predicted_mb": size / MB, "sensitivity": score,
-                    "bits": bits, "config": cfg,
+                    "bits": bits, "group_bits": g_bits, "config": cfg,
                     "avg_w_bits": sum(params[n] * b for n, b in bits.items()) / sum(params.values())}
         capacity -= (size - budget) + 16 * 2 ** attempt  # a growing margin: the header can move a few bytes each time
     raise SensitivityError(f"no allocation within {budget_mb} MB after 12 rounds (internal error)")

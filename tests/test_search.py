@@ -351,7 +351,9 @@ def test_budget_search_allocates_bits_by_sensitivity(ray_session, baseline, tmp_
     ({"time_budget_s": 0}, "time_budget_s=0 is invalid: a number of seconds > 0"),
     ({"latency_budget_ms": -1}, "latency_budget_ms=-1 is invalid: a number of milliseconds > 0"),
     ({"max_drop": -1.0}, "max_drop=-1.0 is invalid: validation points below FP32, a number >= 0"),
-    ({"max_drop": 1.0, "space": {"a_bits": [4, 8], "method": ["ptq"]}}, "give space.a_bits one value"),
+    ({"time_budget_s": 1e-6}, "time_budget_s=1e-06 is shorter than one trial: each evaluates"),
+    ({"max_drop": 1.0, "sensitivity": "t.json", "space": {"a_bits": [4, 8], "method": ["ptq"]}},
+     "give space.a_bits one value"),
     ({"max_drop": 1.0, "objectives": "multi"}, "max_drop applies to single-objective searches only"),
 ])
 def test_bad_search_configs_fail_before_ray(baseline, tmp_path, kw, message, capsys, monkeypatch):
@@ -586,3 +588,24 @@ def test_mlflow_ui_in_a_real_browser(server, baseline, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "mlflow-parallel.png"))
         finally:
             browser.close()
+
+
+def test_drop_constraint_reaches_optuna_before_it_is_told():
+    """--max-drop without a table: Optuna minimises comp_mb, and each trial's excess drop (val drop minus the
+    allowed, +1e9 for a trial that did not finish) is its constraint, feasible at <= 0; the queued point runs
+    first."""
+    import optuna
+
+    from tune.bisect import DropConstrained
+    from tune.space import DefineByRun
+    se = DropConstrained(80.0, 1.0, space=DefineByRun({"w_bits": [2, 8]}), sampler=optuna.samplers.TPESampler(seed=0),
+                         points_to_evaluate=[{"w_bits": 8}])
+    assert se.suggest("a")["w_bits"] == 8
+    se.on_trial_complete("a", {"val_top1": 79.5, "comp_mb": 0.8, "final": True})
+    se.suggest("b")
+    se.on_trial_complete("b", {"val_top1": 70.0, "comp_mb": 0.2, "final": True})
+    se.suggest("c")
+    se.on_trial_complete("c", {"val_top1": 79.9, "comp_mb": 0.3, "final": False})  # stopped before the end
+    trials = se._ot_study.trials
+    assert [t.values for t in trials] == [[0.8], [0.2], [0.3]]  # the size is what it minimises
+    assert [t.constraints for t in trials] == [{"val_drop": -0.5}, {"val_drop": 9.0}, {"val_drop": 1e9}]

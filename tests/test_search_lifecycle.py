@@ -3,6 +3,7 @@ over the size budget, a driver killed outright, and Ctrl-C; each time the report
 and `resume` finishes the search. (Its own module: its tests run beside tests/test_search.py's.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -297,7 +298,16 @@ def _drop_probe(config, settings, callbacks=()):
                  "final": True})
 
 
-def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_session, baseline, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def table(baseline):
+    """A Hessian sensitivity table of the tiny baseline (its file)."""
+    tree, ck = baseline
+    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--estimator", "hessian", "--images", "9",
+                 "--no-download", "--json"]) == 0
+    return str(max(Path(ck).parent.glob("sensitivity-*.json"), key=lambda f: f.stat().st_mtime))
+
+
+def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_session, baseline, table, tmp_path):
     """--max-drop 3: models at >= 70% of the W8A8 size are within 3 points. Bisection measures the top budget
     first, then halves toward 70%: the answer (`best`) is the smallest measured model within the drop, within
     a quarter of the budget range of the true edge after 3 trials, one at a time; the test-set figure is not
@@ -306,10 +316,6 @@ def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_
 
     from tune.search import run
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    tree, ck = baseline
-    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--estimator", "hessian", "--images", "9",
-                 "--no-download", "--json"]) == 0
-    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["file"]
     s = _settings(baseline, tmp_path, name="drop", num_samples=3, max_drop=3.0, sensitivity=table,
                   space={"a_bits": 8, "method": "ptq"})
     summary = run(s, trial_fn=_drop_probe)
@@ -323,3 +329,73 @@ def test_max_drop_bisects_the_budgets_to_the_smallest_model_within_the_drop(ray_
     assert best["val_drop"] <= 3.0 and best["comp_mb"] == min(within) < s.w8_mb
     # each halving keeps the edge (70% of W8) inside the interval: after 2 the answer is within 1/4 of the range
     assert best["comp_mb"] - 0.7 * s.w8_mb <= (s.w8_mb - lo) / 4 + 1e-9, (budgets, lo, s.w8_mb)
+
+
+def _optuna_trials(experiment: str) -> list:
+    """The Optuna study's trials of a finished search, in the order they were asked for (Ray saves the
+    searcher with the experiment)."""
+    import pickle
+    saved = max(Path(experiment).glob("searcher-state-*.pkl"), key=lambda f: f.stat().st_mtime)
+    return pickle.loads(saved.read_bytes())["_ot_study"].trials
+
+
+def _bits_probe(config, settings, callbacks=()):
+    """A trial whose validation top-1 falls 1 point below FP32 per weight bit under 8 (the mean of its block
+    bit-widths where it has them) and whose size is its bits / 10."""
+    from ray import tune
+    blocks = [v for k, v in config.items() if k.startswith("w_bits_b")]
+    w = sum(blocks) / len(blocks) if blocks else float(config["w_bits"])
+    val = settings.fp32_val_top1 - (8 - w)
+    tune.report({"objective": val, "val_top1": val, "test_top1": val, "comp_mb": w / 10, "ratio": 32 / w,
+                 "epoch": 0, "final": True})
+
+
+def test_max_drop_without_a_table_is_optuna_with_the_drop_as_a_constraint(ray_session, baseline, tmp_path):
+    """--max-drop 2.5 and no sensitivity table: Optuna samples w_bits, the widest model first (the queued
+    known-good point); the answer is the smallest model within 2.5 points (6 bits here) among those run."""
+    import ray.cloudpickle
+
+    from tune.search import run
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    s = _settings(baseline, tmp_path, name="drop-optuna", num_samples=6, max_concurrent=1, max_drop=2.5,
+                  space={"w_bits": [2, 8], "a_bits": 8, "method": "ptq"})
+    summary = run(s, trial_fn=_bits_probe)
+    trials = summary["trials"]
+    assert len(trials) == 6 and all(t["status"] == "done" for t in trials)
+    asked = _optuna_trials(summary["experiment"])
+    assert asked[0].params["w_bits"] == 8 and len(asked) == 6  # the queued point first
+    for t in asked:  # each trial's excess drop reached Optuna as its constraint
+        assert t.constraints == {"val_drop": pytest.approx(8 - t.params["w_bits"] - 2.5, abs=1e-6)}
+    within = [t for t in trials if t["w_bits"] >= 6]
+    assert summary["best"]["trial_id"] == min(within, key=lambda t: t["comp_mb"])["trial_id"]
+    assert summary["best"]["val_drop"] <= 2.5
+
+
+def test_a_per_block_search_starts_from_the_allocators_solution(ray_session, baseline, table, tmp_path):
+    """block_w_bits with a sensitivity table and a size budget: the first trial runs the allocator's
+    per-block solution for the budget (one bit-width per block, within the space, the packed file within the
+    budget); Optuna samples what follows."""
+    import ray.cloudpickle
+
+    from pipeline import load_baseline, packed_meta, prepare_quantized
+    from tune.search import run
+    from tune.settings import load_settings, validate
+    from tune.trial_spec import quant_config
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tree, ck = baseline
+    fp32, c = load_baseline(str(ck))
+
+    def packed_mb(point):
+        return prepare_quantized(fp32, quant_config(point, {}), packed_meta(c)).size["comp_mb"]
+    w4 = packed_mb({"w_bits": 4, "a_bits": 8})
+    budget = (w4 + packed_mb({"w_bits": 8, "a_bits": 8})) / 2
+    s = _settings(baseline, tmp_path, name="warm", num_samples=2, max_concurrent=1, sensitivity=table,
+                  size_budget_mb=budget, space={"block_w_bits": [4, 8], "a_bits": [6, 8], "method": "ptq"})
+    multi = validate(dataclasses.replace(s, objectives="multi", size_budget_mb=None)).start_points
+    assert 1 <= len(multi) <= 3 and w4 < packed_mb(multi[0]) < packed_mb(multi[-1])  # across the range, smallest first
+    summary = run(s, trial_fn=_bits_probe)
+    (point,) = load_settings(str(tmp_path / "warm")).start_points
+    assert point["a_bits"] == 8 and len({v for k, v in point.items() if k.startswith("w_bits_b")}) > 1
+    assert all(4 <= v <= 8 for v in point.values()) and packed_mb(point) <= budget
+    first = _optuna_trials(summary["experiment"])[0].params
+    assert {k: first[k] for k in point} == point and len(summary["trials"]) == 2

@@ -301,3 +301,37 @@ def test_allocate_bad_input(tmp_path, capsys):
     assert "not a sensitivity table" in capsys.readouterr().err
     assert main(["allocate", "--sensitivity", str(tmp_path / "missing.json"), "--budget-mb", "1"]) == 2
     assert "not a sensitivity table" in capsys.readouterr().err
+
+
+def test_grouped_allocation_gives_each_group_one_bit_width_and_the_least_summed_score(baseline, capsys):
+    """groups (a per-block search's blocks): the layers of a group share one bit-width from the group's own
+    range, the packed file fits the budget, and no pair of group bit-widths that fits scores less (brute
+    force over the real packed sizes); a layer left out of every group is an error."""
+    from pipeline import load_baseline, packed_meta, prepare_quantized
+    from pipeline.sensitivity import SensitivityError, allocate, allocation_config, layer_bytes, weight_scores
+    from quantization import QuantConfig
+    tree, ck, cfg = baseline
+    assert main(["sensitivity", "--baseline", str(ck), "--data", str(tree), "--config", str(cfg), "--images", "15",
+                 "--no-download", "--json"]) == 0
+    table = json.loads(Path(_last_json(capsys)["file"]).read_text())
+    fp32, c = load_baseline(str(ck))
+    base, meta = QuantConfig(**FEW), packed_meta(c)
+    layers = [r["name"] for r in table["layers"]]
+    groups = {g: ([n for n in layers if n.startswith(f"blocks.{i}.")], range(3, 9)) for i, g in enumerate(("b0", "b1"))}
+    costs = layer_bytes(fp32, base, meta, layers, range(2, 9))
+    scores = weight_scores(table)[1]
+
+    def packed(g_bits):
+        return prepare_quantized(fp32, allocation_config(base, {n: g_bits[g] for g, (ls, _) in groups.items() for n in ls}),
+                                 meta).size["comp_bytes"]
+    budget = (packed({"b0": 3, "b1": 3}) + packed({"b0": 8, "b1": 8})) // 2
+    r = allocate(table, fp32, base, meta, budget / 1e6, costs=costs, groups=groups)
+    assert set(r["group_bits"]) == {"b0", "b1"} and all(3 <= b <= 8 for b in r["group_bits"].values())
+    assert all(r["bits"][n] == r["group_bits"][g] for g, (ls, _) in groups.items() for n in ls)
+    assert r["predicted_bytes"] == packed(r["group_bits"]) <= budget
+    opts = sorted(set(range(3, 9)) & set(scores[layers[0]]))  # the bit-widths the table scores (no 7)
+    fits = [dict(zip(("b0", "b1"), combo)) for combo in itertools.product(opts, repeat=2)]
+    least = min(sum(scores[n][gb[g]] for g, (ls, _) in groups.items() for n in ls) for gb in fits if packed(gb) <= budget)
+    assert r["sensitivity"] == pytest.approx(least)
+    with pytest.raises(SensitivityError, match="leave out"):
+        allocate(table, fp32, base, meta, budget / 1e6, costs=costs, groups={"b0": groups["b0"]})

@@ -1,5 +1,6 @@
 """`--max-drop D`: the smallest model whose validation top-1 is at most D points below FP32, found by bisection
-over the sensitivity allocator's size budgets.
+over the sensitivity allocator's size budgets (a search with a sensitivity table), or by Optuna minimising
+the packed size with the drop as a constraint (``DropConstrained``: a search without one).
 
 The allocator gives, for each size budget, the per-layer weight bits that cost the least predicted
 sensitivity; a larger budget never gives a worse prediction, so the measured validation drop shrinks
@@ -12,10 +13,14 @@ choose.
 """
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+CONSTRAINT = "val_drop"  # the Optuna constraint of a max-drop search without a table: the excess drop
 
 
 class DropBisection(Searcher):
@@ -55,9 +60,8 @@ class DropBisection(Searcher):
         if budget is None:
             return
         val = None if error or not result else result.get("val_top1")
-        ok = val is not None and result.get("final") and not result.get("over_budget") \
-            and self.fp32_val - float(val) <= self.max_drop
-        self.measured.append((budget, val, bool(ok)))
+        ok = excess_drop(None if error else result, self.fp32_val, self.max_drop) <= 0
+        self.measured.append((budget, val, ok))
         if ok:
             self.hi = min(self.hi, budget)
         elif budget >= self.top:
@@ -78,3 +82,30 @@ def within(row: dict[str, Any], fp32_val_top1: float | None, max_drop: float) ->
     """Whether a results row is within ``max_drop`` validation points of FP32."""
     v = row.get("val_top1")
     return fp32_val_top1 is not None and v is not None and v == v and fp32_val_top1 - v <= max_drop
+
+
+def excess_drop(result: dict | None, fp32_val_top1: float, max_drop: float) -> float:
+    """How far a trial's validation drop is beyond ``max_drop`` (<= 0: within; a trial that did not finish, or
+    is over a size or latency budget, is infeasible: +inf)."""
+    val = (result or {}).get("val_top1")
+    if val is None or val != val or not result.get("final") or result.get("over_budget"):
+        return math.inf
+    return fp32_val_top1 - float(val) - max_drop
+
+
+class DropConstrained(OptunaSearch):
+    """--max-drop without a sensitivity table: Optuna proposes from the search space, minimising the packed
+    size (comp_mb) subject to validation drop <= max_drop: each trial's excess drop is its Optuna constraint
+    ``val_drop`` (Trial.set_constraint, set before Optuna is told the result; TPE ranks infeasible trials
+    after feasible ones)."""
+
+    def __init__(self, fp32_val_top1: float, max_drop: float, **kwargs):
+        super().__init__(metric="comp_mb", mode="min", **kwargs)
+        self.fp32_val, self.max_drop = float(fp32_val_top1), float(max_drop)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            excess = excess_drop(None if error else result, self.fp32_val, self.max_drop)
+            ot_trial.set_constraint(CONSTRAINT, min(excess, 1e9))  # finite: Optuna's storages keep JSON
+        super().on_trial_complete(trial_id, result, error)

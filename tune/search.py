@@ -36,7 +36,7 @@ from tune import storage
 from tune.mlflow_callback import MlflowTrialCallback, ProgressCallback
 from tune.resources import Cluster, fit_to_cluster
 from tune.results import UNFINISHED, close_search, register_models, saved_trial_status, write_report
-from tune.bisect import DropBisection
+from tune.bisect import DropBisection, DropConstrained
 from tune.settings import (SETTINGS_FILE, SearchConfigError, SearchInterrupted, SearchSettings, fixed_space,
                            load_settings, validate)
 from tune.space import DefineByRun
@@ -103,20 +103,23 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tri
         for k, vals in s.grid.items():
             param_space[k] = tune.grid_search(vals)
         num_samples = 1
-    elif s.max_drop is not None:  # one trial at a time, each budget chosen from the results so far
+    elif s.max_drop is not None and s.sensitivity:  # one trial at a time, each budget chosen from the results so far
         b = s.space["size_budget_mb"]
         search_alg = DropBisection(b["low"], b["high"], s.fp32_val_top1, s.max_drop, fixed_space(s.space), s.num_samples)
     else:
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created in memory" line
+        # the study's first trials: the allocator's solutions (or max-drop's widest model), then TPE
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
-        if s.objectives == "single":
-            searcher = OptunaSearch(space=DefineByRun(s.space, s.base_quant.method), metric="objective", mode="max", sampler=sampler)
+        start = {"space": DefineByRun(s.space, s.base_quant.method), "sampler": sampler,
+                 "points_to_evaluate": list(s.start_points) or None}
+        if s.max_drop is not None:  # no table: the smallest model, the drop as Optuna's constraint; no ASHA
+            searcher = DropConstrained(s.fp32_val_top1, s.max_drop, **start)
+        elif s.objectives == "single":
+            searcher = OptunaSearch(metric="objective", mode="max", **start)
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max",
                                       max_t=max(2, _max_epochs(s) + 1), **s.asha)
         else:
-            searcher = OptunaSearch(space=DefineByRun(s.space, s.base_quant.method), metric=["val_top1", "comp_mb"], mode=["max", "min"],
-                                    sampler=sampler)
+            searcher = OptunaSearch(metric=["val_top1", "comp_mb"], mode=["max", "min"], **start)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                   time_budget_s=s.time_budget_s,

@@ -11,13 +11,14 @@ from typing import Any
 
 from mlflow_server.tracking import default_tracking_uri, fetch_artifact, is_artifact_uri
 from pipeline import load_baseline, packed_meta, prepare_quantized
-from pipeline.sensitivity import FORMAT, SensitivityError, allocation_config, check_min_bits, weight_scores
+from pipeline.sensitivity import (FORMAT, SensitivityError, allocate, allocation_config, check_min_bits, layer_bytes,
+                                  weight_scores)
 from quantization import FineTune, Method, QuantConfig, QuantConfigError
 from quantization.api import plan_for
 from trainer.data import source_kind
 from tune import storage
-from tune.space import SpaceError, num_range, smallest_bits, validate_space
-from tune.trial_spec import FINE_TUNE_KEYS, quant_config
+from tune.space import NUM_BLOCKS, SpaceError, num_range, smallest_bits, validate_space
+from tune.trial_spec import FINE_TUNE_KEYS, block_key, quant_config
 
 _FT = FineTune()  # the fine-tuning defaults
 FINE_TUNE_NAMES = {field: key for key, field in FINE_TUNE_KEYS.items()} | {"kd_temperature": "kd_temperature"}
@@ -41,8 +42,9 @@ class SearchSettings:
     grid: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GRID))
     size_budget_mb: float | None = None
     time_budget_s: float | None = None         # the search ends on time with what it finished (in-flight trials stopped)
-    max_drop: float | None = None              # the smallest model within this many validation points of FP32, by
-                                               # bisection over the allocator's size budgets (tune/bisect.py)
+    max_drop: float | None = None              # the smallest model within this many validation points of FP32: by
+                                               # bisection over the allocator's size budgets with a sensitivity
+                                               # table, else Optuna with the drop as a constraint (tune/bisect.py)
     latency_budget_ms: float | None = None     # a trial whose exported ONNX model takes longer (batch 1, 1 thread, on
                                                # the trial's node) is over budget, as one larger than size_budget_mb
     num_samples: int = 8
@@ -73,6 +75,8 @@ class SearchSettings:
     fp32_top1: float | None = None
     fp32_val_top1: float | None = None
     w8_mb: float | None = None                 # the uniform W8A8 packed size: the "best" is compared with it
+    start_points: list[dict[str, Any]] = field(default_factory=list)  # the search's first trials (Optuna's queue):
+                                               # the allocator's per-block solutions, max-drop's widest model
 
     @property
     def base_quant(self) -> QuantConfig:
@@ -170,16 +174,18 @@ def validate(s: SearchSettings) -> SearchSettings:
     s = _check_storage(s)
     _check_options(s)
     default_space = SearchSettings.__dataclass_fields__["space"].default_factory()
-    if s.max_drop is not None and s.space == default_space:  # no space given: PTQ at A8, bits by allocation
+    if s.max_drop is not None and s.sensitivity and s.space == default_space:  # bisection, no space given: PTQ at A8
         s = dataclasses.replace(s, space={"a_bits": [8, 8], "method": ["ptq"]})
     s = _check_space(s)
     source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
     fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
     _check_baseline(s, fp32, ck)
+    if s.time_budget_s is not None:
+        _check_time_budget(s, fp32, ck)
     w8_mb = _packed_mb(fp32, ck, quant_config({"w_bits": 8, "a_bits": 8}, s.quant_base))
     if s.max_drop is not None:
         _check_max_drop(s)
-    if s.mode == "search" and ("size_budget_mb" in s.space or s.max_drop is not None):
+    if s.mode == "search" and ("size_budget_mb" in s.space or (s.max_drop is not None and s.sensitivity)):
         s = _check_allocation(s, fp32, ck, w8_mb)
     elif s.estimator is not None or s.min_bits is not None:
         raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
@@ -190,7 +196,7 @@ def validate(s: SearchSettings) -> SearchSettings:
                             w8_mb=w8_mb)
     if s.size_budget_mb is not None:
         _check_budget(s, fp32, ck)
-    return s
+    return dataclasses.replace(s, start_points=_start_points(s, fp32, ck))
 
 
 def _check_storage(s: SearchSettings) -> SearchSettings:
@@ -285,15 +291,58 @@ def _check_baseline(s: SearchSettings, fp32, ck: dict) -> None:
 
 
 def _check_max_drop(s: SearchSettings) -> None:
-    """--max-drop: a single-objective search whose only sampled value is the size budget (bisection)."""
+    """--max-drop: a single-objective search; with a sensitivity table its only sampled value is the size
+    budget (bisection), without one Optuna samples the space with the drop as a constraint."""
     if s.mode != "search" or s.objectives != "single":
-        raise SearchConfigError("max_drop applies to single-objective searches only (bisection over size budgets)")
+        raise SearchConfigError("max_drop applies to single-objective searches only (the smallest model within the drop)")
     if s.size_budget_mb is not None:
         raise SearchConfigError("give either max_drop (the smallest model within the drop) or size_budget_mb")
+    if not s.sensitivity:
+        return
     for k, v in s.space.items():
         fixed = (v["low"] == v["high"]) if isinstance(v, dict) else (len(v) == 1 or (len(v) == 2 and v[0] == v[1]))
         if k != "size_budget_mb" and (k == "block_w_bits" or not fixed):
             raise SearchConfigError(f"with max_drop the search chooses only the size budget: give space.{k} one value")
+
+
+def _check_time_budget(s: SearchSettings, fp32, ck: dict) -> None:
+    """--time-budget shorter than one trial: refused. The bound is what every trial does at the least, on this
+    machine: the FP32 forward pass over the validation and test images it evaluates (a quantized model's is
+    slower, calibration and fine-tuning come on top). Trials on GPUs are not timed here."""
+    least = least_trial_s(fp32, ck, s.batch_size, s.cpus_per_trial) if s.gpus_per_trial == 0 else None
+    if least is not None and s.time_budget_s < least:
+        raise SearchConfigError(f"time_budget_s={s.time_budget_s:g} is shorter than one trial: each evaluates "
+                                f"{_eval_images(ck):,} images, at least {least:.0f} s on this machine; raise it")
+
+
+def _eval_images(ck: dict) -> int:
+    counts = (ck.get("meta") or {}).get("data") or {}
+    return int(counts.get("val") or 0) + int(counts.get("test") or 0)
+
+
+def least_trial_s(fp32, ck: dict, batch_size: int, threads: float) -> float | None:
+    """Seconds of the FP32 forward pass over a trial's validation and test images with ``threads`` CPU
+    threads (timed on two batches after a warm-up); None when the checkpoint does not say how many."""
+    import time
+
+    import torch
+    n = _eval_images(ck)
+    if not n:
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        x = torch.randn(min(batch_size, n), 3, 32, 32)
+        fp32.eval()
+        with torch.inference_mode():
+            fp32(x)
+            t0 = time.perf_counter()
+            fp32(x)
+            fp32(x)
+            per_image = (time.perf_counter() - t0) / (2 * len(x))
+    finally:
+        torch.set_num_threads(before)
+    return n * per_image
 
 
 def fixed_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -305,17 +354,7 @@ def _check_allocation(s: SearchSettings, fp32, ck: dict, w8_mb: float) -> Search
     """space.size_budget_mb: a sensitivity table of this baseline, and a budget range that an allocation
     can meet (a max-drop search without one: from the smallest allocation to the W8A8 size). Returns the
     settings with the table's absolute path, the estimator and the budget range resolved."""
-    try:
-        table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
-    except (OSError, ValueError):
-        table = None
-    if not table or table.get("format") != FORMAT:
-        raise SearchConfigError("space.size_budget_mb and max_drop allocate bits by sensitivity: give sensitivity: PATH, a table "
-                                f"written by `bitsearch sensitivity` ({s.sensitivity!r} is none)")
-    plan = plan_for(fp32, s.base_quant)
-    unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
-    if unknown:
-        raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
+    table = _table(s, fp32, "space.size_budget_mb and max_drop allocate bits by sensitivity")
     try:
         est, _ = weight_scores(table, s.estimator)
         check_min_bits(s.min_bits)
@@ -332,6 +371,68 @@ def _check_allocation(s: SearchSettings, fp32, ck: dict, w8_mb: float) -> Search
         raise SearchConfigError(f"space.size_budget_mb starts at {low} MB, below the smallest allocation "
                                 f"({floor_mb:.4f} MB with every layer at {lo_bits} bits): raise the low end")
     return dataclasses.replace(s, sensitivity=str(Path(s.sensitivity).resolve()), estimator=est)
+
+
+def _table(s: SearchSettings, fp32, why: str) -> dict[str, Any]:
+    """The sensitivity table ``s.sensitivity``, checked against the baseline (SearchConfigError saying ``why``
+    it is needed when there is none)."""
+    try:
+        table = json.loads(Path(s.sensitivity).read_text()) if s.sensitivity else None
+    except (OSError, ValueError):
+        table = None
+    if not table or table.get("format") != FORMAT:
+        raise SearchConfigError(f"{why}: give sensitivity: PATH, a table written by `bitsearch sensitivity` "
+                                f"({s.sensitivity!r} is none)")
+    plan = plan_for(fp32, s.base_quant)
+    unknown = [r["name"] for r in table["layers"] if r["name"] not in plan]
+    if unknown:
+        raise SearchConfigError(f"sensitivity table {s.sensitivity} names layers this baseline lacks ({unknown[0]}, ...)")
+    return table
+
+
+def _start_points(s: SearchSettings, fp32, ck: dict) -> list[dict[str, Any]]:
+    """The first trials of an Optuna search, so that TPE starts from good points: for a per-block search with a
+    sensitivity table, the allocator's solutions with one bit-width per block (at the size budget, or at three
+    sizes across the space's range for a multi-objective search); for a max-drop search without a table, the
+    widest model the space allows (the one most likely within the drop). Activation bits at the space's widest;
+    what a point leaves out, Optuna samples."""
+    if s.mode != "search" or (s.max_drop is not None and s.sensitivity):  # a bisection proposes its own
+        return []
+    widest = {k: s.space[k][1] for k in ("w_bits", "a_bits") if k in s.space}
+    if s.max_drop is not None:
+        return [{**widest, **({"method": str(Method.PTQ)} if str(Method.PTQ) in s.space.get("method", []) else {})}]
+    if not s.sensitivity or "block_w_bits" not in s.space or (s.objectives == "single" and s.size_budget_mb is None):
+        return []
+    table = _table(s, fp32, "the per-block search starts from the allocator's solutions")
+    layers = [r["name"] for r in table["layers"]]
+    lo, hi = s.space["block_w_bits"]
+    groups = {block_key(i): ([n for n in layers if n.startswith(f"blocks.{i}.")], range(lo, hi + 1))
+              for i in range(NUM_BLOCKS)}
+    rest = [n for n in layers if not n.startswith("blocks.")]
+    if rest:  # the layers outside the blocks take the trial's w_bits
+        w = s.space.get("w_bits")
+        groups["w_bits"] = (rest, range(w[0], w[1] + 1) if w else [s.base_quant.w_bits])
+    groups = {g: v for g, v in groups.items() if v[0]}
+    a = {"a_bits": widest["a_bits"]} if "a_bits" in widest else {}
+    base, meta = quant_config(a, s.quant_base), packed_meta(ck)
+    costs = layer_bytes(fp32, base, meta, layers, sorted({b for _, bits in groups.values() for b in bits}))
+    if s.objectives == "single":
+        budgets = [s.size_budget_mb]
+    else:
+        def size_at(pick) -> float:  # every group at its narrowest (min) or widest (max) bit-width
+            return _packed_mb(fp32, ck, allocation_config(base, {n: pick(bits) for ls, bits in groups.values() for n in ls}))
+        low, high = size_at(min), size_at(max)
+        budgets = [low + f * (high - low) for f in (0.25, 0.5, 0.75)]
+    points = []
+    for mb in budgets:
+        try:
+            alloc = allocate(table, fp32, base, meta, mb, estimator=s.estimator, costs=costs, groups=groups)
+        except SensitivityError:
+            continue
+        point = {k: v for k, v in {**alloc["group_bits"], **a}.items() if k != "w_bits" or "w_bits" in s.space}
+        if point not in points:
+            points.append(point)
+    return points
 
 
 def _check_budget(s: SearchSettings, fp32, ck: dict) -> None:

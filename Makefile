@@ -15,9 +15,22 @@ $(BIN)/bitsearch: pyproject.toml
 
 venv: $(BIN)/bitsearch
 
+# the committed CPU reference model and its Hessian sensitivity table (models/README.md)
+REF ?= models/mobilenetv2-w0.5-cpu.pt
+REF_TABLE ?= models/mobilenetv2-w0.5-cpu.sensitivity.json
+DEMO_SECONDS ?= 480
+
+# "the smallest model within 1 point": bisection over the allocator's size budgets on the reference model,
+# PTQ trials one at a time on every core, ended by DEMO_SECONDS; the quick toy baseline where there is no
+# reference model
 demo: venv
+ifneq ($(wildcard $(REF)),)
+	$(BIN)/bitsearch search --baseline $(REF) --sensitivity $(REF_TABLE) --max-drop 1.0 --time-budget $(DEMO_SECONDS) \
+		--num-samples 8 --cpus-per-trial $$(nproc) --name within-1pt --data $(DATA) --out $(OUT)
+else
 	test -f $(OUT)/baseline/checkpoint.pt || $(BIN)/bitsearch train --profile quick --data $(DATA) --out $(OUT)/baseline
 	$(BIN)/bitsearch search --config configs/quick.yaml --baseline $(OUT)/baseline/checkpoint.pt --data $(DATA) --out $(OUT)
+endif
 
 ui: venv    # the MLflow UI on the demo's embedded store (OUT=... for another search's --out)
 	$(BIN)/bitsearch ui $(OUT)

@@ -85,8 +85,8 @@ def _known_errors() -> tuple[type, ...]:
     from pipeline.sensitivity import SensitivityError
     from quantization import CalibrationError, QuantConfigError
     from quantization.packing import PackedFileError
-    from trainer import CheckpointError, ConfigError, DataError
+    from trainer import CheckpointError, ConfigError, DataError, ModelError
     from tune.settings import SearchConfigError
     from tune.study import StudyError
-    return (UserError, DataError, ConfigError, CheckpointError, QuantConfigError, CalibrationError, PackedFileError,
+    return (UserError, DataError, ConfigError, ModelError, CheckpointError, QuantConfigError, CalibrationError, PackedFileError,
             TrackingError, ExportError, DivergedError, SensitivityError, SearchConfigError, StudyError, ServerError)

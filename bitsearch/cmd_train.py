@@ -6,20 +6,22 @@ from __future__ import annotations
 
 from bitsearch.common import RichProgress, emit, explicit, load_profile, stderr_console, writable_dir
 
-TRAIN_FLAGS = {"epochs": "epochs", "width": "width", "batch_size": "batch_size", "lr": "lr", "subset": "subset",
+TRAIN_FLAGS = {"model": "model", "epochs": "epochs", "width": "width", "batch_size": "batch_size", "lr": "lr", "subset": "subset",
                "val_size": "val_size", "seed": "seed", "device": "device", "weight_decay": "weight_decay",
                "label_smoothing": "label_smoothing", "compile": "compile", "amp": "amp", "channels_last": "channels_last",
                "progressive": "progressive"}
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the FP32 MobileNet-v2 baseline")
+    p = sub.add_parser("train", help="train the FP32 baseline (MobileNet-v2, ResNet-20 or your own network)")
     p.add_argument("--data", required=True, help="torchvision root, image-folder tree, or .tar/.tar.gz of one")
     p.add_argument("--out", required=True, help="output directory (checkpoint, curves, confusion matrix, summary)")
     p.add_argument("--profile", help="preset from configs/: quick (CPU minutes), cpu (the CPU reference model, ~42 min on 2 native-bf16 cores), seed (the reference recipe, GPU) or gpu (width 1.0 in minutes on one GPU: bench/gpu.sh)")
     p.add_argument("--config", help="YAML file with a train: section")
+    p.add_argument("--model", help="the network: mobilenetv2 (default), resnet20, or FILE.py:FUNC, a function "
+                   "FUNC(num_classes) returning a torch nn.Module (recorded in the checkpoint: later commands need no flag)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--width", type=float, help="width multiplier (1.0 = 2.24M params)")
+    p.add_argument("--width", type=float, help="MobileNet-v2 width multiplier (1.0 = 2.24M params)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)

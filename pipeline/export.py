@@ -38,6 +38,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
+from torch.nn import functional as F
 
 from quantization.api import bits_summary, quant_layers
 from quantization.modules import QuantConvBn2d, QuantLinear, SharedInput
@@ -252,9 +253,29 @@ def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
         return g.op("Relu", [a[0]], hint)
     if isinstance(m, (nn.Identity, nn.Dropout)):
         return a[0]
-    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-        return g.op("GlobalAveragePool", [a[0]], hint)
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size in (1, (1, 1)):
+        return g.op("GlobalAveragePool" if isinstance(m, nn.AdaptiveAvgPool2d) else "GlobalMaxPool", [a[0]], hint)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _pool(g, "MaxPool" if isinstance(m, nn.MaxPool2d) else "AveragePool", a[0], m.kernel_size, m.stride,
+                     m.padding, m.ceil_mode, hint, getattr(m, "dilation", 1), getattr(m, "count_include_pad", True))
+    if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+        return g.op("Flatten", [a[0]], hint, axis=1)
     raise ExportError(f"{hint}: {type(m).__name__} has no ONNX export here")
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _pool(g: _Graph, op: str, x: str, kernel, stride, padding, ceil_mode: bool, hint: str, dilation=1,
+          count_include_pad: bool = True) -> str:
+    if _pair(dilation) != [1, 1]:
+        raise ExportError(f"{hint}: pooling with dilation has no ONNX export here")
+    k, p = _pair(kernel), _pair(padding)
+    attrs = {"kernel_shape": k, "strides": _pair(stride if stride else kernel), "pads": p + p, "ceil_mode": int(ceil_mode)}
+    if op == "AveragePool":
+        attrs["count_include_pad"] = int(count_include_pad)
+    return g.op(op, [x], hint, **attrs)
 
 
 def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
@@ -262,7 +283,48 @@ def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
         return g.op("Add", a)
     if node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
         return g.op("Flatten", [a[0]], axis=1)
+    if node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
+        return g.op("Relu", [a[0]])
+    if node.target is F.relu6:
+        return g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)])
+    if node.target is operator.getitem and isinstance(a[1], tuple) and all(isinstance(v, slice) for v in a[1]):
+        return _slice(g, a[0], a[1])
+    if node.target is F.pad and isinstance(a[1], (tuple, list)) and node.kwargs.get("mode", "constant") == "constant":
+        return _pad(g, a[0], list(a[1]), float(node.kwargs.get("value") or 0.0))
+    if node.target is torch.cat and isinstance(a[0], (list, tuple)):
+        return g.op("Concat", list(a[0]), axis=int(node.kwargs.get("dim", a[1] if len(a) > 1 else 0)))
+    if node.target in (F.max_pool2d, F.avg_pool2d) and len(a) >= 2:
+        kw = node.kwargs
+        return _pool(g, "MaxPool" if node.target is F.max_pool2d else "AveragePool", a[0], a[1],
+                     kw.get("stride", a[2] if len(a) > 2 else None), kw.get("padding", a[3] if len(a) > 3 else 0),
+                     bool(kw.get("ceil_mode", False)), "pool")
+    if node.target is F.adaptive_avg_pool2d and a[1:] in ([1], [(1, 1)]):
+        return g.op("GlobalAveragePool", [a[0]])
     raise ExportError(f"{node.target} has no ONNX export here")
+
+
+def _slice(g: _Graph, x: str, index: tuple) -> str:
+    """``x[s0, s1, ...]`` with slices only: ONNX Slice over the axes that are not ``:``."""
+    axes, starts, ends, steps = [], [], [], []
+    for axis, s in enumerate(index):
+        if s == slice(None):
+            continue
+        axes.append(axis)
+        starts.append(0 if s.start is None else int(s.start))
+        ends.append(np.iinfo(np.int64).max if s.stop is None else int(s.stop))
+        steps.append(1 if s.step is None else int(s.step))
+    if not axes:
+        return x
+    return g.op("Slice", [x] + [g.const(k, v, np.int64) for k, v in
+                                (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))])
+
+
+def _pad(g: _Graph, x: str, pad: list[int], value: float, rank: int = 4) -> str:
+    """F.pad's (last dim first, begin/end pairs) as ONNX Pad's pads (every axis' begins, then every end)."""
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
+    return g.op("Pad", [x, g.const("pads", begins + ends, np.int64), g.const("pad_value", value)], mode="constant")
 
 
 def _save(proto, out: str | Path) -> Path:

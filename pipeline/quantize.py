@@ -55,9 +55,10 @@ def load_baseline(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def packed_meta(ck: dict) -> dict:
     """What a packed file needs to rebuild the network from a training checkpoint: the architecture and
-    the class names (no paths, no history: every header byte counts in the reported size)."""
+    the class names (no history: every header byte counts in the reported size; a user's network is its
+    file's path, function and sha256, trainer/zoo.py)."""
     meta = ck.get("meta") or {}
-    out = {k: meta[k] for k in ("arch", "width", "num_classes", "dropout") if k in meta}
+    out = {k: meta[k] for k in ("arch", "width", "num_classes", "dropout", "file", "func", "sha256") if k in meta}
     out["classes"] = list(ck.get("classes") or (meta.get("data") or {}).get("classes") or [])
     return out
 

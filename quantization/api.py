@@ -15,6 +15,7 @@ from torch import nn
 
 from quantization.config import FP32, Method, QuantConfig, QuantConfigError
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear, SharedInput, act_quantizer
+from quantization.trace import traced_layers
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
 
@@ -24,16 +25,25 @@ class CalibrationError(ValueError):
 
 
 def described_layers(model: nn.Module) -> list:
-    """The model's own description of its quantizable layers: ``model.quantizable_layers()``, a list of
+    """The quantizable layers of ``model``: its own description, ``model.quantizable_layers()``, a list of
     records with ``name`` (the conv/linear module), ``unit`` (its conv -> BN -> act unit, or None),
     ``bn`` (the BN folded into it, or None), ``input_relu6`` (its input is a ReLU6 output) and
-    ``relu6_source`` (that ReLU6 module, when this layer is its only reader). trainer.model.LayerInfo
-    is the one MobileNet-v2 gives; quantization imports no model code."""
+    ``relu6_source`` (that ReLU6 module, when this layer is its only reader) - trainer.model.LayerInfo is
+    the one MobileNet-v2 gives; quantization imports no model code - or, for any other model, what tracing
+    it finds (quantization/trace.py; QuantConfigError naming what it cannot handle)."""
     describe = getattr(model, "quantizable_layers", None)
     if describe is None:
-        raise QuantConfigError(f"{type(model).__name__} does not describe its quantizable layers "
-                               "(a quantizable_layers() method, see trainer.model.LayerInfo)")
+        cached = getattr(model, "_bitsearch_traced", None)
+        if cached is None:
+            cached = traced_layers(model)
+            object.__setattr__(model, "_bitsearch_traced", cached)  # a plain attribute, not a submodule
+        return list(cached)
     return list(describe())
+
+
+def _nonneg(info) -> bool:
+    """Whether a layer's input is never negative (ReLU or ReLU6 before it): an unsigned activation grid."""
+    return bool(info.input_relu6 or getattr(info, "input_nonneg", False))
 
 
 def _fuse_relu6(model: nn.Module, src: str | None, q: FakeQuantizer | None) -> None:
@@ -99,12 +109,12 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         parent = q.get_submodule(parent_name) if parent_name else q
         if isinstance(layer, nn.Conv2d):
             bn = q.get_submodule(info.bn) if info.bn else None
-            qm = QuantConvBn2d(layer, bn, p, cfg, input_relu6=info.input_relu6)
+            qm = QuantConvBn2d(layer, bn, p, cfg, input_relu6=info.input_relu6, input_nonneg=_nonneg(info))
             if bn is not None:  # folded into the conv: the unit's BN slot becomes a pass-through
                 bn_parent, _, bn_attr = info.bn.rpartition(".")
                 setattr(q.get_submodule(bn_parent) if bn_parent else q, bn_attr, nn.Identity())
         elif isinstance(layer, nn.Linear):
-            qm = QuantLinear(layer, p, cfg, input_relu6=info.input_relu6)
+            qm = QuantLinear(layer, p, cfg, input_relu6=info.input_relu6, input_nonneg=_nonneg(info))
         else:
             raise QuantConfigError(f"{info.name} is a {type(layer).__name__}: only Conv2d and Linear layers quantize")
         setattr(parent, attr, qm)

@@ -3,7 +3,9 @@ torch, so the command line can offer these choices without loading it.
 
 Bit-widths are 2..8, or 32 for "keep this tensor in FP32". Layer patterns are shell globs over the
 model's layer names (``stem.conv``, ``blocks.3.*``, ``blocks.*.dw.conv``, ``classifier``; see
-trainer/model.py). Resolution for each quantizable layer, later rules winning:
+trainer/model.py), or ``@first`` / ``@last``: the first and the last quantizable layer the input reaches
+(the first conv and the classifier of a CNN, whatever their names). Resolution for each quantizable
+layer, later rules winning:
 
   1. the global ``w_bits`` / ``a_bits``;
   2. ``keep_fp32`` patterns: weights and input activations stay FP32;
@@ -21,6 +23,7 @@ from enum import StrEnum
 from typing import Any, Iterable
 
 FP32 = 32
+FIRST, LAST = "@first", "@last"  # layer patterns: the first / last quantizable layer in execution order
 OBSERVERS = ("minmax", "ema", "percentile", "mse")  # range observers (quantization/observers.py)
 
 
@@ -173,7 +176,7 @@ class QuantConfig:
     a_observer: str = "minmax"
     percentile: float = 99.99
     method: Method = Method.PTQ
-    keep_fp32: tuple[str, ...] = ("stem.conv", "classifier")
+    keep_fp32: tuple[str, ...] = ("@first", "@last")          # the first conv and the classifier
     overrides: tuple[LayerOverride, ...] = ()
     calib_batches: int = 8
     # PTQ: after calibration, re-estimate the BN running statistics of the quantized model (its quantized
@@ -310,8 +313,12 @@ class QuantConfig:
         """Resolve every quantizable layer's settings. A pattern that matches no quantizable layer is an
         error (it names what it matched instead, if anything)."""
         names = list(layer_names)
+        ends = {FIRST: names[:1], LAST: names[-1:]}
+
+        def match(n: str, pat: str) -> bool:
+            return n in ends[pat] if pat in ends else fnmatch.fnmatchcase(n, pat)
         for pat in [*self.keep_fp32, *(o.pattern for o in self.overrides)]:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            if not any(match(n, pat) for n in names):
                 hit = [n for n in other_names if fnmatch.fnmatchcase(n, pat)]
                 why = (f"it matches only {hit[0]}, which has no weight channels to quantize (BN/activation/pool)"
                        if hit else "it matches no layer")
@@ -320,10 +327,10 @@ class QuantConfig:
         out = {}
         for n in names:
             w, a, g = self.w_bits, self.a_bits, self.w_granularity
-            if any(fnmatch.fnmatchcase(n, p) for p in self.keep_fp32):
+            if any(match(n, p) for p in self.keep_fp32):
                 w = a = FP32
             for o in self.overrides:
-                if fnmatch.fnmatchcase(n, o.pattern):
+                if match(n, o.pattern):
                     w = o.w_bits if o.w_bits is not None else w
                     a = o.a_bits if o.a_bits is not None else a
                     g = o.w_granularity or g

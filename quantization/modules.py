@@ -111,9 +111,10 @@ class FakeQuantizer(nn.Module):
             self.scale = self.effective_scale().detach().clone()
 
 
-def act_quantizer(bits: int, cfg, relu6: bool) -> FakeQuantizer:
-    return FakeQuantizer(bits, cfg.a_symmetric, signed=not relu6, observer=cfg.a_observer, percentile=cfg.percentile,
-                         lsq=cfg.method == Method.LSQ, max_clip=RELU6_MAX if relu6 else None)
+def act_quantizer(bits: int, cfg, relu6: bool, nonneg: bool = False) -> FakeQuantizer:
+    """The quantizer of an activation: unsigned after ReLU6 (clipped at 6) or any other non-negative op."""
+    return FakeQuantizer(bits, cfg.a_symmetric, signed=not (relu6 or nonneg), observer=cfg.a_observer,
+                         percentile=cfg.percentile, lsq=cfg.method == Method.LSQ, max_clip=RELU6_MAX if relu6 else None)
 
 
 def _weight_quantizer(bits: int, cfg, granularity: Granularity, channels: int) -> FakeQuantizer:
@@ -126,10 +127,10 @@ def _weight_quantizer(bits: int, cfg, granularity: Granularity, channels: int) -
 class _QuantLayer(nn.Module):
     """Shared: the weight/activation quantizers and the eval-time cache of the quantized weight."""
 
-    def _setup(self, plan, cfg, channels: int, relu6: bool) -> None:
+    def _setup(self, plan, cfg, channels: int, relu6: bool, nonneg: bool = False) -> None:
         self.w_bits, self.a_bits = plan.w_bits, plan.a_bits
         self.wq = _weight_quantizer(plan.w_bits, cfg, plan.w_granularity, channels) if plan.w_bits != 32 else None
-        self.aq = act_quantizer(plan.a_bits, cfg, relu6) if plan.a_bits != 32 else None
+        self.aq = act_quantizer(plan.a_bits, cfg, relu6, nonneg) if plan.a_bits != 32 else None
         if self.aq is not None:
             self.aq.enabled = False  # until calibrated
         # set by prepare (QuantConfig.quantize_outputs): the quantizer of this layer's output, where an integer
@@ -214,11 +215,12 @@ class _FoldStep(torch.autograd.Function):
 
 
 class QuantConvBn2d(_QuantLayer):
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg, input_relu6: bool = False):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, plan, cfg, input_relu6: bool = False,
+                 input_nonneg: bool = False):
         super().__init__()
         self.conv, self.bn = conv, bn
         self.bn_frozen = False
-        self._setup(plan, cfg, conv.out_channels, input_relu6)
+        self._setup(plan, cfg, conv.out_channels, input_relu6, input_nonneg)
 
     def _fold_inputs(self):
         bn = self.bn
@@ -317,10 +319,10 @@ class QuantConvBn2d(_QuantLayer):
 
 
 class QuantLinear(_QuantLayer):
-    def __init__(self, linear: nn.Linear, plan, cfg, input_relu6: bool = False):
+    def __init__(self, linear: nn.Linear, plan, cfg, input_relu6: bool = False, input_nonneg: bool = False):
         super().__init__()
         self.linear = linear
-        self._setup(plan, cfg, linear.out_features, input_relu6)
+        self._setup(plan, cfg, linear.out_features, input_relu6, input_nonneg)
 
     def _fold_inputs(self):
         return [self.linear.weight, self.linear.bias]

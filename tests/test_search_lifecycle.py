@@ -399,3 +399,19 @@ def test_a_per_block_search_starts_from_the_allocators_solution(ray_session, bas
     assert all(4 <= v <= 8 for v in point.values()) and packed_mb(point) <= budget
     first = _optuna_trials(summary["experiment"])[0].params
     assert {k: first[k] for k in point} == point and len(summary["trials"]) == 2
+
+
+def test_a_search_runs_on_resnet20(ray_session, baseline, tmp_path):
+    """Any CNN: a 2-trial search on a ResNet-20 baseline, its trials real (PTQ, packed, exported)."""
+    from tune.search import run
+    tree, _ = baseline
+    assert main(["train", "--model", "resnet20", "--data", str(tree), "--out", str(tmp_path / "r20"), "--epochs", "1",
+                 "--batch-size", "16", "--val-size", "9", "--device", "cpu", "--no-download"]) == 0
+    s = _settings((tree, tmp_path / "r20" / "checkpoint.pt"), tmp_path, name="r20", num_samples=2, max_concurrent=1,
+                  space={"w_bits": [4, 8], "a_bits": 8, "method": "ptq"})
+    summary = run(s)
+    assert [t["status"] for t in summary["trials"]] == ["done", "done"]
+    for t in summary["trials"]:
+        final = Path(summary["experiment"]) / t["trial_id"]
+        packed = next(final.rglob("model.bsq"))
+        assert packed.stat().st_size == round(t["comp_mb"] * 1e6) and next(final.rglob("model.onnx")).exists()

@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable
 from trainer.allocator import ALLOCATOR_LINES, keep_freed_memory
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_dataset
-from trainer.model import MobileNetV2, count_params, model_meta
+from trainer.model import count_params
+from trainer.zoo import build_model, describe
 from trainer.train import CheckpointError, load_checkpoint, precision, resolve_device, train
 
 
@@ -24,15 +25,15 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
     out = Path(out)
     data = load_dataset(data_path, subset=cfg.subset, val_size=cfg.val_size, seed=cfg.seed, download=download,
                         progress=progress)
-    model = MobileNetV2(num_classes=data.num_classes, width=cfg.width, dropout=cfg.dropout)
+    model, meta = build_model(cfg.model, data.num_classes, width=cfg.width, dropout=cfg.dropout)
     params, summary = count_params(model), data.summary()
     if progress:
-        progress(f"MobileNet-v2 width {cfg.width}: {params:,} params; {summary['train']} train / "
+        progress(f"{describe(meta)}: {params:,} params; {summary['train']} train / "
                  f"{summary['val']} val / {summary['test']} test images")
         progress(precision(cfg, resolve_device(cfg.device))[2])
         progress(f"allocator: {ALLOCATOR_LINES[keep_freed_memory()]}")
     res = train(model, data, cfg, out_dir=out, callbacks=callbacks, resume=resume,
-                meta={**model_meta(model), "data": summary})
+                meta={**meta, "data": summary})
     result = {"params": params, "epochs": cfg.epochs, "top1": _r(res["top1"]), "train_top1": _r(res["train_top1"]),
               "val_top1": _r(res["val_top1"]), "checkpoint": res["checkpoint"], "out_dir": str(out),
               "amp": res["amp"], "channels_last": res["channels_last"], "allocator": res["allocator"],
@@ -40,6 +41,14 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
               "history": res["history"]}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """A --model that cannot be built or quantized is refused before the data loads and training starts:
+    ModelError / QuantConfigError in one line naming what is wrong."""
+    from quantization.api import described_layers
+    model, _ = build_model(cfg.model, 10, width=cfg.width, dropout=cfg.dropout)
+    described_layers(model)
 
 
 def train_baseline(data_path: str | Path, out: str | Path, section: dict[str, Any], flags: dict[str, Any], *,
@@ -55,4 +64,5 @@ def train_baseline(data_path: str | Path, out: str | Path, section: dict[str, An
     if resume:
         section = {**load_checkpoint(ck)["config"], **section}
     cfg = TrainConfig.from_dict({**section, **flags})
+    _check_model(cfg)
     return fit_baseline(data_path, out, cfg, download=download, callbacks=callbacks, resume=resume, progress=progress)

@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # model
+    model: str = "mobilenetv2"    # a built-in (mobilenetv2, resnet20) or FILE.py:FUNC (trainer/zoo.py)
     width: float = 1.0            # MobileNet-v2 width multiplier
     dropout: float = 0.2          # before the classifier
     # optimisation (the reference recipe)
@@ -56,6 +57,8 @@ class TrainConfig:
             object.__setattr__(self, k, _switch(k, getattr(self, k)))
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(isinstance(self.model, str) and (self.model in ("mobilenetv2", "resnet20") or ".py:" in self.model),
+             "model", "a built-in (mobilenetv2, resnet20) or FILE.py:FUNCTION")
         need(_finite(self.width) and 0 < self.width <= 4, "width", "must be in (0, 4]")
         need(_finite(self.lr) and self.lr > 0, "lr", "must be a number > 0")
         need(_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")

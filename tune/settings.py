@@ -400,7 +400,8 @@ def _start_points(s: SearchSettings, fp32, ck: dict) -> list[dict[str, Any]]:
         return []
     widest = {k: s.space[k][1] for k in ("w_bits", "a_bits") if k in s.space}
     if s.max_drop is not None:
-        return [{**widest, **({"method": str(Method.PTQ)} if str(Method.PTQ) in s.space.get("method", []) else {})}]
+        point = {**widest, **({"method": str(Method.PTQ)} if str(Method.PTQ) in s.space.get("method", []) else {})}
+        return [point] if point else []
     if not s.sensitivity or "block_w_bits" not in s.space or (s.objectives == "single" and s.size_budget_mb is None):
         return []
     table = _table(s, fp32, "the per-block search starts from the allocator's solutions")

@@ -47,6 +47,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from quantization.api import described_layers
     from trainer.baseline import train_baseline
 
     out = writable_dir(args.out)
@@ -58,7 +59,8 @@ def cmd_train(args) -> int:
         callbacks.append(TrainRunLogger(args.tracking_uri, run_name=f"baseline-{out.name}"))
     result = train_baseline(args.data, out, section, explicit(args, TRAIN_FLAGS), download=not args.no_download,
                             callbacks=callbacks, resume=args.resume, progress=lambda s: con.print(s),
-                            source=args.config or args.profile)
+                            source=args.config or args.profile,
+                            check_model=described_layers)  # a network bitsearch cannot quantize: refused now
     result.pop("history")
 
     def human():

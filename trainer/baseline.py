@@ -43,19 +43,14 @@ def fit_baseline(data_path: str | Path, out: str | Path, cfg: TrainConfig, *, do
     return result
 
 
-def _check_model(cfg: TrainConfig) -> None:
-    """A --model that cannot be built or quantized is refused before the data loads and training starts:
-    ModelError / QuantConfigError in one line naming what is wrong."""
-    from quantization.api import described_layers
-    model, _ = build_model(cfg.model, 10, width=cfg.width, dropout=cfg.dropout)
-    described_layers(model)
-
-
 def train_baseline(data_path: str | Path, out: str | Path, section: dict[str, Any], flags: dict[str, Any], *,
                    download: bool = True, callbacks: Iterable = (), resume: bool = False,
-                   progress: Callable[[str], None] | None = None, source: str | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, source: str | None = None,
+                   check_model: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """`bitsearch train`: a profile's ``train:`` section with the command line's ``flags`` on top
-    (TrainConfig checks both); ``resume`` continues from OUT/checkpoint.pt with its recorded config."""
+    (TrainConfig checks both); ``resume`` continues from OUT/checkpoint.pt with its recorded config.
+    The model is built before the data loads (ModelError for a --model that cannot be) and handed to
+    ``check_model`` (the command line: can it be quantized), so a bad network is refused before training."""
     if not isinstance(section, dict):
         raise ConfigError(f"the train: section of {source} must be a mapping of options")
     ck = Path(out) / "checkpoint.pt"
@@ -64,5 +59,7 @@ def train_baseline(data_path: str | Path, out: str | Path, section: dict[str, An
     if resume:
         section = {**load_checkpoint(ck)["config"], **section}
     cfg = TrainConfig.from_dict({**section, **flags})
-    _check_model(cfg)
+    model, _ = build_model(cfg.model, 10, width=cfg.width, dropout=cfg.dropout)
+    if check_model is not None:
+        check_model(model)
     return fit_baseline(data_path, out, cfg, download=download, callbacks=callbacks, resume=resume, progress=progress)

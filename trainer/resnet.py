@@ -2,7 +2,7 @@
 
 A 3x3 conv to 16 channels, three stages of three basic blocks (16, 32, 64 channels; the first block of
 stages 2 and 3 halves the resolution), global average pooling and a linear classifier: 20 weighted layers,
-272,474 parameters at 10 classes. The shortcut is the paper's option A: identity, and where the shape
+269,722 parameters at 10 classes. The shortcut is the paper's option A: identity, and where the shape
 changes the input subsampled by 2 and zero-padded to the new channel count (no parameters).
 
 Layer names: ``stem.conv`` / ``stem.bn``, ``layers.{i}.conv1`` / ``bn1`` / ``conv2`` / ``bn2`` (blocks 0..8

@@ -41,6 +41,54 @@ def described_layers(model: nn.Module) -> list:
     return list(describe())
 
 
+def layer_blocks(model: nn.Module, image_size: int = 32) -> list[tuple[str, list[str]]]:
+    """The blocks of a per-block mixed-precision search, found in the model's own structure: ``[(name,
+    layers)]`` in execution order. A block is one child of a Sequential or ModuleList (the outermost such
+    container holding the layer) that is itself a module with layers inside (MobileNet-v2's ``blocks.3``,
+    ResNet's ``layers.4``); a model with fewer than two of those (a flat stack of layers) is grouped into
+    stages by resolution: runs of convolutions that read the same height x width (``stage2@16x16``). Layers
+    in no block (a stem, a classifier) are left out: a search gives them its uniform weight bits."""
+    names = [info.name for info in described_layers(model)]
+    modules = dict(model.named_modules())
+    containers = (nn.Sequential, nn.ModuleList)
+    units: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        for k in range(1, len(parts)):
+            if parts[k - 1].isdigit() and isinstance(modules[".".join(parts[:k - 1])], containers):
+                units.setdefault(".".join(parts[:k]), []).append(n)
+                break
+    if len(units) >= 2:
+        return list(units.items())
+    sizes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            sizes.setdefault(name, tuple(args[0].shape[2:]))
+        return hook
+    hooks = [modules[n].register_forward_pre_hook(record(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    stages: list[tuple[str, list[str]]] = []
+    last = None
+    for n in names:
+        hw = sizes.get(n, ())
+        if len(hw) != 2:  # a Linear: no resolution, in no stage
+            continue
+        if hw != last:
+            stages.append((f"stage{len(stages)}@{hw[0]}x{hw[1]}", []))
+            last = hw
+        stages[-1][1].append(n)
+    return stages
+
+
 def _nonneg(info) -> bool:
     """Whether a layer's input is never negative (ReLU or ReLU6 before it): an unsigned activation grid."""
     return bool(info.input_relu6 or getattr(info, "input_nonneg", False))

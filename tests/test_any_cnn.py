@@ -54,6 +54,30 @@ def test_resnet20_is_he_et_als_network():
     assert all(i.bn for i in layers[:-1]) and all(i.input_nonneg for i in layers[1:]) and not layers[0].input_nonneg
 
 
+def test_blocks_come_from_the_models_own_structure():
+    """A per-block search's blocks: the children of a model's Sequential of units (MobileNet-v2's 17 inverted
+    residuals, ResNet-20's 9 basic blocks, stem and classifier outside), else stages of convolutions by the
+    resolution they read (a flat network); a Linear is in no stage."""
+    from torch import nn
+
+    from quantization.api import described_layers, layer_blocks
+    from trainer import build_model
+    mnv2 = build_model("mobilenetv2", 10, width=0.5)[0]
+    blocks = layer_blocks(mnv2)
+    assert [b for b, _ in blocks] == [f"blocks.{i}" for i in range(17)]
+    assert [n for _, ls in blocks for n in ls] == [i.name for i in described_layers(mnv2) if i.name.startswith("blocks.")]
+    blocks = dict(layer_blocks(build_model("resnet20", 10)[0]))
+    assert blocks == {f"layers.{i}": [f"layers.{i}.conv1", f"layers.{i}.conv2"] for i in range(9)}
+    user = build_model(MODELS["user"], 10)[0]
+    assert layer_blocks(user) == [("stage0@32x32", ["features.0"]), ("stage1@16x16", ["features.3"]),
+                                  ("stage2@8x8", ["features.7"])]
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.Flatten(), nn.Linear(16 * 16 * 16, 10))
+    assert layer_blocks(flat) == [("stage0@32x32", ["0", "2", "4"]), ("stage1@16x16", ["6"])]
+    assert flat.training  # the probe forward leaves the model as it found it
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 def test_a_network_trains_quantizes_packs_and_exports(trained, key, tmp_path, capsys):
     """The model is recorded in the checkpoint (no --model after train); W8A8 and W4A8 files are exactly their

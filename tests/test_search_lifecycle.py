@@ -402,16 +402,25 @@ def test_a_per_block_search_starts_from_the_allocators_solution(ray_session, bas
 
 
 def test_a_search_runs_on_resnet20(ray_session, baseline, tmp_path):
-    """Any CNN: a 2-trial search on a ResNet-20 baseline, its trials real (PTQ, packed, exported)."""
+    """Any CNN: a 2-trial per-block search on a ResNet-20 baseline, its trials real (PTQ, packed, exported): one
+    bit-width per basic block (its 9 found in the model), each applied to that block's two convs in the packed
+    file; the stem and the classifier (outside the blocks) FP32 by default."""
+    from quantization.packing import read_packed
     from tune.search import run
     tree, _ = baseline
     assert main(["train", "--model", "resnet20", "--data", str(tree), "--out", str(tmp_path / "r20"), "--epochs", "1",
                  "--batch-size", "16", "--val-size", "9", "--device", "cpu", "--no-download"]) == 0
     s = _settings((tree, tmp_path / "r20" / "checkpoint.pt"), tmp_path, name="r20", num_samples=2, max_concurrent=1,
-                  space={"w_bits": [4, 8], "a_bits": 8, "method": "ptq"})
+                  space={"block_w_bits": [3, 8], "a_bits": 8, "method": "ptq"})
     summary = run(s)
     assert [t["status"] for t in summary["trials"]] == ["done", "done"]
     for t in summary["trials"]:
         final = Path(summary["experiment"]) / t["trial_id"]
         packed = next(final.rglob("model.bsq"))
         assert packed.stat().st_size == round(t["comp_mb"] * 1e6) and next(final.rglob("model.onnx")).exists()
+        weights = {name: (role, bits) for name, _, role, bits, *_ in read_packed(packed)[0]["tensors"]}
+        sampled = [t[f"w_bits_b{i:02d}"] for i in range(9)]
+        assert [weights[f"layers.{i}.{c}.conv.weight"] for i in range(9) for c in ("conv1", "conv2")] == \
+            [("weight", b) for b in sampled for _ in range(2)]
+        assert "w_bits_b09" not in t
+        assert weights["stem.conv.weight"] == weights["classifier.weight"] == ("weight_fp32", 32)

@@ -110,7 +110,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tri
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "[I ...] A new study created in memory" line
         # the study's first trials: the allocator's solutions (or max-drop's widest model), then TPE
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=min(4, s.num_samples))
-        start = {"space": DefineByRun(s.space, s.base_quant.method), "sampler": sampler,
+        start = {"space": DefineByRun(s.space, s.base_quant.method, len(s.blocks)), "sampler": sampler,
                  "points_to_evaluate": list(s.start_points) or None}
         if s.max_drop is not None:  # no table: the smallest model, the drop as Optuna's constraint; no ASHA
             searcher = DropConstrained(s.fp32_val_top1, s.max_drop, **start)
@@ -165,7 +165,9 @@ def run(s: SearchSettings, num_cpus: int | None = None, log=None, trial_callback
     _init_ray(s.address, num_cpus)
     s, fits = fit_to_cluster(s, cluster(s.address))  # refused here if no node can run a trial
     if log:
-        log(f"{s.mode}: experiment {s.path}; {fits}")
+        blocks = (f"; one weight bit-width for each of {len(s.blocks)} blocks ({s.blocks[0]['name']} .. "
+                  f"{s.blocks[-1]['name']}: w_bits_b00 ..)" if s.blocks else "")
+        log(f"{s.mode}: experiment {s.path}; {fits}{blocks}")
     storage.write_text(storage.join(s.path, SETTINGS_FILE), json.dumps(s.to_dict(), indent=2))
     t0 = time.time()
     build_tuner(s, trial_callbacks, trial_fn).fit()

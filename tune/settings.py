@@ -14,10 +14,10 @@ from pipeline import load_baseline, packed_meta, prepare_quantized
 from pipeline.sensitivity import (FORMAT, SensitivityError, allocate, allocation_config, check_min_bits, layer_bytes,
                                   weight_scores)
 from quantization import FineTune, Method, QuantConfig, QuantConfigError
-from quantization.api import plan_for
+from quantization.api import layer_blocks, plan_for
 from trainer.data import source_kind
 from tune import storage
-from tune.space import NUM_BLOCKS, SpaceError, num_range, smallest_bits, validate_space
+from tune.space import SpaceError, num_range, smallest_bits, validate_space
 from tune.trial_spec import FINE_TUNE_KEYS, block_key, quant_config
 
 _FT = FineTune()  # the fine-tuning defaults
@@ -75,6 +75,8 @@ class SearchSettings:
     fp32_top1: float | None = None
     fp32_val_top1: float | None = None
     w8_mb: float | None = None                 # the uniform W8A8 packed size: the "best" is compared with it
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # space.block_w_bits: the model's blocks in order,
+                                               # {name, layers} (quantization.api.layer_blocks)
     start_points: list[dict[str, Any]] = field(default_factory=list)  # the search's first trials (Optuna's queue):
                                                # the allocator's per-block solutions, max-drop's widest model
 
@@ -180,6 +182,8 @@ def validate(s: SearchSettings) -> SearchSettings:
     source_kind(s.data, download=False)  # DataError now, not in every trial once Ray has started
     fp32, ck = load_baseline(fetch_artifact(s.baseline, s.tracking_uri))
     _check_baseline(s, fp32, ck)
+    if s.mode == "search" and "block_w_bits" in s.space:
+        s = dataclasses.replace(s, blocks=_blocks(fp32))
     if s.time_budget_s is not None:
         _check_time_budget(s, fp32, ck)
     w8_mb = _packed_mb(fp32, ck, quant_config({"w_bits": 8, "a_bits": 8}, s.quant_base))
@@ -305,6 +309,18 @@ def _check_max_drop(s: SearchSettings) -> None:
             raise SearchConfigError(f"with max_drop the search chooses only the size budget: give space.{k} one value")
 
 
+def _blocks(fp32) -> list[dict[str, Any]]:
+    """The baseline's blocks for space.block_w_bits (SearchConfigError when it has none)."""
+    try:
+        blocks = layer_blocks(fp32)
+    except QuantConfigError as e:
+        raise SearchConfigError(str(e)) from None
+    if not blocks:
+        raise SearchConfigError(f"space.block_w_bits: {type(fp32).__name__} has no blocks (no convolution reads a "
+                                "feature map); search w_bits or size_budget_mb instead")
+    return [{"name": name, "layers": layers} for name, layers in blocks]
+
+
 def _check_time_budget(s: SearchSettings, fp32, ck: dict) -> None:
     """--time-budget shorter than one trial: refused. The bound is what every trial does at the least, on this
     machine: the FP32 forward pass over the validation and test images it evaluates (a quantized model's is
@@ -407,9 +423,9 @@ def _start_points(s: SearchSettings, fp32, ck: dict) -> list[dict[str, Any]]:
     table = _table(s, fp32, "the per-block search starts from the allocator's solutions")
     layers = [r["name"] for r in table["layers"]]
     lo, hi = s.space["block_w_bits"]
-    groups = {block_key(i): ([n for n in layers if n.startswith(f"blocks.{i}.")], range(lo, hi + 1))
-              for i in range(NUM_BLOCKS)}
-    rest = [n for n in layers if not n.startswith("blocks.")]
+    in_block = {n: i for i, b in enumerate(s.blocks) for n in b["layers"]}
+    groups = {block_key(i): ([n for n in layers if in_block.get(n) == i], range(lo, hi + 1)) for i in range(len(s.blocks))}
+    rest = [n for n in layers if n not in in_block]
     if rest:  # the layers outside the blocks take the trial's w_bits
         w = s.space.get("w_bits")
         groups["w_bits"] = (rest, range(w[0], w[1] + 1) if w else [s.base_quant.w_bits])
@@ -442,7 +458,7 @@ def _check_budget(s: SearchSettings, fp32, ck: dict) -> None:
         raise SearchConfigError("size_budget_mb applies to single-objective searches only")
     if "size_budget_mb" in s.space:
         raise SearchConfigError("give either size_budget_mb (one budget) or space.size_budget_mb (a budget range)")
-    small = quant_config(smallest_bits(s.space), s.quant_base)
+    small = quant_config(smallest_bits(s.space, len(s.blocks)), s.quant_base, s.blocks)
     mb = _packed_mb(fp32, ck, small)
     if s.size_budget_mb < mb:
         raise SearchConfigError(f"size_budget_mb={s.size_budget_mb} is below the smallest model this space allows "

@@ -11,7 +11,8 @@ A space is a mapping of parameter -> spec::
     size_budget_mb: [0.2, 0.5]     # per-layer weight bits allocated by sensitivity within a sampled budget
     method: [ptq, qat, lsq]        # a list of strings = categorical
     granularity: [per_channel, per_tensor]
-    block_w_bits: [2, 8]           # mixed precision: one weight bit-width per inverted-residual block
+    block_w_bits: [2, 8]           # mixed precision: one weight bit-width per block of the model
+                                   # (quantization.api.layer_blocks: MobileNet-v2's 17, ResNet-20's 9)
 
 A fixed value (``method: qat``) is a constant. Unknown keys, empty spaces and bits outside 2..8 are
 errors (SpaceError), raised before Ray starts.
@@ -21,10 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from quantization import Granularity, Method
-from trainer.model import STAGES
 from tune.trial_spec import FINE_TUNE_KEYS, block_key
 
-NUM_BLOCKS = sum(n for _, _, n, _ in STAGES)  # inverted-residual blocks: blocks.0 .. blocks.16
+LEGACY_BLOCKS = 17  # studies saved before the blocks came from the model searched MobileNet-v2's 17
 INT_KEYS = {"w_bits", "a_bits", "qat_epochs", "block_w_bits"}
 FLOAT_KEYS = {"qat_lr", "kd_weight", "size_budget_mb"}
 CAT_KEYS = {"method": tuple(Method), "granularity": tuple(Granularity)}
@@ -93,14 +93,18 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
 
 class DefineByRun:
     """Picklable define-by-run space for OptunaSearch (the study is saved with the experiment).
-    ``method``: the search's fixed method, for a space that does not sample one."""
+    ``method``: the search's fixed method, for a space that does not sample one; ``num_blocks``: how many
+    blocks ``block_w_bits`` samples a bit-width for (len(SearchSettings.blocks))."""
 
-    def __init__(self, space: dict[str, Any], method: Method | str = Method.PTQ):
+    def __init__(self, space: dict[str, Any], method: Method | str = Method.PTQ, num_blocks: int = 0):
         self.space = validate_space(space)
         self.method = Method(method)
+        if "block_w_bits" in self.space and num_blocks < 1:
+            raise SpaceError("space.block_w_bits needs the model's blocks (none were found)")
+        self.num_blocks = num_blocks
 
-    def __setstate__(self, state):  # studies saved before ``method`` existed sampled with PTQ's rule
-        self.__dict__.update({"method": Method.PTQ, **state})
+    def __setstate__(self, state):  # studies saved before ``method`` / ``num_blocks`` existed
+        self.__dict__.update({"method": Method.PTQ, "num_blocks": LEGACY_BLOCKS, **state})
 
     def __call__(self, trial) -> dict[str, Any] | None:
         s = self.space
@@ -110,7 +114,7 @@ class DefineByRun:
             if key == "method" or (key in FINE_TUNE_KEYS and not method.fine_tunes):
                 continue
             if key == "block_w_bits":
-                for i in range(NUM_BLOCKS):
+                for i in range(self.num_blocks):
                     trial.suggest_int(block_key(i), spec[0], spec[1])
             elif key in CAT_KEYS:
                 trial.suggest_categorical(key, spec)
@@ -121,8 +125,9 @@ class DefineByRun:
         return None
 
 
-def smallest_bits(space: dict[str, Any]) -> dict[str, Any]:
-    """The configuration of the smallest model the space allows (for the size-budget check)."""
+def smallest_bits(space: dict[str, Any], num_blocks: int = 0) -> dict[str, Any]:
+    """The configuration of the smallest model the space allows (for the size-budget check), for a model of
+    ``num_blocks`` blocks."""
     s = validate_space(space)
     out: dict[str, Any] = {}
     if "w_bits" in s:
@@ -130,7 +135,7 @@ def smallest_bits(space: dict[str, Any]) -> dict[str, Any]:
     if "a_bits" in s:
         out["a_bits"] = s["a_bits"][0]
     if "block_w_bits" in s:
-        out.update({block_key(i): s["block_w_bits"][0] for i in range(NUM_BLOCKS)})
+        out.update({block_key(i): s["block_w_bits"][0] for i in range(num_blocks)})
     if "granularity" in s and Granularity.PER_TENSOR in s["granularity"]:
         out["granularity"] = str(Granularity.PER_TENSOR)
     return out

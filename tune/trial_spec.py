@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-from quantization import FineTune, Method, QuantConfig
+from quantization import FineTune, Method, QuantConfig, QuantConfigError
 
-BLOCK_PREFIX = "w_bits_b"  # mixed precision: one sampled weight bit-width per block, w_bits_b00 .. w_bits_b16
+BLOCK_PREFIX = "w_bits_b"  # mixed precision: one sampled weight bit-width per block, w_bits_b00, w_bits_b01, ...
 # sampled keys that set QuantConfig fields (the sampled name -> the field)
 QUANT_KEYS = {"w_bits": "w_bits", "a_bits": "a_bits", "method": "method", "granularity": "w_granularity"}
 FINE_TUNE_KEYS = {"qat_epochs": "epochs", "qat_lr": "lr", "kd_weight": "kd_weight"}
@@ -34,7 +34,7 @@ class TrialSpec:
     sampled: dict[str, Any]                 # the trial's config as the search sampled it (Ray's trial.config)
     quant: QuantConfig
     fine_tune: FineTune | None
-    block_w_bits: tuple[int, ...] = ()      # per-block mixed precision: blocks.0 .. blocks.N
+    block_w_bits: tuple[int, ...] = ()      # per-block mixed precision, in the order of SearchSettings.blocks
     size_budget_mb: float | None = None     # bits allocated by sensitivity within this packed-size budget
 
     @property
@@ -95,21 +95,34 @@ class TrialSpec:
                 "label": self.label()}
 
 
-def quant_config(sampled: dict[str, Any], base: dict[str, Any]) -> QuantConfig:
+def quant_config(sampled: dict[str, Any], base: dict[str, Any], blocks: Sequence[dict[str, Any]] = ()) -> QuantConfig:
     """The search's fixed QuantConfig fields (``base``) with a trial's sampled ones on top; per-block
-    bits become layer-name overrides (``blocks.N.*``)."""
+    bits become layer-name overrides: ``NAME.*`` for a block that is a module (``blocks.3.*``), its layers'
+    names for a stage. ``blocks``: the search's (SearchSettings.blocks, ``{name, layers}`` in block order);
+    settings saved before it existed searched MobileNet-v2's ``blocks.N``."""
     d = dict(base)
     d.update({field: sampled[key] for key, field in QUANT_KEYS.items() if key in sampled})
-    blocks = block_bits(sampled)
-    if blocks:
-        d["overrides"] = list(d.get("overrides", [])) + [{"pattern": f"blocks.{i}.*", "w_bits": b}
-                                                         for i, b in enumerate(blocks)]
+    bits = block_bits(sampled)
+    if bits:
+        if not blocks:
+            blocks = [{"name": f"blocks.{i}", "layers": [f"blocks.{i}.*"]} for i in range(len(bits))]
+        if len(blocks) != len(bits):
+            raise QuantConfigError(f"the trial sampled {len(bits)} block bit-widths for a model of {len(blocks)} blocks")
+        d["overrides"] = list(d.get("overrides", [])) + [{"pattern": p, "w_bits": b}
+                                                         for block, b in zip(blocks, bits) for p in block_patterns(block)]
     return QuantConfig.from_dict(d)
+
+
+def block_patterns(block: dict[str, Any]) -> list[str]:
+    """The layer-name patterns of one block: ``NAME.*`` when every layer lies inside module NAME."""
+    name, layers = block["name"], list(block["layers"])
+    return [f"{name}.*"] if all(n.startswith(f"{name}.") for n in layers) else layers
 
 
 def block_bits(sampled: dict[str, Any]) -> tuple[int, ...]:
     """The per-block weight bit-widths a trial sampled, in block order (() for a uniform trial)."""
-    return tuple(int(v) for k, v in sorted(sampled.items()) if k.startswith(BLOCK_PREFIX))
+    keys = sorted((int(k[len(BLOCK_PREFIX):]), k) for k in sampled if k.startswith(BLOCK_PREFIX))
+    return tuple(int(sampled[k]) for _, k in keys)
 
 
 def trial_spec(settings, config: dict[str, Any]) -> TrialSpec:
@@ -117,7 +130,7 @@ def trial_spec(settings, config: dict[str, Any]) -> TrialSpec:
     SearchSettings) with the trial's sampled ``config`` on top. Fine-tuning settings the search did not
     sample come from the settings (whose defaults are FineTune's)."""
     sampled = dict(config)
-    q = quant_config(sampled, settings.quant_base)
+    q = quant_config(sampled, settings.quant_base, settings.blocks)
     ft = None
     if q.method.fine_tunes:
         ft = dataclasses.replace(settings.fine_tune, **{field: sampled[key] for key, field in FINE_TUNE_KEYS.items()

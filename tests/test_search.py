@@ -502,6 +502,58 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, server, 
         relay.stop()
 
 
+def test_a_server_back_mid_search_gets_everything_it_missed(ray_session, server, baseline, tmp_path, monkeypatch,
+                                                              capsys):
+    """The tracking server goes away after the first trial and is back after the second (a restart): the
+    updates it missed wait in order and are written once it answers - every trial's run complete, each once,
+    with its metrics and packed model, and no `bitsearch sync` needed."""
+    from tune.mlflow_callback import MlflowTrialCallback
+    from tune.search import run
+    relay = _Relay(server)
+    relay.start()
+    logged = MlflowTrialCallback.on_trial_complete
+    done = [0]
+
+    def log_then_restart(self, *a, **kw):
+        logged(self, *a, **kw)
+        self.flush()
+        done[0] += 1
+        if done[0] == 1:
+            relay.stop()  # the server goes away mid-search ...
+        elif done[0] == 2:
+            relay.start()  # ... and is back before the last trial ends
+
+    monkeypatch.setattr(MlflowTrialCallback, "on_trial_complete", log_then_restart)
+    monkeypatch.setattr(MlflowTrialCallback, "retry_s", 0.2)
+    s = _settings(baseline, tmp_path, name="restart", mode="sweep", grid={"w_bits": [8, 4, 2], "a_bits": [8]},
+                  max_concurrent=1, tracking_uri=relay.url, experiment="srv-restart")
+    try:
+        summary = run(s)
+        err = capsys.readouterr().err
+        assert "MLflow answers again" in err and "MLflow not fully updated" not in err, err[-2000:]
+        assert len(summary["trials"]) == 3 and all(t["status"] == "done" for t in summary["trials"])
+        exp_id = requests.get(f"{server}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": "srv-restart"}, timeout=30).json()["experiment"]["experiment_id"]
+        runs = _runs(server, exp_id)
+        trials = {}
+        for r in runs:
+            tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+            if "bitsearch.trial_id" in tags:
+                assert tags["bitsearch.trial_id"] not in trials  # each trial once
+                trials[tags["bitsearch.trial_id"]] = r
+                assert tags.get("bitsearch.complete") == "1" and r["info"]["status"] == "FINISHED"
+                assert {m["key"] for m in r["data"]["metrics"]} >= {"val_top1", "comp_mb"}
+            else:
+                assert r["info"]["status"] == "FINISHED"  # the parent, closed at the end as usual
+        assert sorted(trials) == sorted(t["trial_id"] for t in summary["trials"])
+        for t in summary["trials"]:
+            listed = requests.get(f"{server}/api/2.0/mlflow/artifacts/list", timeout=30,
+                                  params={"run_id": trials[t["trial_id"]]["info"]["run_id"]}).json()
+            assert listed.get("files"), t["trial_id"]  # its packed model and export reached the server
+    finally:
+        relay.stop()
+
+
 def test_experiment_on_s3_compatible_storage(ray_session, s3, server, baseline, capsys):
     """--out s3://...: Ray's results, bitsearch.json and the report live in the bucket; report and resume
     read them back from there."""

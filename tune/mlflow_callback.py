@@ -4,11 +4,12 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import warnings
 
 from ray import tune
 
-from mlflow_server.tracking import SearchLogger
+from mlflow_server.tracking import SearchLogger, check_reachable
 from tune.results import alloc_params, trial_metrics
 from tune.trial_spec import trial_spec
 
@@ -17,38 +18,65 @@ class MlflowTrialCallback(tune.Callback):
     """Logs from one background thread, in the order Ray reported: Ray's event loop never waits on
     MLflow (a synchronous log of ~0.5 s per result made Ray warn of a performance bottleneck, and slowed
     the whole search). Each hook captures what it logs when it is called; ``flush()`` (called at the
-    experiment's end) waits until everything is written."""
+    experiment's end) waits until everything is written.
+
+    A tracking server that stops answering (restarted, briefly unreachable) loses nothing: the failed call
+    and every later one wait in order, the server is asked again every ``retry_s`` seconds (when the next
+    call comes, and once more at the end), and the backlog is written when it answers. What is still
+    waiting when the search ends is left to `bitsearch sync`."""
+
+    retry_s = 10.0
 
     def __init__(self, settings):
         self.settings = settings
         self.uri, self.experiment, self.experiment_path = settings.tracking_store, settings.experiment, settings.path
         self._runs: dict[str, str] = {}
         self._logger: SearchLogger | None = None
-        self._offline = False
+        self._offline_since: float | None = None
+        self._backlog: list = []
         self._queue: queue.Queue | None = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_logger"], d["_offline"], d["_queue"] = None, False, None  # a resumed search tries the server again
-        d["_runs"] = {}  # and finds its trials' runs again (SearchLogger.child_run reopens an interrupted one)
+        d["_logger"], d["_offline_since"], d["_backlog"], d["_queue"] = None, None, [], None  # a resumed search
+        d["_runs"] = {}  # tries the server again, and finds its trials' runs again (child_run reopens them)
         return d
+
+    def __setstate__(self, state):
+        self.__dict__.update({"_offline_since": None, "_backlog": [], **state})
+        self.__dict__.pop("_offline", None)  # callbacks saved before the backlog existed
 
     def _lg(self) -> SearchLogger:
         if self._logger is None:
             self._logger = SearchLogger(self.uri, self.experiment, self.experiment_path)
         return self._logger
 
-    def _safe(self, fn, *a):
-        if self._offline:
-            return None
-        try:
-            return fn(*a)
-        except Exception as e:  # the search goes on; `bitsearch sync` writes what was missed
-            warnings.warn(f"MLflow logging failed ({type(e).__name__}: {str(e)[:200]}); trials continue without it: "
-                          f"run `bitsearch sync {self.experiment_path}` once the server is back")
-            self._offline = True  # no retry storms against a dead server for the rest of this run
-            self._logger = None
-            return None
+    def _safe(self, fn, *, now: bool = False) -> None:
+        """Run ``fn`` after the backlog; while the server is away, keep it for later (``now``: ask the server
+        again whatever the time since the last try)."""
+        self._backlog.append(fn)
+        if self._offline_since is not None:
+            if not now and time.monotonic() - self._offline_since < self.retry_s:
+                return
+            try:
+                check_reachable(self.uri)
+            except Exception:  # noqa: BLE001 - still away: the next call (or the end) tries again
+                self._offline_since = time.monotonic()
+                return
+            n = len(self._backlog)
+            print(f"MLflow answers again: writing the {n} update{'s' * (n != 1)} it missed", file=sys.stderr, flush=True)
+            self._offline_since = None
+        while self._backlog:
+            try:
+                self._backlog[0]()
+            except Exception as e:  # the search goes on; this call and the later ones wait for the server
+                warnings.warn(f"MLflow logging failed ({type(e).__name__}: {str(e)[:200]}); trials continue, their "
+                              f"updates wait and are written when the server answers again (or by `bitsearch sync "
+                              f"{self.experiment_path}`)")
+                self._offline_since = time.monotonic()
+                self._logger = None  # a fresh client once it is back
+                return
+            self._backlog.pop(0)
 
     def _submit(self, fn) -> None:
         if self._queue is None:
@@ -65,9 +93,15 @@ class MlflowTrialCallback(tune.Callback):
                 q.task_done()
 
     def flush(self) -> None:
-        """Wait until every submitted log call has been written (or has failed)."""
+        """Wait until every submitted log call has been written, or is waiting for a server that is away
+        (asked once more now)."""
         if self._queue is not None:
             self._queue.join()
+        if self._backlog:
+            self._safe(lambda: None, now=True)
+        if self._backlog:
+            warnings.warn(f"MLflow is still unreachable: {len(self._backlog) - 1} update(s) not written; run "
+                          f"`bitsearch sync {self.experiment_path}` once the server is back")
 
     def setup(self, **info):
         def start():

@@ -30,6 +30,22 @@ def test_decoded_arrays_are_cached(tree, monkeypatch):
     assert again.train_x.shape[0] == 36
 
 
+def test_writers_sharing_a_cache_do_not_collide(tree, tmp_path, monkeypatch):
+    """Trials on several machines decode into one shared cache at once: another writer finishing between this
+    one's save and rename leaves this one's temporary file alone."""
+    real_save, others = torch.save, []
+
+    def save_then_another_writer(obj, f):
+        real_save(obj, f)
+        if not others:
+            others.append(None)
+            others[0] = D.load_raw(tree, download=False, cache_dir=tmp_path)
+    monkeypatch.setattr(D.torch, "save", save_then_another_writer)
+    out = D.load_raw(tree, download=False, cache_dir=tmp_path)
+    assert out[0].shape[0] == others[0][0].shape[0] == 36
+    assert len(list(tmp_path.rglob("*.pt"))) == 1 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_finetune_subset_keeps_validation_and_test_whole():
     x = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 3, 32, 32).contiguous()
     y = torch.arange(200) % 4

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -170,7 +171,8 @@ def load_raw(path: str | os.PathLike, *, download: bool = True, cache_dir: str |
         out = _read_torchvision(p, download=(kind == "download"))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        # one temporary file per writer: processes on several machines may decode into a shared cache at once
+        tmp = cache.with_suffix(f".{uuid.uuid4().hex}.tmp")
         tx, ty, vx, vy, classes = out
         torch.save({"train_x": tx, "train_y": ty, "test_x": vx, "test_y": vy, "classes": list(classes)}, tmp)
         os.replace(tmp, cache)

@@ -1,8 +1,14 @@
-# bitsearch application image: the CLI, Ray and the MLflow client/server.
-FROM python:3.11-slim
-# g++: torch.compile (inductor) builds its CPU kernels with it: the cpu profile's compiled training step
-# (`compile: true`) needs it, and the quantizers' fused kernel would fall back to eager without it
-RUN apt-get update && apt-get install -y --no-install-recommends curl g++ && rm -rf /var/lib/apt/lists/*
+# bitsearch application image: the CLI, Ray and the MLflow client and server.
+#   online:   docker build -t bitsearch .          (python:3.11-slim, packages from PyPI)
+#   no registry: make images                        (BASE = docker/base.Dockerfile's image, no index needed)
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+# g++: torch.compile (inductor) builds its CPU kernels with it. A BASE from docker/base.Dockerfile has it,
+# and every pinned package in /opt/venv already.
+RUN if [ ! -x /opt/venv/bin/python ]; then \
+        apt-get update && apt-get install -y --no-install-recommends curl g++ procps && rm -rf /var/lib/apt/lists/* \
+        && python3 -m venv /opt/venv; fi
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bitsearch bitsearch
@@ -12,5 +18,5 @@ COPY pipeline pipeline
 COPY tune tune
 COPY mlflow_server mlflow_server
 COPY configs configs
-RUN pip install --no-cache-dir -e . psycopg2-binary==2.9.11 boto3==1.40.0
+RUN pip install --no-cache-dir --no-build-isolation . psycopg2-binary==2.9.11 boto3==1.44.8
 ENTRYPOINT ["bitsearch"]

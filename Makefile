@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar10-jpeg.tar.gz
 OUT ?= runs/demo
 
-.PHONY: venv demo ui test bench clean
+.PHONY: venv demo ui test bench clean env images compose-test
 
 $(BIN)/bitsearch: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,19 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/throughput.py --data $(DATA) --out docs/bench/throughput-cpu.json
+
+# The deployment (docker-compose.yml): .env with generated secrets, the images (built locally when no registry
+# answers, tagged by content), and the whole stack run for real (docker/compose_test.py; ~15 min on 2 cores).
+env: .env
+.env:
+	@umask 077; $(PY) -c "import secrets, pathlib; t = secrets.token_hex; print(f'POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD={t(16)}\nPOSTGRES_DB=mlflow\nMLFLOW_ADMIN_PASSWORD={t(16)}\nMLFLOW_SECRET_KEY={t(32)}\nRAY_AUTH_TOKEN={t(32)}\nMLFLOW_PORT=5000\nDATA_DIR={pathlib.Path(\"$(DATA)\").resolve().parent}\nMODELS_DIR={pathlib.Path(\"models\").resolve()}')" > .env
+	@echo "wrote .env (secrets generated; the MLflow admin password is MLFLOW_ADMIN_PASSWORD)"
+
+images:
+	docker/images.sh
+
+compose-test: venv env images
+	$(BIN)/python docker/compose_test.py
 
 clean:
 	rm -rf $(VENV) runs

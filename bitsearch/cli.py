@@ -20,8 +20,35 @@ from bitsearch.common import Parser, UserError
 from trainer.allocator import keep_freed_memory
 
 
+D = "--data ../shared/data/cifar10-jpeg.tar.gz"
+REF = "models/mobilenetv2-w0.5-cpu.pt"
+# each command's --help ends with one of these
+EXAMPLES = {
+    "train": f"bitsearch train --profile cpu {D} --out runs/cpu-ref\n"
+             f"  bitsearch train --model resnet20 --epochs 3 --subset 5000 --val-size 500 {D} --out runs/r20",
+    "quantize": f"bitsearch quantize --checkpoint {REF} {D} --w-bits 4 --a-bits 8 --export runs/w4a8.bsq",
+    "eval": f"bitsearch eval --packed runs/w4a8.bsq {D}",
+    "export": "bitsearch export --packed runs/w4a8.bsq --out runs/w4a8.onnx --check ../shared/data/cifar10-jpeg.tar.gz",
+    "sensitivity": f"bitsearch sensitivity --baseline {REF} {D} --estimator hessian --images 500",
+    "allocate": "bitsearch allocate --sensitivity models/mobilenetv2-w0.5-cpu.sensitivity.json --budget-mb 0.35",
+    "sweep": f"bitsearch sweep --baseline {REF} {D} --out runs/demo --w-bits 8,4 --a-bits 8 --method ptq",
+    "search": f"bitsearch search --baseline {REF} --sensitivity models/mobilenetv2-w0.5-cpu.sensitivity.json \\\n"
+              f"      --max-drop 1.0 --time-budget 480 {D} --out runs/demo --name within-1pt",
+    "resume": "bitsearch resume runs/demo/within-1pt --more 4",
+    "report": "bitsearch report runs/demo/within-1pt",
+    "compare": "bitsearch compare runs/demo/within-1pt TRIAL_ID TRIAL_ID     (ids: bitsearch report)",
+    "sync": "bitsearch sync runs/demo/within-1pt",
+    "server": "bitsearch server --root mlflow --port 5000 --basic-auth",
+    "ui": "bitsearch ui runs/demo            (the --out of make demo)",
+    "study": f"bitsearch study --config configs/quick.yaml {D} --out runs/study",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bitsearch", description="Quantization search for MobileNet-v2 on CIFAR-10")
+    from bitsearch import __version__
+    p = Parser(prog="bitsearch", description="Quantization search for CNNs on CIFAR-10: train, quantize, search "
+               "(Ray Tune + Optuna), track (MLflow), export (ONNX)")
+    p.add_argument("--version", action="version", version=f"bitsearch {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     cmd_train.add_train(sub)
@@ -32,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_search.add_search(sub)
     cmd_server.add_server(sub)
     cmd_study.add_study(sub)
+    for name, sp in sub.choices.items():
+        sp.epilog = f"example:\n  {EXAMPLES[name]}"
     return p
 
 

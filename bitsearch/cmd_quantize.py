@@ -23,16 +23,18 @@ def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a trained checkpoint (PTQ, QAT or LSQ) and measure it")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt from `bitsearch train`")
     p.add_argument("--data", required=True)
-    p.add_argument("--w-bits", dest="w_bits", help="weight bits 2..8 (32 = FP32)")
-    p.add_argument("--a-bits", dest="a_bits", help="activation bits 2..8 (32 = FP32)")
-    p.add_argument("--granularity", choices=[g.flag for g in Granularity], help="weight scales")
+    p.add_argument("--w-bits", dest="w_bits", help="weight bits 2..8, 32 = FP32 (default: the --config's, else 8)")
+    p.add_argument("--a-bits", dest="a_bits", help="activation bits 2..8, 32 = FP32 (default: the --config's, else 8)")
+    p.add_argument("--granularity", choices=[g.flag for g in Granularity], help="weight scales: one per output channel or one per tensor (default: per-channel)")
     p.add_argument("--symmetric", action="store_const", const=True, help="symmetric weights (default)")
     p.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False, help="asymmetric weights")
-    p.add_argument("--observer", choices=["minmax", "ema", "percentile", "mse"], help="activation observer")
-    p.add_argument("--method", choices=list(Method))
+    p.add_argument("--observer", choices=["minmax", "ema", "percentile", "mse"], help="how activation ranges are calibrated (default: minmax)")
+    p.add_argument("--method", choices=list(Method), help="ptq (calibrate only), qat (fine-tune with fake "
+                   "quantization) or lsq (also learn the step sizes) (default: the --config's, else ptq)")
     p.add_argument("--epochs", type=int, default=None, help=f"QAT/LSQ fine-tuning epochs (default {_FT.epochs})")
     p.add_argument("--lr", type=float, default=None, help=f"QAT/LSQ learning rate (default {_FT.lr})")
-    p.add_argument("--calib-batches", dest="calib_batches", type=int)
+    p.add_argument("--calib-batches", dest="calib_batches", type=int,
+                   help="training batches that calibrate the activation ranges (default: the --config's, else 8)")
     p.add_argument("--bn-reestimate", dest="bn_reestimate", type=int, metavar="BATCHES",
                    help="PTQ: re-estimate BN statistics on the quantized model over this many augmented training "
                         "batches (default 16; 0 keeps the FP32 model's statistics)")
@@ -40,8 +42,9 @@ def add_quantize(sub) -> None:
                    help="QAT/LSQ: distil from the FP32 baseline, loss = (1-w) label loss + w KD loss (default 0: off)")
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, default=None, help=f"distillation temperature (default {_FT.kd_temperature:g})")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
-    p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, kd: {weight, temperature}, ...)")
-    p.add_argument("--export", help="write the bit-packed model file here")
+    p.add_argument("--config", help="YAML with a quantize: section (per-layer overrides, exceptions, kd: {weight, temperature}, ...; "
+                   "default: none)")
+    p.add_argument("--export", help="write the bit-packed model file here (default: only in --out)")
     p.add_argument("--out", help="output directory (default: next to the checkpoint, quant-W<w>A<a>-<method>; "
                    "mixed bits: W<lowest>-<highest>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -102,8 +105,10 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="measure a model file on its own: a packed .bsq (test top-1, size on disk) or a "
                                     "training checkpoint (FP32 test top-1)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial")
-    src.add_argument("--checkpoint", help="a `bitsearch train` checkpoint (e.g. models/*.pt): its FP32 test top-1")
+    src.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial (one of "
+                     "--packed / --checkpoint; no default)")
+    src.add_argument("--checkpoint", help="a `bitsearch train` checkpoint (e.g. models/*.pt): its FP32 test top-1 "
+                     "(no default)")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -136,16 +141,17 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a packed model (.bsq, or a search trial's) to ONNX (QDQ, int8/int4 weights)")
     p.add_argument("source", nargs="*", metavar="EXPERIMENT TRIAL_ID",
                    help="a search's experiment directory and one of its trial ids (instead of --packed)")
-    p.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial")
+    p.add_argument("--packed", help="a .bsq file from `bitsearch quantize --export` or a search trial (default: "
+                   "EXPERIMENT TRIAL_ID's)")
     p.add_argument("--checkpoint", help="a `bitsearch train` checkpoint instead: its FP32 ONNX graph, the reference "
-                   "for speed and accuracy")
+                   "for speed and accuracy (default: none)")
     p.add_argument("--weights", choices=WEIGHTS, default=WEIGHTS[0],
                    help="how quantized weights are stored (default %(default)s): " + "; ".join(
                        f"{k}: {v}" for k, v in WEIGHT_HELP.items()))
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the model format")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--check", metavar="DATA", help="run the ONNX model in onnxruntime on DATA's test images and "
-                   "compare with the packed model (top-1 and agreement of predictions)")
+                   "compare with the packed model (top-1 and agreement of predictions; default: no check)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

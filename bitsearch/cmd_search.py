@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bitsearch.common import UserError, emit, experiment_dir, explicit, load_profile, stderr_console, writable_dir
-from quantization.config import Method
+from quantization.config import FineTune, Method
 from tune import storage
 
 
@@ -29,7 +29,7 @@ def _common_search_args(p) -> None:
     p.add_argument("--out", required=True, help="storage: a local/NFS path or s3://bucket/prefix; the experiment "
                    "lives in OUT/NAME")
     p.add_argument("--name", help="experiment name (default: sweep / search)")
-    p.add_argument("--config", help="YAML with a search: (or sweep:) section")
+    p.add_argument("--config", help="YAML with a search: (or sweep:) section; flags override it (default: none)")
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int,
                    help="trials at once (default: as many as the Ray cluster's CPUs and GPUs hold)")
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, help="CPUs Ray reserves per trial (default 1)")
@@ -37,19 +37,22 @@ def _common_search_args(p) -> None:
                    help="GPU per trial, e.g. 0.25 = four trials share one GPU, each capped at a quarter of its memory "
                         "(default 0: trials compute on the CPU)")
     p.add_argument("--wait-for-resources", dest="wait_for_resources", action="store_const", const=True,
-                   help="an autoscaling cluster: wait for nodes that fit a trial instead of refusing the search")
+                   help="an autoscaling cluster: wait for nodes that fit a trial instead of refusing the search "
+                        "(default: off, refuse)")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow server (default: OUT/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment the search logs to (default: bitsearch)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per batch (default 128)")
     p.add_argument("--finetune-subset", dest="finetune_subset", type=int,
-                   help="QAT/LSQ fine-tune on a stratified subset of N training images (validation and test stay whole)")
+                   help="QAT/LSQ fine-tune on a stratified subset of N training images (validation and test stay "
+                        "whole; default: all, 0)")
     p.add_argument("--kd-weight", dest="kd_weight", type=float,
-                   help="QAT/LSQ trials distil from the baseline with this weight (0..1; space key kd_weight samples it)")
+                   help="QAT/LSQ trials distil from the baseline with this weight (0..1; space key kd_weight samples "
+                        "it; default 0: no distillation)")
     p.add_argument("--kd-temperature", dest="kd_temperature", type=float, help="distillation temperature (default 4)")
     p.add_argument("--sensitivity", help="table from `bitsearch sensitivity`: with space key size_budget_mb every trial "
                    "allocates per-layer weight bits within its sampled budget; with block_w_bits the allocator's "
-                   "per-block solutions are the first trials; with --max-drop the search bisects budgets")
+                   "per-block solutions are the first trials; with --max-drop the search bisects budgets (default: none)")
     p.add_argument("--estimator", choices=["loss", "hessian", "max"],
                    help="which scores of the sensitivity table to allocate with (default: hessian where the table has it)")
     p.add_argument("--min-bits", dest="min_bits", type=int,
@@ -63,7 +66,7 @@ def _common_search_args(p) -> None:
                    help="search: the smallest model whose validation top-1 is at most this many points below FP32: "
                         "with --sensitivity by bisection over the allocator's size budgets (--num-samples caps the "
                         "trials), without it Optuna samples the space with the drop as a constraint; the answer is "
-                        "`best`")
+                        "`best` (default: none)")
     p.add_argument("--latency-budget-ms", dest="latency_budget_ms", type=float, metavar="MS",
                    help="a trial whose exported ONNX model takes longer than this (onnxruntime, batch 1, 1 thread, on "
                         "the trial's node: results column onnx_ms) is over budget: not the best, not on the front; "
@@ -82,23 +85,33 @@ SEARCH_FLAGS = {"name": "name", "max_concurrent": "max_concurrent", "cpus_per_tr
                 "latency_budget_ms": "latency_budget_ms", "max_drop": "max_drop"}
 
 
+_FT = FineTune()  # the fine-tuning defaults
+
+
+def _fine_tune_args(p) -> None:
+    p.add_argument("--qat-epochs", dest="qat_epochs", type=int,
+                   help=f"QAT/LSQ epochs when the space does not sample them (default {_FT.epochs})")
+    p.add_argument("--qat-lr", dest="qat_lr", type=float,
+                   help=f"QAT/LSQ learning rate when the space does not sample it (default {_FT.lr:g})")
+
+
 def add_search(sub) -> None:
     p = sub.add_parser("sweep", help="grid sweep (default: W{8,4,2} x A{8,4,2}) on Ray Tune")
     _common_search_args(p)
-    p.add_argument("--w-bits", dest="w_bits", help="comma list, e.g. 8,4,2")
-    p.add_argument("--a-bits", dest="a_bits", help="comma list")
-    p.add_argument("--method", choices=list(Method))
-    p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
-    p.add_argument("--qat-lr", dest="qat_lr", type=float)
+    p.add_argument("--w-bits", dest="w_bits", help="weight bits to sweep, a comma list (default: 8,4,2)")
+    p.add_argument("--a-bits", dest="a_bits", help="activation bits to sweep, a comma list (default: 8,4,2)")
+    p.add_argument("--method", choices=list(Method), help="every trial's method (default: ptq)")
+    _fine_tune_args(p)
     p.set_defaults(func=cmd_search, mode="sweep")
     p = sub.add_parser("search", help="Optuna search over bit-widths and learning rate on Ray Tune")
     _common_search_args(p)
     p.add_argument("--objectives", choices=["single", "multi"], help="single: accuracy under a size budget; "
-                   "multi: accuracy vs size (Pareto front)")
-    p.add_argument("--num-samples", dest="num_samples", type=int)
-    p.add_argument("--size-budget-mb", dest="size_budget_mb", type=float)
-    p.add_argument("--qat-epochs", dest="qat_epochs", type=int)
-    p.add_argument("--qat-lr", dest="qat_lr", type=float)
+                   "multi: accuracy vs size (Pareto front) (default: single)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="trials the search runs (default 8)")
+    p.add_argument("--size-budget-mb", dest="size_budget_mb", type=float,
+                   help="single objective: the most accurate model whose packed file is at most this many MB "
+                        "(default: no budget)")
+    _fine_tune_args(p)
     p.set_defaults(func=cmd_search, mode="search")
     for name, help_, func in (("resume", "continue an interrupted sweep/search", cmd_resume),
                               ("report", "results table, Pareto front and plots of an experiment", cmd_report),

@@ -19,11 +19,13 @@ def add_sensitivity(sub) -> None:
                         "trace x ||dW||^2 (weights); both: the measured table plus the Hessian scores and their "
                         "rank correlation")
     p.add_argument("--images", type=int, default=1000, help="validation images to score on (default 1000)")
-    p.add_argument("--config", help="YAML with a quantize: section: the base config (granularity, exceptions, ...)")
+    p.add_argument("--config", help="YAML with a quantize: section: the base config (granularity, exceptions, ...; default: "
+                   "QuantConfig's)")
     p.add_argument("--force", action="store_true", help="recompute even if a cached table exists")
     p.add_argument("--tracking-uri", dest="tracking_uri",
                    help="log the table, CSV and plot to MLflow with the baseline: into the baseline's run for a "
-                        "runs:/<id>/checkpoint.pt baseline, else into a run of the bitsearch-baselines experiment")
+                        "runs:/<id>/checkpoint.pt baseline, else into a run of the bitsearch-baselines experiment (default: "
+                        "no MLflow)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sensitivity)

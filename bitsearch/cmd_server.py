@@ -15,16 +15,21 @@ from mlflow_server.tracking import ARTIFACTS_DIR
 def add_server(sub) -> None:
     p = sub.add_parser("server", help="run an MLflow tracking server (SQLite + local artifacts by default)")
     p.add_argument("--root", default="mlflow", help="folder for the SQLite file and artifacts")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--backend-store-uri", dest="backend", help="e.g. postgresql://user:pw@host/db")
-    p.add_argument("--artifacts-destination", dest="artifacts", help="e.g. s3://bucket/path")
-    p.add_argument("--basic-auth", dest="auth", action="store_true")
-    p.add_argument("--allowed-hosts", dest="allowed_hosts")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines, "
+                   "with --basic-auth")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
+    p.add_argument("--backend-store-uri", dest="backend", help="e.g. postgresql+psycopg2://user:pw@host/db "
+                   "(default: $MLFLOW_BACKEND_STORE_URI, else SQLite in --root)")
+    p.add_argument("--artifacts-destination", dest="artifacts", help="e.g. s3://bucket/path; the server proxies "
+                   "artifact transfers (default: $MLFLOW_ARTIFACTS_DESTINATION, else --root/artifacts)")
+    p.add_argument("--basic-auth", dest="auth", action="store_true", help="MLflow's basic auth: user admin, the "
+                   "password from $MLFLOW_AUTH_ADMIN_PASSWORD or generated into --root")
+    p.add_argument("--allowed-hosts", dest="allowed_hosts", help="Host headers the server answers, comma list "
+                   "(default: MLflow's, localhost only)")
     p.set_defaults(func=cmd_server)
     p = sub.add_parser("ui", help="open the MLflow UI on a search's embedded store")
     p.add_argument("out", help="the --out directory of a search (holds mlflow.db)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port of the UI on 127.0.0.1")
     p.set_defaults(func=cmd_ui)
 
 

@@ -13,7 +13,7 @@ def add_study(sub) -> None:
     p = sub.add_parser("study", help="the whole study: baseline, sweep, searches, REPORT.md (resumable)")
     p.add_argument("--config", required=True, help="configs/quick.yaml (2-core CPU, minutes) or configs/seed.yaml (GPU)")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the study's folder (REPORT.md, each stage's results)")
     p.add_argument("--stages", default="baseline,sweep,search,mixed", help="comma list of stages to run")
     p.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     p.add_argument("--json", action="store_true")

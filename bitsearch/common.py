@@ -26,7 +26,43 @@ class UserError(Exception):
     """Bad input: printed as one line, exit 2."""
 
 
+# the help of options that mean the same in every command that has them
+COMMON_HELP = {
+    "--json": "print one JSON object as the last line of stdout (default: human-readable lines)",
+    "--data": "CIFAR-10: a torchvision root (downloaded when online), an image-folder tree, or a .tar/.tar.gz "
+              "of one (e.g. ../shared/data/cifar10-jpeg.tar.gz)",
+    "--no-download": "never try to download CIFAR-10",
+    "--device": "where to compute (auto: CUDA when there is a GPU)",
+    "--batch-size": "images per batch",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: the value when it has one, "off" for a flag; an option
+    whose default is decided elsewhere (a profile, the checkpoint) says so in its own help. Epilogs (the
+    examples) keep their lines."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if not action.option_strings or action.required or "default" in h or action.default is argparse.SUPPRESS:
+            return h
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction)) and not action.default:
+            return f"{h} (default: off)"
+        if action.default is not None:
+            return f"{h} (default: %(default)s)"
+        return h
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and args and args[0] in COMMON_HELP:
+            kwargs["help"] = COMMON_HELP[args[0]]
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str):  # one line, not usage + message; "search: ...", not "bitsearch search: ..."
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         raise UserError(f"{command}: {message}" if command else message)

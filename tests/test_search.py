@@ -502,6 +502,26 @@ def test_dropped_server_then_sync_writes_missing_runs_once(ray_session, server, 
         relay.stop()
 
 
+def test_trials_validate_on_the_baselines_split_whatever_the_searchs_seed(baseline, tmp_path):
+    """A baseline trained with seed 5, a search with seed 0: trials validate on the baseline's own validation
+    split (a split drawn with the search's seed would hold images the baseline trained on)."""
+    import torch
+
+    from trainer import load_dataset
+    from tune.settings import validate
+    from tune.trial import _data
+    tree, ck = baseline
+    c = torch.load(ck, map_location="cpu", weights_only=True)
+    c["config"]["seed"] = 5
+    torch.save(c, tmp_path / "seed5.pt")
+    s = validate(_settings((tree, tmp_path / "seed5.pt"), tmp_path, seed=0))
+    assert s.seed == 0 and s.split_seed == 5
+    used = _data(s.data, s.subset, s.val_size, s.split_seed)
+    own = load_dataset(tree, subset=s.subset, val_size=s.val_size, seed=5, download=False)
+    other = load_dataset(tree, subset=s.subset, val_size=s.val_size, seed=0, download=False)
+    assert torch.equal(used.val_x, own.val_x) and not torch.equal(used.val_x, other.val_x)
+
+
 def test_a_server_back_mid_search_gets_everything_it_missed(ray_session, server, baseline, tmp_path, monkeypatch,
                                                               capsys):
     """The tracking server goes away after the first trial and is back after the second (a restart): the

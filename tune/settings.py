@@ -72,6 +72,7 @@ class SearchSettings:
     # filled in by validate() from the baseline
     subset: int = 0
     val_size: int = 0
+    split_seed: int = 0                        # the baseline's seed: its train/validation split, which trials reuse
     fp32_top1: float | None = None
     fp32_val_top1: float | None = None
     w8_mb: float | None = None                 # the uniform W8A8 packed size: the "best" is compared with it
@@ -195,6 +196,8 @@ def validate(s: SearchSettings) -> SearchSettings:
         raise SearchConfigError("estimator and min_bits choose how space.size_budget_mb allocates; this search has none")
     tc, hist = ck["config"], ck.get("history") or []
     s = dataclasses.replace(s, subset=int(tc.get("subset", 0)), val_size=int(tc.get("val_size", 0)),
+                            split_seed=int(tc.get("seed", 0)),  # not the search's seed: a validation split
+                            # drawn with another seed would hold images the baseline trained on
                             fp32_top1=hist[-1].get("test_top1") if hist else None,  # same test set for every trial
                             fp32_val_top1=hist[-1].get("val_top1") if hist else None,
                             w8_mb=w8_mb)

@@ -141,7 +141,7 @@ def _run_trial(spec: TrialSpec, s: SearchSettings, callbacks: tuple, system: Sys
     keep_freed_memory()  # before the trial's first large allocation (evaluation, calibration, fine-tuning)
     torch.set_num_threads(max(1, int(s.cpus_per_trial)))
     fp32, ck = _baseline(s.baseline, s.tracking_uri)
-    data = _data(s.data, s.subset, s.val_size, s.seed, s.finetune_subset)
+    data = _data(s.data, s.subset, s.val_size, s.split_seed, s.finetune_subset)
     qcfg, alloc = spec.quant, None
     if spec.size_budget_mb is not None:  # the weight bits of every layer: the exact allocation for this budget
         alloc = _allocate(s, qcfg, spec.size_budget_mb)

@@ -42,7 +42,7 @@ def child(variant: str, width: float, batch: int, steps: int) -> dict:
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     if variant.startswith("w4a4"):
         # BN statistics of the batches first: calibrated at BN's initial statistics the deepest quantizers'
-        # scales come out at 1e-8..1e-6 (docs/RESULTS.md section 5)
+        # scales come out at 1e-8..1e-6 (docs/lab/2026-12-03e-results-history.md, section 5)
         recalibrate_bn(model, [torch.randn(batch, 3, 32, 32) for _ in range(4)], 4)
         model = prepare(model, QuantConfig(w_bits=4, a_bits=4, method="qat"))
         calibrate(model, (torch.randn(batch, 3, 32, 32) for _ in range(2)), 2)

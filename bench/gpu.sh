@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU benchmark (bench/gpu_bench.py): GPU check, throughput, the width-1.0 reference model trained
 # for ~5 minutes with configs/gpu.yaml, 1/4/8 concurrent quarter-GPU trials on it, a short PTQ + QAT sweep;
-# inside 9.3 minutes in all. How to carry it to the lent machine: docs/RESULTS.md section 4.
+# inside 9.3 minutes in all. How to carry it to the lent machine: docs/lab/2026-12-03e-results-history.md, section 4.
 #   bash bench/gpu.sh OUT_DIR [--tiny] [--train-minutes M] [--work DIR]   (DATA=path/to/cifar10 to override the data)
 #   bash bench/gpu.sh --unpack DIR     unpack the carried parts of bench/gpu_bundle.py (DIR/part-*.tar.xz) into
 #                                      .gpu-site/ (kept between calls while the machine stays warm), then exit

@@ -1,5 +1,5 @@
 """LSQ with BN live in the 2-bit layers (not what bitsearch does: LSQ keeps every BN frozen), measured step by
-step (not a test): the probe behind docs/RESULTS.md section 7, "LSQ at 2 bits and live BN".
+step (not a test): the probe behind docs/lab/2026-12-03e-results-history.md, section 7, "LSQ at 2 bits and live BN".
 
     python bench/lsq_live_bn.py CHECKPOINT W_BITS A_BITS IMAGES LR [--hold-fold]
 

@@ -24,7 +24,7 @@ def main() -> None:
     src, cfgs, lr = sys.argv[1], sys.argv[2].split(","), float(sys.argv[3])
     data_path = sys.argv[4] if len(sys.argv) > 4 else str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz")
     fp32, _ = PQ.load_baseline(src)
-    # one epoch on a stratified 10,000-image subset, as the QAT sweeps of docs/RESULTS.md section 7
+    # one epoch on a stratified 10,000-image subset, as the QAT sweeps of docs/lab/2026-12-03e-results-history.md, section 7
     data = load_dataset(data_path, download=False, val_size=5000, seed=0).with_train_subset(10000, seed=0)
     captured = {}
 

@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     fp = MobileNetV2(width=0.5)
     # BN statistics of real batches first, as a trained model has them: calibrated with BN at its initial
-    # statistics the deepest quantizers' scales came out at 1e-8 to 1e-6 (docs/RESULTS.md section 5)
+    # statistics the deepest quantizers' scales came out at 1e-8 to 1e-6 (docs/lab/2026-12-03e-results-history.md, section 5)
     recalibrate_bn(fp, [next(it)[0] for _ in range(4)], 4)
     q = prepare(fp, QuantConfig(w_bits=4, a_bits=4, method="qat"))
     calibrate(q, [next(it)[0] for _ in range(2)])

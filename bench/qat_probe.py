@@ -1,4 +1,4 @@
-"""One QAT fine-tuning of a baseline, measured (not a test): the probe behind docs/RESULTS.md section 7's
+"""One QAT fine-tuning of a baseline, measured (not a test): the probe behind docs/lab/2026-12-03e-results-history.md, section 7's
 "QAT instability" table. Positional arguments:
 
     python bench/qat_probe.py CHECKPOINT PRECISION W_BITS A_BITS IMAGES THREADS LR BN_LIVE_BELOW_BITS [LIVE_BN_LR_FACTOR]

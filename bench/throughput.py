@@ -136,7 +136,7 @@ def main() -> None:
     fp = MobileNetV2(width=a.width).to(dev)
     calib = _forever(GpuLoader(data.train_x[:1024].to(dev), data.train_y[:1024].to(dev), a.batch_size, train=False))
     # BN statistics of real batches first, as a trained model has them: calibrated at BN's initial
-    # statistics the deepest quantizers' scales came out at 1e-8..1e-6 (docs/RESULTS.md section 5)
+    # statistics the deepest quantizers' scales came out at 1e-8..1e-6 (docs/lab/2026-12-03e-results-history.md, section 5)
     recalibrate_bn(fp, (x for x, _ in calib), 4)
     q = prepare(fp, QuantConfig(w_bits=4, a_bits=4, method="qat")).to(dev)
     calibrate(q, (x for x, _ in calib), 4)

@@ -36,7 +36,7 @@ def add_sensitivity(sub) -> None:
     p.add_argument("--a-bits", dest="a_bits", type=int, default=None, help="activation bits for every layer (default: the base config's)")
     p.add_argument("--estimator", choices=["loss", "hessian", "max"], default=None,
                    help="which scores to allocate with when the table has both; max: the larger of the two per layer "
-                        "and bit-width (default: hessian, see docs/RESULTS.md section 10)")
+                        "and bit-width (default: hessian, see docs/RESULTS.md, mixed precision)")
     p.add_argument("--min-bits", dest="min_bits", type=int, default=None,
                    help="no layer below this many weight bits (default: the table's narrowest, 2)")
     p.add_argument("--out", help="folder for the quantize YAML(s) (default: beside the table)")

@@ -130,8 +130,8 @@ def quantize_model(fp32: torch.nn.Module, data: Dataset, qcfg: QuantConfig, *, f
     history, n_bn = [], 0
     if ft is not None:
         history = _fine_tune(q, fp32, data, qcfg, ft, batch_size, seed, dev, out_dir, callbacks, resume)
-        # re-estimated on augmented batches, the data BN trains on: with un-augmented ones (no black-bordered
-        # crops) the cpu FP32 model itself falls from 84.39% to 81.70% (docs/RESULTS.md section 7)
+        # re-estimated on augmented batches, the data BN trains on: un-augmented ones (no black-bordered crops)
+        # give statistics the model never saw in training
         n_bn = recalibrate_bn(q, calibration_batches(data, batch_size, seed + 1, dev, augmented=True),
                               max(qcfg.calib_batches, 16))
     elif qcfg.bn_reestimate_batches and _quantizes_anything(q):  # PTQ: BN statistics of the quantized model

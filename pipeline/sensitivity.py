@@ -338,7 +338,7 @@ def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[
 
     Default: the Hessian estimator wherever the table has it. On the cpu model the measured single-layer
     scores are not additive (a layer alone at W2 can even raise accuracy) and their allocations collapse
-    the model; the Hessian ones (magnitudes, see below) allocate well (docs/RESULTS.md, section 10)."""
+    the model; the Hessian ones (magnitudes, see below) allocate well (docs/RESULTS.md, mixed precision)."""
     have = table.get("estimator")
     est = estimator or ("loss" if have == "loss" else "hessian")
     where = table.get("file", "the table")
@@ -353,8 +353,7 @@ def weight_scores(table: dict[str, Any], estimator: str | None = None) -> tuple[
                 for r in table["layers"]}
     # a negative Hessian score is a negative trace estimate: Hutchinson's estimator could not resolve the
     # sign of a small, indefinite curvature. Its magnitude is the scale we have; clamped to 0 (as a
-    # measured loss decrease is) the layer looked free, sat at 2 bits in every allocation and cost the
-    # cpu model 1.4 points at 6.05x (docs/RESULTS.md section 10)
+    # measured loss decrease is) the layer looked free and sat at 2 bits in every allocation
     if est == "max":
         lo, he = column("w"), column("w_hessian", magnitude=True)
         return est, {n: {b: max(lo[n][b], he[n][b]) for b in lo[n]} for n in lo}

@@ -91,7 +91,7 @@ class FineTune:
     these defaults: `bitsearch quantize`, search settings and the pipeline read them from here."""
 
     epochs: int = 1            # QAT/LSQ epochs when not given
-    lr: float = 0.003          # chosen on the cpu model (docs/RESULTS.md section 7)
+    lr: float = 0.003          # chosen on the cpu model (docs/lab/2026-12-03e-results-history.md, section 7)
     kd_weight: float = 0.0     # 0: no distillation
     kd_temperature: float = 4.0
 
@@ -181,27 +181,24 @@ class QuantConfig:
     calib_batches: int = 8
     # PTQ: after calibration, re-estimate the BN running statistics of the quantized model (its quantized
     # weights and activations) over this many augmented training batches (crop + flip, the data BN trains
-    # on); 0 keeps the FP32 model's. It saves a tiny model whose 4-bit weights shift a channel's mean so far
-    # that a class is lost (the tests' model on an AMD VM: 60-66% -> 100%), and on the cpu model (84.39%,
-    # two seeds each) it is never worse than the FP32 statistics over the W{8,4,2} x A{8,4,2} grid and lifts
-    # W4A8 from ~82.5% to ~84.0%, W4A4 from ~67% to ~75%, W2A8 from 10% to ~45% (docs/RESULTS.md section 7);
-    # hence on by default (16). Over un-augmented batches (its first form) W4A8 fell to 81.19%: such
-    # statistics cost the FP32 model itself 2.7 points
+    # on); 0 keeps the FP32 model's. Quantized weights shift the channels' means and variances away from
+    # the FP32 statistics; re-estimated ones follow them. Augmented batches because BN trained on those:
+    # un-augmented statistics do not match what the model learned (the measurements: docs/lab/
+    # 2026-12-03e-results-history.md, section 7)
     bn_reestimate_batches: int = 16
-    # QAT: BN running statistics update until this epoch. 0 (frozen from the start): on the cpu model one
-    # QAT epoch on 10,000 images with live BN took W4A8 from PTQ's 78.25% down to 76.16%, with frozen BN up
-    # to 80.21% (docs/RESULTS.md section 7); longer QAT runs may set 2-3 to let BN adapt first
+    # QAT: BN running statistics update until this epoch. 0 (frozen from the start): short fine-tuning with
+    # live BN statistics moved them away from what the folded weights need (measured: the history page,
+    # section 7); longer QAT runs may set 2-3 to let BN adapt first
     freeze_bn_epoch: int = 0
     # QAT: layers whose weights have fewer bits keep BN live through the whole fine-tuning (re-estimated
     # at its end) whatever freeze_bn_epoch says; 0 = none. At 2 bits the weights move too far for the FP32
-    # statistics: W2A8 one QAT epoch 53.81% with BN live, 32.96% frozen (33.55% frozen after re-estimating
-    # the statistics on the quantized model first) (docs/RESULTS.md section 7)
+    # statistics to stay valid (measured: the history page, section 7)
     bn_live_below_bits: int = 4
     # QAT: the layers that keep BN live for that reason train at this multiple of the QAT learning rate (their
     # weights act through batch-normalised outputs, unlike the frozen layers' folded conv). 1 (default) = one
-    # learning rate for every layer. On the cpu model uniform W2 QAT did better at lr 0.01 than at the 0.003
-    # that suits frozen layers (docs/RESULTS.md section 7), so a mixed allocation may want ~3; not the default
-    # yet: a search that samples the learning rate would push its 2-bit layers past where they diverge
+    # learning rate for every layer. Layers with live BN tolerate (and at 2 bits want) a larger rate than
+    # frozen ones, so a mixed allocation may want ~3; not the default: a search that samples the learning
+    # rate would push its 2-bit layers past where they diverge
     live_bn_lr_factor: float = 1.0
     freeze_observer_epoch: int = 0           # QAT: activation ranges (EMA) update until this epoch
     # also quantize what an integer runtime keeps on a grid beyond layer inputs: both inputs of each residual add

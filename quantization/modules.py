@@ -238,7 +238,7 @@ class QuantConvBn2d(_QuantLayer):
         scale and beta) and a step moves ``w * gamma/sigma`` by ``lr`` times its own gradient, whatever
         sigma the baseline ended with. Through the plain product that step would be ``(gamma/sigma)^2``
         times larger: on a baseline with small BN sigmas (strong weight decay) a learning rate that suits
-        another baseline diverges (docs/RESULTS.md section 7)."""
+        another baseline diverges."""
         if self.bn is None:
             return self.conv.weight, self.conv.bias
         sf = self._bn_factor()

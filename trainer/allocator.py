@@ -3,9 +3,8 @@
 A CPU training step allocates and frees the same large activation buffers every step. glibc serves
 allocations above its mmap threshold (at most 32 MiB by default; a width-0.5 MobileNet-v2 at batch 128
 has FP32 activations of 50 MiB) with fresh ``mmap`` pages and returns them with ``munmap`` on free, so
-every step page-faults all of them in again and the kernel zeroes them: measured on a 2-core AMD EPYC VM,
-0.35-0.44 million minor page faults and ~1 s of system time per FP32 step, 85 img/s against 141-167 img/s
-with the settings below (docs/RESULTS.md section 5, ``bench/allocator.py``).
+every step page-faults all of them in again and the kernel zeroes them (the cost, measured by
+``bench/allocator.py``: docs/RESULTS.md, training speed).
 
 ``keep_freed_memory()`` sets, through ``mallopt``, no mmap for large blocks (``M_MMAP_MAX`` 0) and no
 trimming of the heap top (``M_TRIM_THRESHOLD`` at its maximum), unless the user set glibc's own

@@ -56,10 +56,9 @@ class LayerInfo(NamedTuple):
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, state dict and export), except that a strided depthwise conv under
-    CPU bf16 autocast computes in FP32 and hands the autocast dtype on. PyTorch 2.14's CPU backward of a
-    bf16 depthwise conv with stride 2 is 4-13x slower than the FP32 one (98 vs 24 ms per step for one
-    conv of width-0.5 MobileNet-v2; the three of them took about a third of a bf16 + channels-last
-    training step, docs/RESULTS.md section 5). Same values up to rounding; every other conv keeps bf16.
+    CPU bf16 autocast computes in FP32 and hands the autocast dtype on: PyTorch's CPU backward of a bf16
+    depthwise conv with stride 2 is much slower than the FP32 one (measured: docs/RESULTS.md, training
+    speed). Same values up to rounding; every other conv keeps bf16.
     QAT layers call this ``_conv_forward`` too."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -72,10 +72,9 @@ def cpu_has_native_bf16() -> bool:
 def precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool, str]:
     """(bf16 autocast, channels-last, a line saying which and why) for ``cfg`` on ``device``.
 
-    ``auto`` turns both on with CUDA and on CPUs that compute bf16 natively (avx512_bf16 / AMX): there
-    the cpu profile trains 1.7-1.8x faster than in FP32 and reaches the same test accuracy (docs/RESULTS.md
-    sections 5 and 7). Elsewhere bf16 is emulated and slower than FP32, so ``auto`` stays FP32 (``on``
-    still forces it)."""
+    ``auto`` turns both on with CUDA and on CPUs that compute bf16 natively (avx512_bf16 / AMX), where they
+    are faster at the same accuracy (docs/RESULTS.md, training speed). Elsewhere bf16 is emulated and
+    slower than FP32, so ``auto`` stays FP32 (``on`` still forces it)."""
     native = device.type == "cpu" and cpu_has_native_bf16()
     fast = device.type == "cuda" or native
     amp = cfg.amp == "on" or (cfg.amp == "auto" and fast)

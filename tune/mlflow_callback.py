@@ -16,8 +16,8 @@ from tune.trial_spec import trial_spec
 
 class MlflowTrialCallback(tune.Callback):
     """Logs from one background thread, in the order Ray reported: Ray's event loop never waits on
-    MLflow (a synchronous log of ~0.5 s per result made Ray warn of a performance bottleneck, and slowed
-    the whole search). Each hook captures what it logs when it is called; ``flush()`` (called at the
+    MLflow (a synchronous log per result made Ray warn of a performance bottleneck, and slowed the whole
+    search). Each hook captures what it logs when it is called; ``flush()`` (called at the
     experiment's end) waits until everything is written.
 
     A tracking server that stops answering (restarted, briefly unreachable) loses nothing: the failed call

@@ -126,7 +126,7 @@ def build_tuner(s: SearchSettings, trial_callbacks: tuple = (), trial_fn=run_tri
                                   max_concurrent_trials=s.max_concurrent if search_alg is None else None,
                                   trial_dirname_creator=lambda t: t.trial_id,
                                   # a finished trial's worker takes the next one: no new process importing torch
-                                  # and Ray Tune (~5 s), and the baseline and data stay loaded (tune/trial.py)
+                                  # and Ray Tune, and the baseline and data stay loaded (tune/trial.py)
                                   reuse_actors=True)
     run_config = tune.RunConfig(
         name=s.name, storage_path=s.out if storage.is_remote(s.out) else str(Path(s.out).resolve()),

@@ -7,7 +7,7 @@ GPUMonitor and its own GPU's through NVML), plus this trial process's own CPU an
 ``system/...`` as MLflow's system metrics are; the trial reports them with each epoch, and the driver
 logs them to the trial's run, where the MLflow UI shows them on the run's "System metrics" tab: whether
 trials sharing a GPU (or the cores) keep it busy. Workers still need no MLflow server, and on a CPU-only
-worker not even the mlflow package: importing it took 1.2-1.4 s of the first trial on every worker.
+worker not even the mlflow package (importing it would slow every worker's first trial).
 """
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -181,12 +180,12 @@ def main() -> int:
         result["mlflow_restarted"] = True
 
         log("waiting for the search to end")
-        code = int(wait_for("the search to end", lambda: docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
-                                                                search).split()[1]
-                            if docker("inspect", "-f", "{{.State.Status}}", search).strip() == "exited" else None,
-                            2400, every=5))
-        out = docker("logs", search)
-        err = subprocess.run(["docker", "logs", search], capture_output=True, text=True).stderr
+        def exit_code():
+            status, code = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", search).split()
+            return code if status == "exited" else None
+        code = int(wait_for("the search to end", exit_code, 2400, every=5))
+        logs = subprocess.run(["docker", "logs", search], capture_output=True, text=True)
+        out, err = logs.stdout, logs.stderr
         if code != 0:
             failures.append(f"the search exited with {code}: {err[-1500:]}")
         # MLflow's restart lost nothing: no update was left for `bitsearch sync`

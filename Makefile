@@ -42,7 +42,8 @@ bench: venv
 	$(BIN)/python bench/throughput.py --data $(DATA) --out docs/bench/throughput-cpu.json
 
 # The deployment (docker-compose.yml): .env with generated secrets, the images (built locally when no registry
-# answers, tagged by content), and the whole stack run for real (docker/compose_test.py; ~15 min on 2 cores).
+# answers, tagged by content), and the whole stack run for real (docker/compose_test.py; ~6-8 min on 2 cores
+# once the images exist, ~15 min more for their first build).
 env: .env
 .env:
 	@umask 077; $(PY) -c "import secrets, pathlib; t = secrets.token_hex; print(f'POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD={t(16)}\nPOSTGRES_DB=mlflow\nMLFLOW_ADMIN_PASSWORD={t(16)}\nMLFLOW_SECRET_KEY={t(32)}\nRAY_AUTH_TOKEN={t(32)}\nMLFLOW_PORT=5000\nDATA_DIR={pathlib.Path(\"$(DATA)\").resolve().parent}\nMODELS_DIR={pathlib.Path(\"models\").resolve()}')" > .env

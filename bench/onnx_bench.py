@@ -22,6 +22,7 @@ import torch
 CONFIGS = {  # PTQ (calibration only: the bench is about the export, not about reaching accuracy)
     "w8a8": {},
     "mixed": {"w_bits": 4, "overrides": ({"pattern": "blocks.[2-5].*", "w_bits": 8}, {"pattern": "blocks.1[4-6].*", "w_bits": 6})},
+    "w8a6": {"a_bits": 6},
 }
 
 
@@ -97,7 +98,7 @@ def main() -> None:
         for w in WEIGHT_STORAGE:
             info = export_packed(bsq, d / f"{name}-{w}.onnx", weights=w, latency=False)
             models[f"{name}-{w}"] = {"onnx": Path(info["out"]), **{k: info[k] for k in (
-                "onnx_bytes", "packed_bytes", "bits", "layers_int8", "layers_int4", "layers_fp32")},
+                "onnx_bytes", "packed_bytes", "bits", "layers_int8", "layers_uint8", "layers_int4", "layers_fp32")},
                 **compare_onnx(model, data, info["out"])}
             print(name, w, {k: v for k, v in models[f"{name}-{w}"].items() if k != "onnx"}, flush=True)
     for m in models.values():

@@ -176,8 +176,9 @@ def cmd_export(args) -> int:
         if packed is None:
             print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; FP32) from {args.checkpoint}")
         else:
-            print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; {res['layers_int8']} int8, "
-                  f"{res['layers_int4']} int4, {res['layers_fp32']} FP32 layers) from {packed} ({res['packed_bytes']:,} B)")
+            kinds = ", ".join(f"{res[f'layers_{k}']} {k}" for k in ("int8", "uint8", "int4") if res[f"layers_{k}"])
+            print(f"{out}: {res['onnx_bytes']:,} B ONNX (opset {res['opset']}; {kinds or 'no integer'} and "
+                  f"{res['layers_fp32']} FP32 layers) from {packed} ({res['packed_bytes']:,} B)")
         print(f"onnxruntime on this CPU: {res['latency_ms_b1']:.2f} ms per image (batch 1, 1 thread); "
               f"{res['integer_convs']} of {res['convs']} convolutions as integer kernels")
         if res.get("weights") == "int8" and res.get("integer_convs") and res.get("cpu_vnni") is False:

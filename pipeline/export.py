@@ -9,13 +9,16 @@ QLinearAdd, QGemm: DQ inputs -> op -> Q):
   fake-quant model uses, _QuantLayer.bias_scale) feeding the Conv / Gemm itself. Weight codes of <= 8 bits
   are stored as INT8 (``weights="int8"``), as UINT8 around zero-point 128 (``"uint8"``) or, with
   ``"int4"``, layers of <= 4 bits as INT4 / UINT4 (two codes per byte); the default ``"auto"`` picks int8 or
-  uint8 for this CPU: pipeline/formats.py says what each costs. The codes are the packed file's: the export checks that they reproduce its weights. A float
-  bias (input not quantized) stays its own Add.
+  uint8 for each layer on this CPU (int8 where onnxruntime's u8s8 kernels compute it exactly):
+  pipeline/formats.py says what each costs. The codes are the packed file's: the export checks that they
+  reproduce its weights. A float bias (input not quantized) stays its own Add.
 * an activation quantizer (a layer's input ``aq``, its output ``oq``, a residual block's SharedInput):
-  ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with the quantizer's scale and zero-point),
-  preceded by a Clip to the a_bits range when a_bits < 8, so the values are those of the fake-quant model
-  at a_bits. A quantizer that absorbed a ReLU6 (fused_relu6) gets that Clip(0, 6) back first; with an
-  8-bit grid inside [0, 6] ONNX Runtime drops that Clip into the Q (the activation folded into Q's range).
+  ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with the quantizer's scale and zero-point), with a
+  Clip of the integer codes between them where the codes' range is narrower than the type: the a_bits
+  range, and for a quantizer that absorbed a ReLU6 (fused_relu6) the codes of [0, 6] as
+  fake_quantize_relu6 clamps them (the activation folded into Q's range). Clipping codes, not floats,
+  keeps the patterns ONNX Runtime fuses: the op before the Q and the op after the DQ still become integer
+  kernels at a_bits < 8.
 * everything else as itself: Conv + BatchNormalization for FP32 exceptions (fused by ONNX Runtime),
   Clip(0, 6) for ReLU6, Add, GlobalAveragePool, Flatten, Gemm.
 
@@ -41,9 +44,9 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from quantization.api import bits_summary, quant_layers
-from quantization.modules import QuantConvBn2d, QuantLinear, SharedInput
+from quantization.modules import RELU6_MAX, QuantConvBn2d, QuantLinear, SharedInput
 from quantization.packing import load_packed
-from pipeline.formats import WEIGHT_STORAGE, cpu_has_vnni, resolve_weights
+from pipeline.formats import WEIGHT_STORAGE, cpu_has_vnni, layer_storage, resolve_weights
 from pipeline.quantize import load_baseline, packed_with_data
 from quantization.primitives import dequantize, quantize
 from trainer import evaluate, load_dataset, model_from_meta
@@ -74,7 +77,8 @@ class _Graph:
         self.nodes: list = []
         self.inits: list = []
         self.n = 0
-        self.layers = {"int8": [], "int4": [], "fp32": []}
+        self.layers = {"int8": [], "uint8": [], "int4": [], "fp32": []}
+        self.x_codes: dict[str, int] = {}  # a quantized activation's name -> its largest uint8 code
 
     def name(self, hint: str) -> str:
         self.n += 1
@@ -85,10 +89,10 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def int_const(self, hint: str, codes: np.ndarray, bits: int, signed: bool) -> str:
+    def int_const(self, hint: str, codes: np.ndarray, bits: int, signed: bool, storage: str) -> str:
         """Integer codes as raw bytes of their ONNX type (INT4/UINT4: two per byte)."""
         np_type = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8,
-                   "uint8": np.uint8}[_int_type(bits, signed, self.weights)]
+                   "uint8": np.uint8}[_int_type(bits, signed, storage)]
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(codes).astype(np.int64).astype(np_type), name))
         return name
@@ -109,20 +113,27 @@ def _act_qdq(g: _Graph, x: str, q, hint: str) -> str:
         return x
     if q.axis is not None or q.scale.numel() != 1:
         raise ExportError(f"{hint}: per-channel activation quantizers are not exported")
-    if q.fused_relu6:
-        x = g.op("Clip", [x, g.const("zero", 0.0), g.const("six", 6.0)], f"{hint}.relu6")
     s, z = float(q.scale.reshape(())), int(q.zero_point.reshape(()))
     signed = q.qmin < 0
-    if q.bits < 8 or (signed and q.qmin > -128):
-        x = g.op("Clip", [x, g.const("lo", (q.qmin - z) * s), g.const("hi", (q.qmax - z) * s)], f"{hint}.range")
-    zp = g.const(f"{hint}.zp", z, np.int8 if signed else np.uint8)
+    lo, hi = int(q.qmin), int(q.qmax)
+    if q.fused_relu6:  # fake_quantize_relu6's codes: [0, min(qmax, round(6 / s))] (zero-point 0)
+        lo, hi = max(lo, z), min(hi, int(torch.round(RELU6_MAX / q.scale.detach().reshape(()).float())))
+    dtype = np.int8 if signed else np.uint8
+    zp = g.const(f"{hint}.zp", z, dtype)
     sc = g.const(f"{hint}.scale", s)
     qx = g.op("QuantizeLinear", [x, sc, zp], f"{hint}.q")
-    return g.op("DequantizeLinear", [qx, sc, zp], f"{hint}.dq")
+    info = np.iinfo(dtype)
+    if (lo, hi) != (info.min, info.max):
+        qx = g.op("Clip", [qx, g.const(f"{hint}.lo", lo, dtype), g.const(f"{hint}.hi", hi, dtype)], f"{hint}.range")
+    dq = g.op("DequantizeLinear", [qx, sc, zp], f"{hint}.dq")
+    if not signed:  # a signed input: layer_storage assumes any uint8 code (255) reaches the kernel
+        g.x_codes[dq] = hi
+    return dq
 
 
-def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
-    """The weight as an integer initializer + DequantizeLinear (quantized) or FP32 (not)."""
+def _weight(g: _Graph, m, weight: torch.Tensor, hint: str, x: str, depthwise: bool = False) -> str:
+    """The weight as an integer initializer + DequantizeLinear (quantized) or FP32 (not); ``x``: the name of
+    the layer's input (its codes' range decides whether int8 storage computes exactly, layer_storage)."""
     wq = m.wq
     if wq is None:
         g.layers["fp32"].append(hint)
@@ -132,14 +143,15 @@ def _weight(g: _Graph, m, weight: torch.Tensor, hint: str) -> str:
     if not torch.equal(dequantize(codes, s, z, wq.axis), weight.float()):
         raise ExportError(f"{hint}: the weight is not on its quantization grid (export a packed model: load_packed)")
     signed = wq.qmin < 0
-    g.layers[_int_type(wq.bits, True, g.weights)].append(hint)
+    storage = layer_storage(g.weights, depthwise, max(-wq.qmin, wq.qmax), g.x_codes.get(x, 255))
     per_ch = wq.axis is not None
     zarr = _np(z).reshape(-1) if per_ch else np.asarray(int(z.reshape(())))
-    if g.weights == "uint8" and signed:  # the same weights as unsigned codes around zero-point 128
+    if storage == "uint8" and signed:  # the same weights as unsigned codes around zero-point 128
         codes, zarr, signed = codes + 128, zarr + 128, False
-    w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed)
+    g.layers[_int_type(wq.bits, signed, storage).replace("uint4", "int4")].append(hint)
+    w = g.int_const(f"{hint}.weight_q", _np(codes), wq.bits, signed, storage)
     sc = g.const(f"{hint}.weight_scale", _np(s).reshape(-1) if per_ch else float(s.reshape(())))
-    zp = g.int_const(f"{hint}.weight_zp", zarr, wq.bits, signed)
+    zp = g.int_const(f"{hint}.weight_zp", zarr, wq.bits, signed, storage)
     return g.op("DequantizeLinear", [w, sc, zp], f"{hint}.weight_dq", **({"axis": 0} if per_ch else {}))
 
 
@@ -226,11 +238,13 @@ def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
         if m.bn is not None:
             raise ExportError(f"{hint}: fold BN first (export a packed model: load_packed)")
         x = a[0] if m.aq_outside else _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-        y = _conv(g, x, m.conv, _weight(g, m, m.conv.weight, hint), m.conv.bias, hint, m.bias_scale())
+        c = m.conv
+        depthwise = c.groups > 1 and c.groups == c.in_channels == c.out_channels
+        y = _conv(g, x, c, _weight(g, m, c.weight, hint, x, depthwise), c.bias, hint, m.bias_scale())
         return _act_qdq(g, y, m.oq, f"{hint}.oq")
     if isinstance(m, QuantLinear):
         x = a[0] if m.aq_outside else _act_qdq(g, a[0], m.aq, f"{hint}.aq")
-        ins, rest = _bias_input(g, [x, _weight(g, m, m.linear.weight, hint)], m.linear.bias, m.bias_scale(), hint)
+        ins, rest = _bias_input(g, [x, _weight(g, m, m.linear.weight, hint, x)], m.linear.bias, m.bias_scale(), hint)
         y = _add_bias(g, g.op("Gemm", ins, hint, transB=1), rest, hint, (1, -1))
         return _act_qdq(g, y, m.oq, f"{hint}.oq")
     if isinstance(m, SharedInput):
@@ -346,7 +360,7 @@ def export_packed(packed: str | Path, out: str | Path, weights: str = WEIGHT_STO
     proto, layers = to_onnx(model, mean=CIFAR10_MEAN, std=CIFAR10_STD, weights=weights)
     out = _save(proto, out)
     res = {"out": str(out), "onnx_bytes": out.stat().st_size, "opset": OPSET, "weights": resolve_weights(weights),
-           "layers_int8": len(layers["int8"]), "layers_int4": len(layers["int4"]), "layers_fp32": len(layers["fp32"]),
+           **{f"layers_{k}": len(v) for k, v in layers.items()},
            "packed": str(packed), "packed_bytes": Path(packed).stat().st_size,
            **bits_summary(quant_layers(model).values()), "layers": layers}
     return {**res, **(latency_summary(out) if latency else {})}

@@ -1,7 +1,9 @@
 """How an ONNX export stores quantized weights (no heavy imports: the CLI lists these in its help)."""
 
 WEIGHT_HELP = {
-    "auto": "int8 where this CPU has VNNI (or is not x86), else uint8: exact here, and the fastest exact choice",
+    "auto": "int8 wherever this CPU's u8s8 kernels compute exactly (every layer with VNNI or off x86; without VNNI "
+            "depthwise convolutions and layers whose weight or input codes fit 7 bits), uint8 for the rest: exact here, "
+            "and the fastest exact choice",
     "int8": "signed codes: onnxruntime's u8s8 integer kernels, the fastest; exact on CPUs with VNNI (AVX512-VNNI, "
             "AVX-VNNI, AMX), while on AVX2-only CPUs their 16-bit pair sums saturate and some predictions change",
     "uint8": "codes + 128 around zero-point 128: onnxruntime's u8u8 integer kernels, exact on every x86 CPU, slower",
@@ -9,6 +11,8 @@ WEIGHT_HELP = {
 }
 WEIGHT_STORAGE = tuple(WEIGHT_HELP)  # the first is the default
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT8_WHERE_EXACT = "int8-where-exact"  # what "auto" resolves to on an x86 CPU without VNNI: int8 or uint8 per layer
+INT16_MAX = 32767
 
 
 def cpu_has_vnni() -> bool | None:
@@ -23,12 +27,28 @@ def cpu_has_vnni() -> bool | None:
 
 
 def resolve_weights(weights: str) -> str:
-    """The storage ``weights`` names, with "auto" decided for this CPU."""
+    """The storage ``weights`` names, with "auto" decided for this CPU: "int8", or INT8_WHERE_EXACT where the
+    u8s8 kernels can saturate (``layer_storage`` decides each layer)."""
     if weights not in WEIGHT_STORAGE:
         raise ValueError(f"weights={weights!r} is invalid: allowed {', '.join(WEIGHT_STORAGE)}")
     if weights != "auto":
         return weights
-    return "uint8" if cpu_has_vnni() is False and _x86() else "int8"
+    return INT8_WHERE_EXACT if cpu_has_vnni() is False and _x86() else "int8"
+
+
+def u8s8_exact(depthwise: bool, w_code_max: int, x_code_max: int) -> bool:
+    """Whether onnxruntime's u8s8 kernels compute a layer exactly on an x86 CPU without VNNI. Their AVX2 GEMM
+    adds pairs of uint8 x int8 products in int16 (vpmaddubsw), which saturates unless 2 * x * |w| fits int16;
+    the depthwise convolution kernel accumulates in int32. ``w_code_max``: the largest |weight code|;
+    ``x_code_max``: the largest uint8 input code."""
+    return depthwise or 2 * w_code_max * x_code_max <= INT16_MAX
+
+
+def layer_storage(resolved: str, depthwise: bool, w_code_max: int, x_code_max: int) -> str:
+    """How one layer's signed weight codes are stored under ``resolved`` (resolve_weights)."""
+    if resolved != INT8_WHERE_EXACT:
+        return resolved
+    return "int8" if u8s8_exact(depthwise, w_code_max, x_code_max) else "uint8"
 
 
 def _x86() -> bool:

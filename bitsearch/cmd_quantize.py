@@ -183,7 +183,7 @@ def cmd_export(args) -> int:
               f"{res['integer_convs']} of {res['convs']} convolutions as integer kernels")
         if res.get("weights") == "int8" and res.get("integer_convs") and res.get("cpu_vnni") is False:
             print("this CPU has no VNNI: its u8s8 kernels saturate, so some predictions differ here "
-                  "(--weights uint8 computes exactly, slower)")
+                  "(--weights auto, the default, stores int8 only where it computes exactly)")
         if "onnx_top1" in res:
             print(f"onnxruntime: test top-1 {res['onnx_top1']:.2f}% vs packed model {res['packed_top1']:.2f}%, "
                   f"same prediction on {res['agreement']:.2f}% of {res['test_images']:,} images")

@@ -103,7 +103,7 @@ def test_a_network_trains_quantizes_packs_and_exports(trained, key, tmp_path, ca
                      "--no-download", "--json"]) == 0
         ex = _last_json(capsys)  # on 18 images: at most one may differ (another CPU's kernels round differently)
         n = ex["test_images"]
-        assert ex["agreement"] >= 100 * (n - 1) / n and abs(ex["onnx_top1"] - ex["packed_top1"]) <= 100 / n + 1e-6, ex
+        assert ex["agreement"] >= 100 * (n - 1) / n and abs(ex["onnx_top1"] - ex["packed_top1"]) <= 100 / n + 1e-4, ex
     from quantization.api import quant_layers
     from quantization.packing import load_packed
     from trainer import model_from_meta

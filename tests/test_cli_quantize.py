@@ -34,7 +34,8 @@ def test_quantize_w8a8_json_export_matches_size(baseline, tmp_path, capsys):
     for k in ("w_bits", "a_bits", "top1", "fp32_top1", "drop", "orig_mb", "comp_mb", "ratio", "weight_ratio",
               "act_ratio", "quantized_fraction", "export"):
         assert k in r, k
-    assert abs(r["drop"]) <= 0.3 + 1e-9 or abs(r["top1"] - r["fp32_top1"]) <= 100 / 24  # one test image of 24
+    # one test image of 24 (top-1s are float32 percentages: 100 - 95.833331 is a hair over 100 / 24)
+    assert abs(r["drop"]) <= 0.3 + 1e-9 or abs(r["top1"] - r["fp32_top1"]) <= 100 / 24 + 1e-4
     size = (tmp_path / "m.bsq").stat().st_size
     assert size == r["comp_bytes"] == round(r["comp_mb"] * 1e6) == r["export_bytes"]  # comp_mb is the file
     assert "Size per layer" in out and json.loads((tmp_path / "q" / "quantize.json").read_text())["ratio"] == r["ratio"]

@@ -214,7 +214,7 @@ def test_optuna_search_logs_parent_and_children_to_server(ray_session, server, b
     acc = 100.0 * float((torch.as_tensor(pred) == data.test_y).float().mean())
     # the same packed model: equal up to one image whose logits tie within float summation order (thread
     # counts differ between this process and the trial's worker); a wrong or unpacked model misses by far more
-    assert abs(acc - champion["top1"]) <= 100.0 / len(data.test_y) + 1e-9, (acc, champion["top1"])
+    assert abs(acc - champion["top1"]) <= 100.0 / len(data.test_y) + 1e-4, (acc, champion["top1"])
 
 
 def test_grid_sweep_two_trials(ray_session, baseline, tmp_path, capsys, monkeypatch):

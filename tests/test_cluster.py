@@ -49,12 +49,12 @@ def cluster(tmp_path):
     port = _port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # joining nodes must present the token
     temp_dir = tempfile.mkdtemp(prefix="bsray", dir="/tmp")  # short: Ray's socket paths live under it
-    common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
-    try:
+    common = ["--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    try:  # as docker-compose.yml lays it out: a head that runs no trials, a worker that runs them
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
-                        temp_dir, *common], check=True, capture_output=True, env=env)
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True,
-                       env=env)
+                        temp_dir, "--num-cpus", "0", *common], check=True, capture_output=True, env=env)
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2", *common], check=True,
+                       capture_output=True, env=env)
         yield f"127.0.0.1:{port}"
     finally:
         _stop_nodes(temp_dir)
@@ -77,13 +77,17 @@ def test_search_on_two_node_cluster(cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(res["trials"]) == 2 and all(t["status"] == "done" for t in res["trials"])
-    # the trials ran on both nodes: each node has one CPU and each trial needs one, so the two trials
-    # started together went one to each node
+    # the trials ran on the worker node, not where the driver and the head are: the head offers no CPU, so
+    # every trial had to be placed on the node that joined (which two trials started together would not show
+    # for a head with CPUs of its own: a trial that ends before the next starts frees the head's CPU again)
     exp = Path(res["experiment"])
-    ran_on = {json.loads(ln)["node_id"] for d in exp.iterdir() if (d / "result.json").is_file()
-              for ln in (d / "result.json").read_text().splitlines() if '"final": true' in ln}
+    ran_on = [json.loads(ln)["node_id"] for d in exp.iterdir() if (d / "result.json").is_file()
+              for ln in (d / "result.json").read_text().splitlines() if '"final": true' in ln]
     nodes = json.loads(subprocess.run([sys.executable, "-c",
                                        "import ray, json; ray.init(address=%r, log_to_driver=False); "
-                                       "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % cluster],
+                                       "print(json.dumps({n['NodeID']: n['Resources'].get('CPU', 0) "
+                                       "for n in ray.nodes() if n['Alive']}))" % cluster],
                                       capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
-    assert len(nodes) == 2 and ran_on == set(nodes), (ran_on, nodes)
+    workers = {n for n, cpus in nodes.items() if cpus > 0}
+    assert len(nodes) == 2 and len(workers) == 1, nodes
+    assert len(ran_on) == 2 and set(ran_on) == workers, (ran_on, nodes)

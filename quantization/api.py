@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from quantization.config import FP32, Method, QuantConfig, QuantConfigError
+from quantization.graph import quantize_traced_adds
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear, SharedInput, act_quantizer
 from quantization.trace import traced_layers
 
@@ -143,9 +144,11 @@ def bits_summary(layers: Iterable) -> dict[str, Any]:
     return {"bits": f"W{w}A{a}", "w_bits": w, "a_bits": a}
 
 
-def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+def prepare(model: nn.Module, cfg: QuantConfig, traced_adds: bool = True) -> nn.Module:
     """A fake-quant copy of ``model`` (the original is untouched). Unknown layer patterns in ``cfg``
-    raise QuantConfigError. Weights are quantized at once; activations after ``calibrate``."""
+    raise QuantConfigError. Weights are quantized at once; activations after ``calibrate``.
+    ``traced_adds=False``: a model that does not describe its layers keeps FP32 residual adds even with
+    ``cfg.quantize_outputs`` (packed files of format version 2 hold such models)."""
     q = copy.deepcopy(model)
     plan = plan_for(q, cfg)
     for info in described_layers(q):
@@ -171,8 +174,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             qm.wq.observing = False
             if qm.wq.lsq:  # LSQ weight step starts from the observer's range
                 qm.wq.observe(qm.folded()[0].detach())
-    if cfg.quantize_outputs:
+    if cfg.quantize_outputs and getattr(q, "quantizable_layers", None) is not None:
         _quantize_outputs(q, cfg)
+    elif cfg.quantize_outputs and traced_adds:
+        quantize_traced_adds(q, cfg)
     q.bitsearch_qconfig = cfg
     q.bitsearch_plan = {n: p for n, p in plan.items()}
     return q
@@ -214,7 +219,9 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
-    return [q for m in quant_layers(model).values() for q in (m.aq, m.oq) if q is not None]
+    """Every activation quantizer once (layers that read one shared tensor share its quantizer)."""
+    qs = [q for m in quant_layers(model).values() for q in (m.aq, m.oq) if q is not None]
+    return list({id(q): q for q in qs}.values())
 
 
 @torch.no_grad()

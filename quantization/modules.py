@@ -349,8 +349,27 @@ class SharedInput(nn.Module):
         layer.aq_outside = True
 
     @property
+    def layer(self) -> _QuantLayer:
+        return self._layer[0]
+
+    @property
     def quantizer(self) -> FakeQuantizer:
         return self._layer[0].aq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantizer(x)
+
+
+class Requantize(SharedInput):
+    """Puts a tensor made from one that ``layer.aq`` quantized (sliced, zero-padded, max-pooled: its values
+    are still on that grid) back on the grid, where an integer runtime needs the quantize step again (before
+    a residual add). The values do not change, and the quantizer does not observe them: its range is the
+    source tensor's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        observing, q.observing = q.observing, False
+        try:
+            return q(x)
+        finally:
+            q.observing = observing

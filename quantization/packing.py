@@ -40,7 +40,9 @@ from quantization.config import Method, QuantConfig, QuantConfigError
 from quantization.primitives import dequantize, quantize
 
 MAGIC = b"BSQP"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# version 2: the same file, but a traced model (one that does not describe its layers) has FP32 residual adds
+READS_VERSIONS = (2, 3)
 PREAMBLE = struct.Struct("<4sHII")   # magic, version, header length, payload length
 DIGEST_BYTES = 32                    # SHA-256 trailer
 KINDS = ("packed", "f32", "u8")
@@ -297,7 +299,8 @@ def _header_length(body: bytes) -> int | None:
 
 
 def read_packed(path: str | Path) -> tuple[dict, bytes]:
-    """(header, payload) of a packed file whose checksum, lengths and header structure are intact."""
+    """(header, payload) of a packed file whose checksum, lengths and header structure are intact; the header
+    with the preamble's ``format_version``."""
     p = Path(path)
     if p.is_dir():
         raise PackedFileError(f"{path} is a directory, not a packed model file (.bsq)")
@@ -308,8 +311,9 @@ def read_packed(path: str | Path) -> tuple[dict, bytes]:
     if len(raw) < PREAMBLE.size + DIGEST_BYTES or raw[:4] != MAGIC:
         raise PackedFileError(f"{path} is not a bitsearch packed model (bad magic or too short: {len(raw)} bytes)")
     _, version, hlen, plen = PREAMBLE.unpack_from(raw)
-    if version != FORMAT_VERSION:
-        raise PackedFileError(f"{path} has format version {version}; this bitsearch reads {FORMAT_VERSION}")
+    if version not in READS_VERSIONS:
+        raise PackedFileError(f"{path} has format version {version}; this bitsearch reads "
+                              f"{', '.join(map(str, READS_VERSIONS))}")
     body, digest = raw[:-DIGEST_BYTES], raw[-DIGEST_BYTES:]
     if len(body) != PREAMBLE.size + hlen + plen:
         real = _header_length(body)
@@ -327,6 +331,7 @@ def read_packed(path: str | Path) -> tuple[dict, bytes]:
     if not isinstance(header, dict) or header.get("format") != "bitsearch-packed" or not isinstance(
             header.get("tensors"), list) or not isinstance(header.get("model"), dict):
         raise PackedFileError(f"{path}: header lacks the model, config or tensor table")
+    header["format_version"] = version  # from the preamble: which model a version-2 file holds (_rebuild)
     return header, body[PREAMBLE.size + hlen:]
 
 
@@ -345,7 +350,7 @@ def _rebuild(path, header: dict, build_model: Callable[[dict], nn.Module]) -> tu
     except QuantConfigError as e:
         raise PackedFileError(f"{path}: the stored quantization config is invalid ({e})") from None
     try:
-        model = prepare(build_model(header["model"]), cfg).eval()
+        model = prepare(build_model(header["model"]), cfg, traced_adds=header.get("format_version", 3) >= 3).eval()
     except (QuantConfigError, ValueError, KeyError, TypeError) as e:
         raise PackedFileError(f"{path}: the stored model description cannot be built ({e})") from None
     for m in quant_layers(model).values():

@@ -104,6 +104,9 @@ def test_a_network_trains_quantizes_packs_and_exports(trained, key, tmp_path, ca
         ex = _last_json(capsys)  # on 18 images: at most one may differ (another CPU's kernels round differently)
         n = ex["test_images"]
         assert ex["agreement"] >= 100 * (n - 1) / n and abs(ex["onnx_top1"] - ex["packed_top1"]) <= 100 / n + 1e-4, ex
+        if key == "resnet20" and w == 8:  # residual adds on quantized tensors: every add but the last (read by
+            # pooling and the FP32 classifier) is a QLinearAdd, and so every quantized conv but that block's conv2
+            assert ex["ops"].get("QLinearAdd") == 8 and ex["integer_convs"] == 17 and ex["convs"] == 19, ex["ops"]
     from quantization.api import quant_layers
     from quantization.packing import load_packed
     from trainer import model_from_meta

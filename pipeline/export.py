@@ -12,7 +12,8 @@ QLinearAdd, QGemm: DQ inputs -> op -> Q):
   uint8 for each layer on this CPU (int8 where onnxruntime's u8s8 kernels compute it exactly):
   pipeline/formats.py says what each costs. The codes are the packed file's: the export checks that they
   reproduce its weights. A float bias (input not quantized) stays its own Add.
-* an activation quantizer (a layer's input ``aq``, its output ``oq``, a residual block's SharedInput):
+* an activation quantizer (a layer's input ``aq``, its output ``oq``, a residual block's SharedInput, the
+  SharedInput / Requantize that quantization/graph.py puts around a traced model's residual adds):
   ``QuantizeLinear -> DequantizeLinear`` (uint8 / int8 with the quantizer's scale and zero-point), with a
   Clip of the integer codes between them where the codes' range is narrower than the type: the a_bits
   range, and for a quantizer that absorbed a ReLU6 (fused_relu6) the codes of [0, 6] as
@@ -293,7 +294,7 @@ def _pool(g: _Graph, op: str, x: str, kernel, stride, padding, ceil_mode: bool, 
 
 
 def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
-    if node.target in (operator.add, torch.add) and len(a) == 2 and all(isinstance(v, str) for v in a):
+    if node.target in (operator.add, operator.iadd, torch.add) and len(a) == 2 and all(isinstance(v, str) for v in a):
         return g.op("Add", a)
     if node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
         return g.op("Flatten", [a[0]], axis=1)

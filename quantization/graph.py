@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear, Requantize, SharedInput, act_quantizer
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
-ADDS = (operator.add, torch.add)
+ADDS = (operator.add, operator.iadd, torch.add)  # iadd: torchvision's `out += identity`
 ACT_MODULES = (nn.ReLU, nn.ReLU6)
 ACT_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 PASS_MODULES = (nn.Identity, nn.Dropout)           # a BN folded into its conv leaves an Identity
@@ -112,7 +112,9 @@ class _Rewrite:
             layer.oq = act_quantizer(bits, self.cfg, relu6=False)
             layer.oq.enabled = False  # until calibrated
             return True
-        shared = self.share(src)
+        if self.share(node) is not None:  # a tensor quantized layers read too (a max-pooled stem output)
+            return True
+        shared = self.share(src) if src is not node else None
         if shared is None:
             return False
         if moved:  # sliced / padded / pooled on the way: back on the grid right before the add

@@ -4,8 +4,8 @@ quantizable layers (``quantizable_layers()``, as trainer.model.MobileNetV2 does)
 For every Conv2d and Linear the graph calls, in execution order: the BatchNorm2d that reads only its output
 (folded into it), whether its input is non-negative (it comes from ReLU or ReLU6, through pooling, flatten,
 dropout or identity: an unsigned activation grid; from ReLU6 also bounded by 6), and the ReLU6 module whose
-output only it reads (the quantizer may apply that ReLU6 itself). Residual adds and pooled outputs are not
-found here: their tensors stay FP32 (QuantConfig.quantize_outputs applies to models that describe them).
+output only it reads (the quantizer may apply that ReLU6 itself). Residual adds are not found here: the
+prepared model's graph is rewritten for them (quantization/graph.py); pooled outputs stay FP32.
 """
 from __future__ import annotations
 

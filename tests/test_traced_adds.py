@@ -80,24 +80,47 @@ def test_resnet20_adds_read_and_write_quantized_tensors():
     assert _distinct(sums[8][0]) > 16  # the last block's branch output: FP32
 
 
-def test_the_packed_file_and_onnx_compute_what_the_fake_quant_model_does(tmp_path):
-    from pipeline.export import optimized_ops, run_onnx, to_onnx, _save
+def _packed_and_onnx(q: nn.Module, build, tmp_path) -> tuple[nn.Module, dict, object]:
+    """The packed model (written, read back with ``build`` making the FP32 network: it must compute what ``q``
+    does), the op counts onnxruntime runs for its ONNX export, and that file's path."""
+    from pipeline.export import _save, optimized_ops, to_onnx
     from quantization.packing import convert, load_packed, save_packed
+    freeze(q)
+    save_packed(tmp_path / "m.bsq", convert(q, {"arch": "resnet20", "num_classes": 10}))
+    back = load_packed(tmp_path / "m.bsq", build)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(back(x), q(x), atol=1e-4, rtol=1e-4)
+    onnx_path = _save(to_onnx(back, mean=(0.5,) * 3, std=(0.25,) * 3)[0], tmp_path / "m.onnx")
+    return back, optimized_ops(onnx_path), onnx_path
+
+
+def test_the_packed_file_and_onnx_compute_what_the_fake_quant_model_does(tmp_path):
+    from pipeline.export import run_onnx
     from trainer.zoo import model_from_meta
     q = _calibrated(_bn_stats(ResNet20()), QuantConfig(w_bits=8, a_bits=8, keep_fp32=("stem.conv", "classifier")))
-    freeze(q)
-    x = torch.randn(32, 3, 32, 32)
-    save_packed(tmp_path / "r.bsq", convert(q, {"arch": "resnet20", "num_classes": 10}))
-    back = load_packed(tmp_path / "r.bsq", model_from_meta)
-    with torch.no_grad():
-        ref, got = q(x), back(x)
-    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
-    onnx_path = _save(to_onnx(back, mean=(0.5,) * 3, std=(0.25,) * 3)[0], tmp_path / "r.onnx")
-    ops = optimized_ops(onnx_path)
+    back, ops, onnx_path = _packed_and_onnx(q, model_from_meta, tmp_path)
     assert ops.get("QLinearAdd") == 8 and ops.get("QLinearConv") == 17, ops  # of 18 quantized convs
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        ref = back(x)
     logits = run_onnx(onnx_path, x * 0.25 + 0.5)
-    assert (logits.argmax(1) == got.argmax(1)).float().mean() >= 0.9
-    assert (logits - got).abs().max() <= 0.05 * got.abs().max()
+    assert (logits.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_torchvisions_resnet18_runs_its_adds_as_integer_kernels(tmp_path):
+    """`out += identity`, one ReLU module called twice per block, a max-pooled stem read by the first block's
+    conv and its add, projection shortcuts reading the block input with conv1: 7 of 8 adds and 18 of 20 convs
+    (the FP32 first conv, the last block's conv2) run as integer kernels."""
+    import torchvision
+    torch.manual_seed(0)
+    m = _bn_stats(torchvision.models.resnet18(num_classes=10))
+    q = _calibrated(m, QuantConfig(w_bits=8, a_bits=8, keep_fp32=("conv1", "fc")))
+    layers = quant_layers(q)
+    assert all(layers[f"layer{i}.0.downsample.0"].aq is layers[f"layer{i}.0.conv1"].aq for i in (2, 3, 4))
+    _, ops, _ = _packed_and_onnx(q, lambda meta: m, tmp_path)
+    assert ops.get("QLinearAdd") == 7 and ops.get("QLinearConv") == 18 and ops.get("Add", 0) == 0, ops
 
 
 class _Block(nn.Module):

@@ -6,6 +6,8 @@ threads (interleaved rounds, medians; all in one run, so only the ratios carry o
 
     python bench/onnx_bench.py --baseline models/mobilenetv2-w0.5-cpu.pt \\
         --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/onnx-int.json
+    python bench/onnx_bench.py --baseline models/resnet20-cpu.pt --configs w8a8 w8a6 \\
+        --data ../shared/data/cifar10-jpeg.tar.gz --out docs/bench/onnx-int-resnet20.json
 """
 from __future__ import annotations
 
@@ -97,9 +99,8 @@ def main() -> None:
         model = load_packed(bsq, model_from_meta)
         for w in WEIGHT_STORAGE:
             info = export_packed(bsq, d / f"{name}-{w}.onnx", weights=w, latency=False)
-            models[f"{name}-{w}"] = {"onnx": Path(info["out"]), **{k: info[k] for k in (
-                "onnx_bytes", "packed_bytes", "bits", "layers_int8", "layers_uint8", "layers_int4", "layers_fp32")},
-                **compare_onnx(model, data, info["out"])}
+            models[f"{name}-{w}"] = {"onnx": Path(info["out"]), **{k: v for k, v in info.items() if k in (
+                "onnx_bytes", "packed_bytes", "bits") or k.startswith("layers_")}, **compare_onnx(model, data, info["out"])}
             print(name, w, {k: v for k, v in models[f"{name}-{w}"].items() if k != "onnx"}, flush=True)
     for m in models.values():
         ops = optimized_ops(m["onnx"])

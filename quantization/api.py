@@ -325,8 +325,9 @@ def lr_scales(model: nn.Module, cfg: QuantConfig) -> dict[str, float]:
     if factor == 1.0:
         return {}
     live = {id(m) for m in live_bn_layers(model, cfg)}
-    return {f"{name}.{pn}" if name else pn: factor for name, m in model.named_modules() if id(m) in live
-            for pn, _ in m.named_parameters()}
+    known = dict(model.named_parameters())  # a quantizer two layers share is named once, under the first
+    return {full: factor for name, m in model.named_modules() if id(m) in live for pn, _ in m.named_parameters()
+            if (full := f"{name}.{pn}" if name else pn) in known}
 
 
 class QATSchedule:

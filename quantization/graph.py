@@ -93,7 +93,7 @@ class _Rewrite:
             return None
         first = layers[0]
         shared = self.insert(node, SharedInput(first))
-        node.replace_all_uses_with(shared, delete_user_cb=lambda u: u is not shared)
+        node.replace_all_uses_with(shared, delete_user_cb=lambda u: u is not shared and u.op != "output")
         for m in layers[1:]:  # the same kind of quantizer: read the shared one (one tensor, one set of codes)
             if _kind(m.aq) == _kind(first.aq):
                 m.aq, m.aq_outside = first.aq, True
@@ -154,7 +154,9 @@ def _keeps_grid(node: fx.Node, module: nn.Module | None) -> bool:
     if node.op != "call_function" or node.target not in GRID_FUNCTIONS:
         return False
     if node.target is F.pad:  # constant zero padding only (zero is on every grid bitsearch makes here)
-        return node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value")
+        a = node.args
+        return (node.kwargs.get("mode", a[2] if len(a) > 2 else "constant") == "constant"
+                and not node.kwargs.get("value", a[3] if len(a) > 3 else None))
     return node.target is not operator.getitem or isinstance(node.args[1], (slice, tuple))
 
 

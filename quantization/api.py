@@ -177,7 +177,7 @@ def prepare(model: nn.Module, cfg: QuantConfig, traced_adds: bool = True) -> nn.
     if cfg.quantize_outputs and getattr(q, "quantizable_layers", None) is not None:
         _quantize_outputs(q, cfg)
     elif cfg.quantize_outputs and traced_adds:
-        quantize_traced_adds(q, cfg)
+        q = quantize_traced_adds(q, cfg)
     q.bitsearch_qconfig = cfg
     q.bitsearch_plan = {n: p for n, p in plan.items()}
     return q

@@ -21,7 +21,9 @@ between training and evaluation (Python branches on ``self.training``) keeps its
 """
 from __future__ import annotations
 
+import copy
 import operator
+import warnings
 
 import torch
 from torch import fx, nn
@@ -160,19 +162,24 @@ def _keeps_grid(node: fx.Node, module: nn.Module | None) -> bool:
     return node.target is not operator.getitem or isinstance(node.args[1], (slice, tuple))
 
 
-def quantize_traced_adds(model: nn.Module, cfg) -> bool:
-    """Rewrite the prepared traced ``model`` so its residual adds run on quantized tensors (module
-    docstring); whether anything changed (nothing does for a model without such adds)."""
-    graph = _trace(model)
-    if graph is None:
-        return False
-    if not _Rewrite(model, graph, cfg).run():
-        return False
-    graph.lint()
-    code = graph.python_code("self")
-    ns = dict(code.globals)
-    exec(compile(code.src, f"<bitsearch graph of {type(model).__name__}>", "exec"), ns)  # noqa: S102 - fx's own code
+def quantize_traced_adds(model: nn.Module, cfg) -> nn.Module:
+    """The prepared traced ``model`` rewritten so its residual adds run on quantized tensors (module
+    docstring), as a new model; ``model`` itself when it has no such adds, or when its graph cannot be
+    rewritten (a warning says why: the adds stay FP32, everything else is quantized as configured)."""
+    work = copy.deepcopy(model)
+    try:
+        graph = _trace(work)
+        if graph is None or not _Rewrite(work, graph, cfg).run():
+            return model
+        graph.lint()
+        code = graph.python_code("self")
+        ns = dict(code.globals)
+        exec(compile(code.src, f"<bitsearch graph of {type(model).__name__}>", "exec"), ns)  # noqa: S102 - fx's code
+    except Exception as e:  # noqa: BLE001 - whatever fx makes of an unusual forward: the model as it was
+        warnings.warn(f"{type(model).__name__}: residual adds stay FP32 (its graph could not be rewritten: "
+                      f"{type(e).__name__}: {str(e)[:200]})")
+        return model
     cls = type(model)
-    model.__class__ = type(cls.__name__, (cls,), {"forward": ns["forward"], "__module__": cls.__module__,
-                                                  "__qualname__": cls.__qualname__})
-    return True
+    work.__class__ = type(cls.__name__, (cls,), {"forward": ns["forward"], "__module__": cls.__module__,
+                                                 "__qualname__": cls.__qualname__})
+    return work

@@ -169,6 +169,18 @@ def test_a_forward_that_branches_on_training_keeps_fp32_adds():
     assert all(m.oq is None for m in quant_layers(q).values())
 
 
+def test_a_graph_that_cannot_be_rewritten_keeps_fp32_adds_with_a_warning(monkeypatch):
+    import quantization.graph as graph
+
+    def fails(model):
+        raise RuntimeError("an unusual forward")
+    monkeypatch.setattr(graph, "_trace", fails)
+    with pytest.warns(UserWarning, match="ResNet20: residual adds stay FP32 .*RuntimeError: an unusual forward"):
+        q = _calibrated(_bn_stats(ResNet20()), QuantConfig(w_bits=8, a_bits=4))
+    assert type(q) is ResNet20 and all(m.oq is None and not m.aq_outside for m in quant_layers(q).values())
+    assert all(m.aq is not None for n, m in quant_layers(q).items() if n.startswith("layers."))  # quantized as asked
+
+
 def test_a_version_2_file_of_a_traced_model_loads_with_fp32_adds(tmp_path, monkeypatch):
     """Files written before traced adds were quantized (format version 2) hold no output quantizers: they load
     as the model they were written from."""

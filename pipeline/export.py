@@ -21,7 +21,10 @@ QLinearAdd, QGemm: DQ inputs -> op -> Q):
   keeps the patterns ONNX Runtime fuses: the op before the Q and the op after the DQ still become integer
   kernels at a_bits < 8.
 * everything else as itself: Conv + BatchNormalization for FP32 exceptions (fused by ONNX Runtime),
-  Clip(0, 6) for ReLU6, Add, GlobalAveragePool, Flatten, Gemm.
+  Relu, Clip(0, 6) for ReLU6, Sigmoid, x * Sigmoid(x) for SiLU, HardSwish, HardSigmoid, Add, Mul (a
+  squeeze-excitation's scale), pooling, Flatten (also ``x.flatten(1)``), GlobalAveragePool (also
+  ``x.mean((2, 3))``), Slice, Pad, Concat, Gemm; torchvision's stochastic depth outside training is the
+  identity. Anything else is an ExportError naming it.
 
 Input ``image``: float32 [N, 3, 32, 32] in [0, 1] (the CIFAR-10 normalisation is the graph's first two
 nodes); output ``logits``: float32 [N, classes].
@@ -217,6 +220,8 @@ def to_onnx(model: nn.Module, *, mean, std, input_size: int = 32, weights: str =
             env[node.name] = _module_node(g, mods[node.target], node.target, a)
         elif node.op == "call_function":
             env[node.name] = _function_node(g, node, a)
+        elif node.op == "call_method":
+            env[node.name] = _method_node(g, node, a)
         elif node.op == "output":
             out_name = env[node.args[0].name]
         else:
@@ -262,10 +267,9 @@ def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
         ins = [a[0], g.const(f"{hint}.weight", _np(m.weight))] + (
             [g.const(f"{hint}.bias", _np(m.bias))] if m.bias is not None else [])
         return g.op("Gemm", ins, hint, transB=1)
-    if isinstance(m, nn.ReLU6):
-        return g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)], hint)
-    if isinstance(m, nn.ReLU):
-        return g.op("Relu", [a[0]], hint)
+    kind = next((k for t, k in MODULE_ACTIVATIONS.items() if isinstance(m, t)), None)
+    if kind is not None:
+        return _activation(g, kind, a[0], hint)
     if isinstance(m, (nn.Identity, nn.Dropout)):
         return a[0]
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size in (1, (1, 1)):
@@ -276,6 +280,39 @@ def _module_node(g: _Graph, m: nn.Module, hint: str, a: list) -> str:
     if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
         return g.op("Flatten", [a[0]], hint, axis=1)
     raise ExportError(f"{hint}: {type(m).__name__} has no ONNX export here")
+
+
+# elementwise activations (module types, functions) and their ONNX form; Hardsigmoid is relu6(x + 3) / 6
+MODULE_ACTIVATIONS = {nn.ReLU6: "relu6", nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
+                      nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
+                        F.sigmoid: "sigmoid", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
+
+
+def _activation(g: _Graph, kind: str, x: str, hint: str | None = None) -> str:
+    if kind == "relu":
+        return g.op("Relu", [x], hint)
+    if kind == "relu6":
+        return g.op("Clip", [x, g.const("zero", 0.0), g.const("six", 6.0)], hint)
+    if kind == "sigmoid":
+        return g.op("Sigmoid", [x], hint)
+    if kind == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x])], hint)
+    if kind == "hardswish":
+        return g.op("HardSwish", [x], hint)
+    return g.op("HardSigmoid", [x], hint, alpha=1.0 / 6.0, beta=0.5)
+
+
+def _method_node(g: _Graph, node: fx.Node, a: list) -> str:
+    """Tensor methods: ``x.flatten(1)``, ``x.mean((2, 3))`` (global average pooling, ``keepdim`` or not)."""
+    if node.target == "flatten" and [*a[1:], *node.kwargs.values()] in ([1], [1, -1]) and \
+            set(node.kwargs) <= {"start_dim", "end_dim"}:
+        return g.op("Flatten", [a[0]], axis=1)
+    dims = a[1] if len(a) > 1 else node.kwargs.get("dim")
+    if node.target == "mean" and isinstance(dims, (tuple, list)) and sorted(int(d) % 4 for d in dims) == [2, 3]:
+        y = g.op("GlobalAveragePool", [a[0]])
+        return y if (a[2] if len(a) > 2 else node.kwargs.get("keepdim", False)) else g.op("Flatten", [y], axis=1)
+    raise ExportError(f"method {node.target} has no ONNX export here")
 
 
 def _pair(v) -> list[int]:
@@ -298,10 +335,12 @@ def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
         return g.op("Add", a)
     if node.target is torch.flatten and a[1:] in ([1], [1, -1]) and not node.kwargs:
         return g.op("Flatten", [a[0]], axis=1)
-    if node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
-        return g.op("Relu", [a[0]])
-    if node.target is F.relu6:
-        return g.op("Clip", [a[0], g.const("zero", 0.0), g.const("six", 6.0)])
+    if node.target in FUNCTION_ACTIVATIONS and not node.kwargs.get("inplace"):
+        return _activation(g, FUNCTION_ACTIVATIONS[node.target], a[0])
+    if node.target in (operator.mul, torch.mul) and len(a) == 2 and any(isinstance(v, str) for v in a):
+        return g.op("Mul", [v if isinstance(v, str) else g.const("factor", float(v)) for v in a])
+    if getattr(node.target, "__name__", "") == "stochastic_depth" and (not a[3] or a[1] == 0):
+        return a[0]  # torchvision.ops.stochastic_depth outside training: the input as it is
     if node.target is operator.getitem and isinstance(a[1], tuple) and all(isinstance(v, slice) for v in a[1]):
         return _slice(g, a[0], a[1])
     if node.target is F.pad and isinstance(a[1], (tuple, list)) and node.kwargs.get("mode", "constant") == "constant":

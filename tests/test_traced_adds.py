@@ -1,6 +1,7 @@
 """Residual adds of traced networks (quantization/graph.py): both inputs and the sum on a grid, one quantizer for
 a tensor that several layers read, the packed file and the ONNX export (QLinearAdd) agree with the fake-quant
-model; what cannot be rewritten keeps FP32 adds; packed files of format version 2 still load."""
+model; what cannot be rewritten keeps FP32 adds; packed files of format version 2 still load; networks from
+torchvision (their activations and methods) export and onnxruntime agrees with them."""
 from __future__ import annotations
 
 import operator
@@ -121,6 +122,26 @@ def test_torchvisions_resnet18_runs_its_adds_as_integer_kernels(tmp_path):
     assert all(layers[f"layer{i}.0.downsample.0"].aq is layers[f"layer{i}.0.conv1"].aq for i in (2, 3, 4))
     _, ops, _ = _packed_and_onnx(q, lambda meta: m, tmp_path)
     assert ops.get("QLinearAdd") == 7 and ops.get("QLinearConv") == 18 and ops.get("Add", 0) == 0, ops
+
+
+@pytest.mark.parametrize("name, adds", [
+    ("mobilenet_v3_small", 6),  # Hardswish, Hardsigmoid squeeze-excitation (x * scale), adds
+    ("regnet_x_400mf", 21),     # 22 adds (the last before the FP32 classifier stays float), x.flatten(start_dim=1)
+    ("efficientnet_b0", 0),     # SiLU, sigmoid excitation, stochastic depth: its forward hands self.training to a
+])                              # function, so training and evaluation trace differently and its adds stay FP32
+def test_torchvision_networks_export_and_onnxruntime_agrees(name, adds, tmp_path):
+    import torchvision
+    from pipeline.export import run_onnx
+    torch.manual_seed(0)
+    m = _bn_stats(getattr(torchvision.models, name)(num_classes=10))
+    q = _calibrated(m, QuantConfig(w_bits=8, a_bits=8, keep_fp32=("@first", "@last")))
+    back, ops, onnx_path = _packed_and_onnx(q, lambda meta: m, tmp_path)
+    assert ops.get("QLinearAdd", 0) == adds and ops.get("QLinearConv", 0) > 0, ops
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = back(x)
+    logits = run_onnx(onnx_path, x * 0.25 + 0.5)
+    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max() and (logits.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
 
 
 class _Block(nn.Module):

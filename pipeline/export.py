@@ -339,8 +339,11 @@ def _function_node(g: _Graph, node: fx.Node, a: list) -> str:
         return _activation(g, FUNCTION_ACTIVATIONS[node.target], a[0])
     if node.target in (operator.mul, torch.mul) and len(a) == 2 and any(isinstance(v, str) for v in a):
         return g.op("Mul", [v if isinstance(v, str) else g.const("factor", float(v)) for v in a])
-    if getattr(node.target, "__name__", "") == "stochastic_depth" and (not a[3] or a[1] == 0):
-        return a[0]  # torchvision.ops.stochastic_depth outside training: the input as it is
+    if getattr(node.target, "__name__", "") == "stochastic_depth":  # torchvision.ops: (input, p, mode, training)
+        p = a[1] if len(a) > 1 else node.kwargs.get("p")
+        training = a[3] if len(a) > 3 else node.kwargs.get("training", True)
+        if not training or p == 0:
+            return a[0]  # outside training: the input as it is
     if node.target is operator.getitem and isinstance(a[1], tuple) and all(isinstance(v, slice) for v in a[1]):
         return _slice(g, a[0], a[1])
     if node.target is F.pad and isinstance(a[1], (tuple, list)) and node.kwargs.get("mode", "constant") == "constant":

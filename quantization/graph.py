@@ -17,7 +17,8 @@ in the torch.fx graph of the prepared model and puts quantizers where the runtim
 
 The prepared model then runs the rewritten graph: its class becomes a subclass of the model's own whose
 ``forward`` is the graph's code (fx traces and deep copies see it). A model whose traced graph differs
-between training and evaluation (Python branches on ``self.training``) keeps its own forward and FP32 adds.
+between training and evaluation (Python branches on ``self.training``) keeps its own forward and FP32 adds, as
+does one whose graph fx cannot rewrite (a warning says why; the rewrite works on a copy).
 """
 from __future__ import annotations
 

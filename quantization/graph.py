@@ -31,20 +31,23 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from quantization.modules import FakeQuantizer, QuantConvBn2d, QuantLinear, Requantize, SharedInput, act_quantizer
+from quantization import trace
+from quantization.trace import PASS_MODULES
 
 QUANT_LAYERS = (QuantConvBn2d, QuantLinear)
 ADDS = (operator.add, operator.iadd, torch.add)  # iadd: torchvision's `out += identity`
 ACT_MODULES = (nn.ReLU, nn.ReLU6)
 ACT_FUNCTIONS = (F.relu, torch.relu, F.relu6)
-PASS_MODULES = (nn.Identity, nn.Dropout)           # a BN folded into its conv leaves an Identity
 GRID_FUNCTIONS = (operator.getitem, F.pad, F.max_pool2d)  # slices, zero pads and maxima keep values on a grid
 GRID_MODULES = (nn.MaxPool2d,)
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(trace._Tracer):
+    """trace.py's tracer (Conv2d, Linear, BN leaves; PASS_MODULES there include the Identity a folded BN leaves),
+    with quantized layers and shared quantizers as leaves too."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*QUANT_LAYERS, SharedInput, nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or \
-            super().is_leaf_module(m, qualname)
+        return isinstance(m, (*QUANT_LAYERS, SharedInput)) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.Graph | None:
